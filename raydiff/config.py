@@ -1,0 +1,221 @@
+"""The typed training config: every key, its default and its meaning, in one place.
+
+A YAML file maps onto `RaydiffConfig`; `--set section.key=value` overrides apply before
+validation. Unknown keys and bad values fail here, before Ray starts, with a message that
+names the key. The worker receives the validated config and never re-applies defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+FAMILIES = ("flux", "qwen_image", "sd3", "wan")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    family: Literal["flux", "qwen_image", "sd3", "wan"] = "flux"
+    path: str = Field(..., description="diffusers-format pipeline directory (model_index.json) or a hub id")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    # FLUX.1-dev distils guidance into an embedding; 1.0 during training (sd-scripts, finetrainers).
+    guidance: float = 1.0
+    max_sequence_length: int | None = Field(None, ge=1, description="text tokens; null = family default")
+
+
+class DataConfig(_Section):
+    base_path: str = "."
+    metadata_path: str
+    data_file_keys: list[str] = ["image"]
+    repeat: int = Field(1, ge=1)
+    height: int | None = Field(None, ge=16)
+    width: int | None = Field(None, ge=16)
+    max_pixels: int = Field(1024 * 1024, ge=256)
+    division_factor: int = Field(16, ge=1)
+    num_frames: int = Field(81, ge=1, description="video families: frames per clip (n % 4 == 1)")
+    skip_bad_samples: bool = False
+    allow_outside_base: bool = False
+    max_image_pixels: int = Field(178_956_970, ge=1, description="refuse larger images before decoding")
+    shuffle: bool = True
+    num_cpus: float = Field(0.5, gt=0, description="CPUs per Ray Data decode task")
+
+    @model_validator(mode="after")
+    def _both_or_neither(self):
+        if (self.height is None) != (self.width is None):
+            raise ValueError("data.height and data.width must be set together (or both omitted for dynamic size)")
+        for side in (self.height, self.width):
+            if side is not None and side % self.division_factor:
+                raise ValueError(f"data.height/width must be multiples of data.division_factor ({self.division_factor})")
+        return self
+
+
+class LoraConfig(_Section):
+    base_model: str = "transformer"
+    target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
+    rank: int = Field(8, ge=1)
+    alpha: float | None = Field(None, gt=0, description="null = rank (scale 1.0)")
+    init_from: str | None = Field(None, description="a LoRA file or checkpoint dir to continue from")
+
+
+class TrainConfig(_Section):
+    learning_rate: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = Field(1e-8, gt=0)
+    num_epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    batch_size: int = Field(1, ge=1, description="per worker")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    lr_warmup_steps: int = Field(0, ge=0)
+    lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
+    gradient_checkpointing: bool = True
+    trainable_models: list[str] = []
+    seed: int = 0
+    save_steps: int = Field(100, ge=1)
+    log_steps: int = Field(10, ge=1)
+
+
+class LossConfig(_Section):
+    timestep_sampling: Literal["diffsynth", "uniform", "logit_normal", "mode"] = "diffsynth"
+    shift: float | None = Field(None, gt=0, description="static shift; null = the family's default")
+    dynamic_shift: bool = False
+    weighting: Literal["diffsynth", "none", "cosmap", "sigma_sqrt"] = "diffsynth"
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
+    mode_scale: float = 1.29
+
+
+class RayConfig(_Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, ge=0)
+    storage_path: str = "runs"
+    name: str = "raydiff"
+    num_to_keep: int | None = Field(3, ge=1)
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts; -1 = forever")
+    address: str | None = Field(None, description="cluster address; null = RAY_ADDRESS or a new local Ray")
+    num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local Ray; null = max(4, cores)")
+
+
+class RaydiffConfig(_Section):
+    model: ModelConfig
+    data: DataConfig
+    lora: LoraConfig | None = LoraConfig()
+    train: TrainConfig = TrainConfig()
+    loss: LossConfig = LossConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _something_trains(self):
+        if self.lora is None and not self.train.trainable_models:
+            raise ValueError("nothing to train: set a `lora:` section or train.trainable_models")
+        return self
+
+    def resolved_paths(self, root: str | os.PathLike = ".") -> "RaydiffConfig":
+        """Paths made absolute against `root` (the YAML's directory is not used: paths are relative
+        to where the command runs, as with every other CLI tool)."""
+        cfg = self.model_copy(deep=True)
+        root = Path(root).resolve()
+
+        def _abs(p: str) -> str:
+            return p if "://" in p or os.path.isabs(p) else str(root / p)
+
+        cfg.data.base_path = _abs(cfg.data.base_path)
+        cfg.data.metadata_path = _abs(cfg.data.metadata_path)
+        cfg.ray.storage_path = _abs(cfg.ray.storage_path)
+        if Path(_abs(cfg.model.path)).exists():
+            cfg.model.path = _abs(cfg.model.path)
+        return cfg
+
+
+class ConfigError(ValueError):
+    """A config that fails validation; the message names each offending key."""
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key{_did_you_mean(e['loc'])}")
+        elif e["type"] == "missing":
+            lines.append(f"  {key}: required key is missing")
+        else:
+            got = e.get("input")
+            got = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {key}: {e['msg']}{got}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def _did_you_mean(loc: tuple) -> str:
+    model: type[BaseModel] = RaydiffConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        ann = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if ann is None:
+            return ""
+        model = ann
+    keys = list(model.model_fields)
+    import difflib
+
+    close = difflib.get_close_matches(str(loc[-1]), keys, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{hint} (expected one of: {', '.join(keys)})"
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `section.key=value` strings; values parse as YAML (`1e-4`, `[a, b]`, `null`)."""
+    raw = dict(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects section.key=value, got {item!r}")
+        node = raw
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            child = node.get(p)
+            node[p] = child = dict(child) if isinstance(child, dict) else {}
+            node = child
+        node[leaf] = yaml.safe_load(value)
+    return raw
+
+
+def parse_config(raw: dict) -> RaydiffConfig:
+    try:
+        return RaydiffConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = (), raw: dict | None = None) -> RaydiffConfig:
+    """Read a YAML config (or a dict), apply overrides, validate, and resolve relative paths."""
+    if raw is None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return parse_config(apply_overrides(raw, list(overrides))).resolved_paths()
+
+
+def dump_config(cfg: RaydiffConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def to_dict(cfg: RaydiffConfig) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")

@@ -1,0 +1,246 @@
+"""Read a dataset's metadata file into plain row dicts.
+
+DiffSynth's `UnifiedDataset` metadata: `.json` (a list of objects), `.jsonl` or `.csv`
+(we add `.parquet`), minimal columns `image,prompt`. Only `data_file_keys` name files;
+every other column passes through untouched. Rows we cannot train on come back as
+`BadSample`s so the caller decides whether to skip them or fail (`SampleError`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import posixpath
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+ESCAPE_REASON = "path escapes base_path; set data.allow_outside_base: true to allow"
+_BOM = b"\xef\xbb\xbf"  # Excel and Notepad prepend it to UTF-8 files
+_URL = re.compile(r"^(?!file://)[A-Za-z][A-Za-z0-9+.-]*://")  # file:// stays local: it can escape
+
+
+class _Reason(str):
+    """Why a record failed to parse; stands in for the record until it becomes a BadSample."""
+
+
+@dataclass(frozen=True)
+class BadSample:
+    """One metadata row we cannot train on. `row` is the 0-based record index in the file."""
+
+    row: int
+    file: str | None
+    reason: str
+
+    def __str__(self) -> str:
+        where = f"row {self.row}" if self.file is None else f"row {self.row}, file {self.file!r}"
+        return f"{where}: {self.reason}"
+
+
+class SampleError(ValueError):
+    """A bad sample, raised when skipping bad samples is off. `.bad` holds the details."""
+
+    def __init__(self, bad: BadSample):
+        super().__init__(str(bad))
+        self.bad = bad
+
+    def __reduce__(self):
+        # Ray pickles exceptions across processes; the default reduce would call
+        # SampleError(message) and lose `.bad`.
+        return (type(self), (self.bad,))
+
+
+class MetadataError(ValueError):
+    """The metadata file as a whole is unusable (unreadable, unknown format, missing column)."""
+
+
+def is_url(path: str) -> bool:
+    """True for remote paths such as `s3://bucket/x.png` (not checked or resolved locally)."""
+    return bool(_URL.match(path))
+
+
+def read_metadata(
+    metadata_path: str,
+    *,
+    base_path: str,
+    data_file_keys: Sequence[str],
+    required_columns: Sequence[str] = ("prompt",),
+    allow_outside_base: bool = False,
+) -> tuple[list[dict], list[BadSample]]:
+    """Read `metadata_path` (.csv, .json, .jsonl, .parquet) and resolve its file columns.
+
+    Returns `(rows, bad)`. Each row is a dict of every column plus `"_row"` (0-based
+    record index in the file); each `data_file_keys` column holds an absolute local path
+    (or the URL, untouched), and `"prompt"` is always a string. Rows with undecodable
+    text, unsafe or missing files land in `bad` instead.
+    Raises MetadataError for whole-file problems.
+    """
+    records, columns = _read_records(metadata_path)
+    for col in [*required_columns, *data_file_keys]:
+        if col not in columns:
+            raise MetadataError(
+                f"{metadata_path}: missing column {col!r}; columns found: {sorted(columns)}"
+            )
+    rows: list[dict] = []
+    bad: list[BadSample] = []
+    for index, record in enumerate(records):
+        result = _check_row(index, record, base_path, data_file_keys, allow_outside_base)
+        (bad if isinstance(result, BadSample) else rows).append(result)
+    return rows, bad
+
+
+def _read_records(path: str) -> tuple[list[Any], set[str]]:
+    """Parse the file into records (dicts, or a `_Reason` for a row that failed) and columns."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".csv", ".json", ".jsonl", ".parquet"):
+        raise MetadataError(f"{path}: unknown metadata format {ext!r}; use .csv, .json, .jsonl or .parquet")
+    try:
+        if ext == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+            return table.to_pylist(), set(table.column_names)
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise MetadataError(f"{path}: cannot read metadata: {e}") from e
+    except Exception as e:  # pyarrow raises ArrowInvalid etc. for corrupt files
+        raise MetadataError(f"{path}: cannot read parquet metadata: {e}") from e
+    return {".csv": _read_csv, ".json": _read_json, ".jsonl": _read_jsonl}[ext](path, data)
+
+
+def _read_csv(path: str, data: bytes) -> tuple[list[Any], set[str]]:
+    # surrogateescape keeps one bad byte from failing the whole file; the row holding it
+    # is found afterwards by its surrogate characters. utf-8-sig drops Excel's BOM.
+    text = data.decode("utf-8-sig", errors="surrogateescape")
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        header = reader.fieldnames or []
+        if any(_has_surrogates(h) for h in header):
+            raise MetadataError(f"{path}: header is not valid UTF-8")
+        records: list[Any] = []
+        for row in reader:
+            if None in row:  # DictReader files surplus fields under the key None
+                records.append(_Reason(f"row has {len(header) + len(row[None])} fields, header has {len(header)}"))
+            elif any(isinstance(v, str) and _has_surrogates(v) for v in row.values()):
+                records.append(_Reason("text is not valid UTF-8"))
+            else:
+                records.append(row)
+    except csv.Error as e:
+        raise MetadataError(f"{path}: malformed CSV: {e}") from e
+    return records, set(header)
+
+
+def _read_json(path: str, data: bytes) -> tuple[list[Any], set[str]]:
+    bom = len(_BOM) if data.startswith(_BOM) else 0
+    try:
+        text = data[bom:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MetadataError(f"{path}: not valid UTF-8 at byte offset {bom + e.start}") from e
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise MetadataError(f"{path}: invalid JSON: {e}") from e
+    if not isinstance(items, list):
+        raise MetadataError(f"{path}: expected a JSON list of objects, got {type(items).__name__}")
+    return _objects(items)
+
+
+def _read_jsonl(path: str, data: bytes) -> tuple[list[Any], set[str]]:
+    items: list[Any] = []
+    for line in data.removeprefix(_BOM).splitlines():
+        if not line.strip():
+            continue  # blank lines are not records, so they do not count as rows
+        try:
+            items.append(json.loads(line.decode("utf-8")))
+        except UnicodeDecodeError:
+            items.append(_Reason("text is not valid UTF-8"))
+        except json.JSONDecodeError as e:
+            items.append(_Reason(f"invalid JSON: {e}"))
+    return _objects(items)
+
+
+def _objects(items: list[Any]) -> tuple[list[Any], set[str]]:
+    """Keep dicts and reasons, turn other values into reasons; columns are the union of keys."""
+    records: list[Any] = []
+    columns: set[str] = set()
+    for item in items:
+        if isinstance(item, dict):
+            columns.update(item)
+        elif not isinstance(item, _Reason):
+            item = _Reason(f"row is not a JSON object but {type(item).__name__}")
+        records.append(item)
+    return records, columns
+
+
+def _check_row(
+    index: int, record: Any, base_path: str, keys: Sequence[str], allow_outside_base: bool
+) -> dict | BadSample:
+    if isinstance(record, _Reason):
+        return BadSample(index, None, str(record))
+    row = dict(record)
+    row["_row"] = index
+    prompt = row.get("prompt")
+    if isinstance(prompt, bytes):
+        try:
+            prompt = prompt.decode("utf-8")
+        except UnicodeDecodeError:
+            return BadSample(index, None, "prompt is not valid UTF-8")
+    if prompt is None or (isinstance(prompt, float) and math.isnan(prompt)):
+        prompt = ""  # empty captions are legitimate (unconditional training, caption dropout)
+    row["prompt"] = prompt if isinstance(prompt, str) else str(prompt)
+    for key in keys:
+        value = row.get(key)
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError:
+                return BadSample(index, None, f"column {key!r} is not valid UTF-8")
+        if value is None or (isinstance(value, float) and math.isnan(value)) or value == "":
+            return BadSample(index, None, f"empty value in column {key!r}")
+        if not isinstance(value, str):
+            return BadSample(index, str(value), f"column {key!r} must be a path string")
+        resolved = resolve_path(value, base_path, allow_outside_base)
+        if resolved is None:
+            return BadSample(index, value, ESCAPE_REASON)
+        if not is_url(resolved) and not os.path.exists(resolved):
+            return BadSample(index, value, "file not found")
+        row[key] = resolved
+    return row
+
+
+def resolve_path(value: str, base_path: str, allow_outside_base: bool = False) -> str | None:
+    """Join `value` onto `base_path`; None if it escapes `base_path` and that is not allowed.
+
+    Local paths come back absolute and normalised; URLs stay URLs. Symlinks are resolved
+    for the escape check only, so a link inside the dataset pointing elsewhere counts as
+    escaping (a shared dataset must not read arbitrary files of the worker).
+    """
+    if is_url(value):
+        return value
+    if is_url(base_path):
+        rel = posixpath.normpath(value)
+        if not allow_outside_base and (value.startswith("/") or rel == ".." or rel.startswith("../")):
+            return None
+        return base_path.rstrip("/") + "/" + rel
+    joined = os.path.abspath(os.path.join(base_path, value))  # an absolute value wins the join
+    if allow_outside_base:
+        return joined
+    if os.path.isabs(value):
+        return None
+    base_real = os.path.realpath(base_path)
+    if os.path.commonpath([base_real, os.path.realpath(joined)]) != base_real:
+        return None
+    return joined
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False

@@ -1,0 +1,72 @@
+"""Checkpoint I/O. A checkpoint is a directory that describes itself:
+
+  pytorch_lora_weights.safetensors  LoRA in diffusers' key format, rank/alpha in metadata
+  trainable_weights.safetensors     (full fine-tuning instead of LoRA)
+  training_state.pt                 optimizer + LR scheduler state, read with weights_only=True
+  trainer_state.json                global_step, epoch, position in the epoch, log_history
+  config.yaml                       the resolved config of the run
+
+No RNG state is stored: every step's randomness is seeded from (seed, step, rank).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from raydiff.training import lora as lora_lib
+
+STATE_FILE = "training_state.pt"
+TRAINER_STATE_FILE = "trainer_state.json"
+CONFIG_FILE = "config.yaml"
+FULL_WEIGHTS_FILE = "trainable_weights.safetensors"
+
+
+@dataclass
+class TrainerState:
+    global_step: int = 0
+    epoch: int = 0  # epochs finished
+    batches_in_epoch: int = 0  # micro-batches of the current epoch already trained (per worker)
+    skipped_samples: int = 0
+    log_history: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def read(cls, directory: str) -> "TrainerState":
+        with open(os.path.join(directory, TRAINER_STATE_FILE)) as f:
+            return cls(**json.load(f))
+
+
+def save_checkpoint(directory: str, module, optimizer, scheduler, state: TrainerState, config_yaml: str) -> None:
+    os.makedirs(directory, exist_ok=True)
+    weights = module.trainable_state_dict()
+    if module.lora_config is not None:
+        lora_lib.save_lora(directory, module.pipe.diffusers_class, module.lora_base_model, weights, module.lora_config)
+    else:
+        save_file(weights, os.path.join(directory, FULL_WEIGHTS_FILE))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+               os.path.join(directory, STATE_FILE))
+    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+        f.write(config_yaml)
+    # Written last: a directory with trainer_state.json is complete.
+    with open(os.path.join(directory, TRAINER_STATE_FILE), "w") as f:
+        json.dump(asdict(state), f, indent=1)
+
+
+def load_checkpoint(directory: str, module, optimizer, scheduler) -> TrainerState:
+    """Restore weights, optimizer and scheduler in place; returns where training stopped."""
+    if module.lora_config is not None:
+        lora_lib.load_lora_into(module.models[module.lora_base_model], directory, module.lora_base_model)
+    else:
+        weights = load_file(os.path.join(directory, FULL_WEIGHTS_FILE))
+        for name, model in module.models.items():
+            own = {k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(name + ".")}
+            if own:
+                model.load_state_dict(own)
+    state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return TrainerState.read(directory)

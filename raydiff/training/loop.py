@@ -1,0 +1,186 @@
+"""The per-worker training loop that Ray Train runs on every rank.
+
+    setup    build the training module in this worker, AdamW over its trainable params, LR schedule
+    resume   load the latest checkpoint Ray hands back (weights, optimizer, schedule, position)
+    loop     for each batch: loss -> backward -> (every accum) clip, step, schedule -> log -> checkpoint
+    finish   final checkpoint and report
+
+`ray.train.report` is a barrier: every rank reports at the same steps, rank 0 alone attaches
+the checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from contextlib import nullcontext
+from typing import Callable
+
+import ray.train
+import ray.train.torch
+import torch
+from diffusers.optimization import get_scheduler
+
+from raydiff.config import RaydiffConfig, dump_config, parse_config
+from raydiff.data.dataset import collate
+from raydiff.training.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+from raydiff.training.module import DiffusionTrainingModule, PipelineTrainingModule
+
+ModuleFactory = Callable[[torch.device], DiffusionTrainingModule]
+
+
+def step_seed(seed: int, step: int, micro: int, rank: int, world: int) -> int:
+    """A distinct, reproducible seed for each (step, micro-batch, rank): resume needs no RNG state."""
+    return (seed * 1_000_003 + (step * 4096 + micro) * world + rank) % (2**63)
+
+
+def build_optimizer(cfg: RaydiffConfig, params: list[torch.nn.Parameter], total_steps: int):
+    t = cfg.train
+    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=t.adam_betas, eps=t.adam_eps,
+                                  weight_decay=t.weight_decay)
+    name = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}[t.lr_scheduler]
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=t.lr_warmup_steps, num_training_steps=total_steps)
+    return optimizer, scheduler
+
+
+def mean_across_ranks(value: float, world: int, device) -> float:
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.item() / world
+
+
+def skipped_samples(counter_name: str | None) -> int:
+    if not counter_name:
+        return 0
+    return ray.get(ray.get_actor(counter_name).count.remote())
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    cfg = parse_config(loop_config["config"])
+    factory: ModuleFactory | None = loop_config.get("module_factory")
+    steps_per_epoch: int = loop_config["steps_per_epoch"]
+    counter_name: str | None = loop_config.get("skip_counter")
+    t = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    total_steps = steps_per_epoch * t.num_epochs if t.max_steps is None else min(t.max_steps, steps_per_epoch * t.num_epochs)
+    assert steps_per_epoch > 0, "each worker needs at least one optimizer step per epoch"
+
+    # [1] model, optimizer, schedule — built here, in the worker, never pickled from the driver
+    module = factory(device) if factory else PipelineTrainingModule(cfg, device=device)
+    params = module.trainable_parameters()
+    assert params, "the training module has no trainable parameters"
+    optimizer, scheduler = build_optimizer(cfg, params, total_steps)
+
+    # [2] resume from the latest checkpoint of this run name, if any
+    state = TrainerState()
+    if (checkpoint := ray.train.get_checkpoint()) is not None:
+        with checkpoint.as_directory() as directory:
+            state = load_checkpoint(directory, module, optimizer, scheduler)
+        if rank == 0:
+            print(f"[raydiff] resumed at step {state.global_step} (epoch {state.epoch}, "
+                  f"batch {state.batches_in_epoch})", flush=True)
+    model = ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": False})
+    shard = ray.train.get_dataset_shard("train")
+
+    # [3] train
+    accum, config_yaml = t.gradient_accumulation_steps, dump_config(cfg)
+    window = LogWindow()
+    last_saved = state.global_step
+    done = state.global_step >= total_steps
+    for epoch in range(state.epoch, t.num_epochs):
+        if done:
+            break
+        skip = state.batches_in_epoch  # resume mid-epoch: do not re-train batches already seen
+        optimizer.zero_grad(set_to_none=True)
+        batches = shard.iter_batches(batch_size=t.batch_size, batch_format="numpy", drop_last=True,
+                                     prefetch_batches=2)
+        for micro, batch in enumerate(batches):
+            if micro < skip:
+                continue
+            inputs = collate(batch, device, cfg.data.data_file_keys)
+            sync_now = (micro + 1) % accum == 0
+            generator = torch.Generator().manual_seed(step_seed(t.seed, state.global_step, micro % accum, rank, world))
+            # DDP all-reduces gradients only on the last micro-batch of an accumulation window.
+            with nullcontext() if sync_now or world == 1 else model.no_sync():
+                loss = model(inputs, generator=generator)
+                (loss / accum).backward()
+            window.add(loss.item() / accum)
+            state.batches_in_epoch = micro + 1
+            if not sync_now:
+                continue
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or math.inf)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.global_step += 1
+            window.steps += 1
+            done = state.global_step >= total_steps
+            save = done or state.global_step % t.save_steps == 0
+            if state.global_step % t.log_steps == 0 or save:
+                metrics = window.metrics(state, epoch + state.batches_in_epoch / (steps_per_epoch * accum),
+                                         scheduler.get_last_lr()[0], float(grad_norm), t.batch_size * accum * world,
+                                         world, device)
+                state.skipped_samples = metrics["skipped_samples"] = skipped_samples(counter_name)
+                state.log_history.append(metrics)
+                if rank == 0:
+                    print(format_log(metrics, total_steps), flush=True)
+                report(metrics, state, module, optimizer, scheduler, config_yaml, rank, save)
+                last_saved = state.global_step if save else last_saved
+            if done:
+                break
+        if not done:
+            state.epoch, state.batches_in_epoch = epoch + 1, 0
+
+    # [4] a final checkpoint unless the last step already wrote one
+    if state.global_step != last_saved:
+        metrics = {"step": state.global_step, "epoch": state.epoch, "skipped_samples": skipped_samples(counter_name)}
+        report(metrics, state, module, optimizer, scheduler, config_yaml, rank, save=True)
+    if rank == 0:
+        print(f"[raydiff] finished: {state.global_step}/{total_steps} steps", flush=True)
+
+
+class LogWindow:
+    """Loss and throughput since the last log line."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss, self.steps, self.start = 0.0, 0, time.perf_counter()
+
+    def add(self, loss: float) -> None:
+        self.loss += loss
+
+    def metrics(self, state: TrainerState, epoch: float, lr: float, grad_norm: float, samples_per_step: int,
+                world: int, device) -> dict:
+        elapsed = time.perf_counter() - self.start
+        m = {"step": state.global_step, "epoch": epoch,
+             "loss": mean_across_ranks(self.loss / max(self.steps, 1), world, device), "lr": lr,
+             "grad_norm": grad_norm, "samples_per_second": self.steps * samples_per_step / elapsed}
+        self.reset()
+        return m
+
+
+def report(metrics: dict, state: TrainerState, module, optimizer, scheduler, config_yaml: str, rank: int,
+           save: bool) -> None:
+    """Report metrics on every rank; with `save`, rank 0 also writes and attaches a checkpoint."""
+    if not save:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="raydiff-ckpt-") as tmp:
+        checkpoint = None
+        if rank == 0:
+            save_checkpoint(tmp, module, optimizer, scheduler, state, config_yaml)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint-{state.global_step:06d}")
+
+
+def format_log(m: dict, total: int) -> str:
+    return (f"[raydiff] step {m['step']}/{total} | epoch {m['epoch']:.2f} | loss {m['loss']:.4f} | "
+            f"lr {m['lr']:.2e} | {m['samples_per_second']:.2f} samples/s")

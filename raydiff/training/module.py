@@ -1,0 +1,104 @@
+"""The training module (DiffSynth's `DiffusionTrainingModule`): a pipeline switched to training mode
+whose `forward(data)` runs the pipeline's units and returns `FlowMatchSFTLoss`."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from raydiff.config import LossConfig, RaydiffConfig
+from raydiff.pipelines.base import DTYPES, get_pipeline_class, run_units
+from raydiff.training import lora as lora_lib
+from raydiff.training.loss import FlowMatchSFTLoss
+
+
+def _components(pipe) -> dict[str, torch.nn.Module]:
+    return {name: m for name, m in pipe.pipe.components.items() if isinstance(m, torch.nn.Module)}
+
+
+def switch_pipe_to_training_mode(pipe, *, trainable_models: Sequence[str] = (), lora_base_model: str | None = None,
+                                 lora_target_modules: Sequence[str] = (), lora_rank: int = 8,
+                                 lora_alpha: float | None = None, lora_checkpoint: str | None = None,
+                                 gradient_checkpointing: bool = True):
+    """Freeze everything, then make `trainable_models` fully trainable (fp32) and/or inject a LoRA into
+    `lora_base_model`. Returns the peft `LoraConfig` (or None)."""
+    models = _components(pipe)
+    for name in [*trainable_models, *([lora_base_model] if lora_base_model else [])]:
+        if name not in models:
+            raise ValueError(f"no model named {name!r} in the {pipe.family} pipeline; it has {sorted(models)}")
+    for m in models.values():
+        m.requires_grad_(False).eval()
+    for name in trainable_models:
+        models[name].float().requires_grad_(True).train()
+    lora_config = None
+    if lora_base_model:
+        base = models[lora_base_model]
+        lora_config = lora_lib.inject_lora(base, target_modules=list(lora_target_modules), rank=lora_rank,
+                                           alpha=lora_alpha)
+        base.train()
+        if lora_checkpoint:
+            lora_lib.load_lora_into(base, lora_checkpoint, lora_base_model)
+    if gradient_checkpointing:
+        for name in {*trainable_models, *([lora_base_model] if lora_base_model else [])}:
+            # diffusers' default checkpoint function is non-reentrant, which DDP and frozen inputs need.
+            models[name].enable_gradient_checkpointing()
+    return lora_config
+
+
+class DiffusionTrainingModule(torch.nn.Module):
+    """Holds `self.pipe`; subclasses load it in `__init__` and compute the loss in `forward(data)`.
+
+    The pipeline's models are registered as submodules so `.to(device)` and DDP see them; only
+    parameters with requires_grad (LoRA or `trainable_models`) are optimized and saved.
+    """
+
+    pipe = None
+    lora_config = None
+    lora_base_model: str | None = None
+    loss_config = LossConfig()
+
+    def register_pipe(self, pipe) -> None:
+        self.pipe = pipe
+        self.models = torch.nn.ModuleDict(_components(pipe))
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """LoRA in diffusers' key format, or the full trainable models as `{name}.{param}`."""
+        if self.lora_config is not None:
+            return lora_lib.lora_state_dict(self.models[self.lora_base_model], self.lora_base_model)
+        return {f"{n}.{k}": v.detach().cpu().contiguous() for n, m in self.models.items()
+                for k, v in m.state_dict().items() if m.training}
+
+    def units_to_run(self, data: dict):
+        """Units whose outputs the batch does not already carry (stream/cache batches carry latents)."""
+        return [u for u in self.pipe.units if not set(u.output_params) <= data.keys()]
+
+    def forward(self, data: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class PipelineTrainingModule(DiffusionTrainingModule):
+    """The config-driven training module used by `raydiff train`, for every family."""
+
+    def __init__(self, cfg: RaydiffConfig, device="cpu", components: Sequence[str] | None = None):
+        super().__init__()
+        cls = get_pipeline_class(cfg.model.family)
+        pipe = cls.from_pretrained(cfg.model.path, dtype=DTYPES[cfg.model.dtype], device=device,
+                                   components=components, revision=cfg.model.revision,
+                                   trust_remote_code=cfg.model.trust_remote_code, guidance=cfg.model.guidance,
+                                   max_sequence_length=cfg.model.max_sequence_length)
+        self.loss_config = cfg.loss
+        self.lora_base_model = cfg.lora.base_model if cfg.lora else None
+        self.lora_config = switch_pipe_to_training_mode(
+            pipe, trainable_models=cfg.train.trainable_models, lora_base_model=self.lora_base_model,
+            lora_target_modules=cfg.lora.target_modules if cfg.lora else (), lora_rank=cfg.lora.rank if cfg.lora else 0,
+            lora_alpha=cfg.lora.alpha if cfg.lora else None, lora_checkpoint=cfg.lora.init_from if cfg.lora else None,
+            gradient_checkpointing=cfg.train.gradient_checkpointing)
+        self.register_pipe(pipe)
+
+    def forward(self, data: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        inputs = run_units(self.pipe, data, self.units_to_run(data))
+        return FlowMatchSFTLoss(self.pipe, inputs, self.loss_config, generator or torch.Generator())
