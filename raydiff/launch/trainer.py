@@ -7,11 +7,12 @@ from typing import Callable
 
 import ray
 import ray.train
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from raydiff.config import RaydiffConfig, to_dict
-from raydiff.data.dataset import build_dataset, read_rows, skip_counter
+from raydiff.data.dataset import build_dataset, read_rows
+from raydiff.data.decode import skip_counter
 from raydiff.training.loop import train_loop_per_worker
 
 
@@ -63,7 +64,8 @@ def build_trainer(cfg: RaydiffConfig, module_factory: Callable | None = None, **
         run_config=RunConfig(
             name=cfg.ray.name, storage_path=cfg.ray.storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep),
-            failure_config=FailureConfig(max_failures=cfg.ray.max_failures), **run_config_kwargs),
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            logging_config=LoggingConfig(log_level="WARNING"), **run_config_kwargs),
         datasets={"train": dataset},
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )

@@ -118,7 +118,7 @@ def load_diffusers_pipeline(diffusers_class: type, path: str, *, dtype: torch.dt
     """Load a diffusers-format directory or hub id; components not in `components` are skipped (None),
     so a DiT-only trainer never constructs the VAE or text encoders."""
     skip = {} if components is None else {c: None for c in all_components if c not in components}
-    kwargs = dict(torch_dtype=dtype, revision=revision, **skip)
+    kwargs = dict(dtype=dtype, revision=revision, **skip)
     if trust_remote_code:  # only ever when the user's config says so
         kwargs["trust_remote_code"] = True
     return diffusers_class.from_pretrained(path, **kwargs)

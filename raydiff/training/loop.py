@@ -6,13 +6,12 @@
     finish   final checkpoint and report
 
 `ray.train.report` is a barrier: every rank reports at the same steps, rank 0 alone attaches
-the checkpoint.
+the checkpoint. Log lines come from rank 0 every `log_steps`; reports only with checkpoints.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 import time
 from contextlib import nullcontext
@@ -24,7 +23,8 @@ import torch
 from diffusers.optimization import get_scheduler
 
 from raydiff.config import RaydiffConfig, dump_config, parse_config
-from raydiff.data.dataset import collate
+from raydiff.console import quiet_libraries, say
+from raydiff.data.collate import collate
 from raydiff.training.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from raydiff.training.module import DiffusionTrainingModule, PipelineTrainingModule
 
@@ -60,6 +60,7 @@ def skipped_samples(counter_name: str | None) -> int:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
+    quiet_libraries()
     cfg = parse_config(loop_config["config"])
     factory: ModuleFactory | None = loop_config.get("module_factory")
     steps_per_epoch: int = loop_config["steps_per_epoch"]
@@ -83,8 +84,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with checkpoint.as_directory() as directory:
             state = load_checkpoint(directory, module, optimizer, scheduler)
         if rank == 0:
-            print(f"[raydiff] resumed at step {state.global_step} (epoch {state.epoch}, "
-                  f"batch {state.batches_in_epoch})", flush=True)
+            say(f"[raydiff] resumed at step {state.global_step} (epoch {state.epoch}, "
+                f"batch {state.batches_in_epoch})")
     model = ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": False})
     shard = ray.train.get_dataset_shard("train")
 
@@ -129,9 +130,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 state.skipped_samples = metrics["skipped_samples"] = skipped_samples(counter_name)
                 state.log_history.append(metrics)
                 if rank == 0:
-                    print(format_log(metrics, total_steps), flush=True)
-                report(metrics, state, module, optimizer, scheduler, config_yaml, rank, save)
-                last_saved = state.global_step if save else last_saved
+                    say(format_log(metrics, total_steps))
+            # Ray consumes one report per health check (~2 s), so metrics reach Ray with checkpoints only.
+            if save:
+                save_and_report(metrics, state, module, optimizer, scheduler, config_yaml, rank)
+                last_saved = state.global_step
             if done:
                 break
         if not done:
@@ -140,9 +143,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # [4] a final checkpoint unless the last step already wrote one
     if state.global_step != last_saved:
         metrics = {"step": state.global_step, "epoch": state.epoch, "skipped_samples": skipped_samples(counter_name)}
-        report(metrics, state, module, optimizer, scheduler, config_yaml, rank, save=True)
+        save_and_report(metrics, state, module, optimizer, scheduler, config_yaml, rank)
     if rank == 0:
-        print(f"[raydiff] finished: {state.global_step}/{total_steps} steps", flush=True)
+        say(f"[raydiff] finished: {state.global_step}/{total_steps} steps")
 
 
 class LogWindow:
@@ -167,12 +170,9 @@ class LogWindow:
         return m
 
 
-def report(metrics: dict, state: TrainerState, module, optimizer, scheduler, config_yaml: str, rank: int,
-           save: bool) -> None:
-    """Report metrics on every rank; with `save`, rank 0 also writes and attaches a checkpoint."""
-    if not save:
-        ray.train.report(metrics)
-        return
+def save_and_report(metrics: dict, state: TrainerState, module, optimizer, scheduler, config_yaml: str,
+                    rank: int) -> None:
+    """Every rank reports; rank 0 also writes the checkpoint and attaches it."""
     with tempfile.TemporaryDirectory(prefix="raydiff-ckpt-") as tmp:
         checkpoint = None
         if rank == 0:

@@ -1,0 +1,23 @@
+"""Turn a numpy batch from Ray Data into model inputs on the worker's device."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def collate(batch: dict, device: torch.device, data_file_keys=("image",)) -> dict:
+    """A numpy batch from Ray Data -> model inputs: media as float (B, 3, H, W) or (B, 3, F, H, W)
+    in [-1, 1], prompts as a list of str."""
+    out = {"prompt": [str(p) for p in batch["prompt"]]}
+    for key in data_file_keys:
+        arr = batch[key]
+        if arr.dtype == object:  # ragged: a batch mixing sizes (needs buckets; see data.height/width)
+            shapes = {a.shape for a in arr}
+            if len(shapes) > 1:
+                raise ValueError(f"a batch mixes {key} sizes {sorted(shapes)}; set data.height/width or batch_size 1")
+            arr = np.stack(list(arr))
+        x = torch.from_numpy(np.array(arr)).to(device, non_blocking=True)  # copy: Arrow buffers are read-only
+        x = x.movedim(-1, 1).float().div_(127.5).sub_(1.0)  # (B, ..., 3) -> (B, 3, ...)
+        out[key] = x
+    return out

@@ -1,0 +1,50 @@
+"""A small synthetic image+caption dataset (coloured shapes), written on demand so the demo and
+tests need no download and the repository holds no binaries."""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+
+from PIL import Image, ImageDraw
+
+COLORS = {"red": (220, 40, 40), "green": (40, 180, 70), "blue": (40, 80, 220), "yellow": (230, 200, 40)}
+SHAPES = ("circle", "square", "triangle")
+
+
+def draw_shape(shape: str, color: tuple, size: tuple[int, int], rng: random.Random) -> Image.Image:
+    w, h = size
+    image = Image.new("RGB", size, (245, 245, 240))
+    d = ImageDraw.Draw(image)
+    r = min(w, h) * rng.uniform(0.25, 0.4)
+    cx, cy = w / 2 + rng.uniform(-0.1, 0.1) * w, h / 2 + rng.uniform(-0.1, 0.1) * h
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if shape == "circle":
+        d.ellipse(box, fill=color)
+    elif shape == "square":
+        d.rectangle(box, fill=color)
+    else:
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=color)
+    return image
+
+
+def write_shapes_dataset(directory: str, n: int = 16, size: tuple[int, int] | list = (32, 32), seed: int = 0,
+                         metadata_name: str = "metadata.csv") -> str:
+    """Write `n` PNGs and a metadata CSV (image,prompt); `size` is (w, h) or a list of sizes to cycle
+    through (mixed aspect ratios). Returns the metadata path."""
+    rng = random.Random(seed)
+    os.makedirs(directory, exist_ok=True)
+    sizes = size if isinstance(size, list) else [size]
+    rows = []
+    for i in range(n):
+        color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+        name = f"{i:04d}.png"
+        draw_shape(shape, COLORS[color], tuple(sizes[i % len(sizes)]), rng).save(os.path.join(directory, name))
+        rows.append({"image": name, "prompt": f"a {color} {shape}"})
+    path = os.path.join(directory, metadata_name)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["image", "prompt"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path

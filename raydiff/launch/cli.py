@@ -1,0 +1,97 @@
+"""`raydiff` command line: train, demo, tiny-model.
+
+Errors a user can fix (bad config, bad data, missing files) print one clear message and exit 2;
+anything else keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from raydiff.console import quiet_libraries
+
+
+def cmd_train(args) -> None:
+    from raydiff.config import load_config
+    from raydiff.launch.trainer import launch_training_task
+
+    cfg = load_config(args.config, args.set)
+    launch_training_task(cfg)
+
+
+def cmd_demo(args) -> None:
+    from raydiff.launch.demo import run_demo
+
+    run_demo(args.dir, steps=args.steps, num_workers=args.workers)
+
+
+def cmd_tiny_model(args) -> None:
+    from raydiff.pipelines.base import get_pipeline_class
+
+    get_pipeline_class(args.family).write_tiny(args.dir, seed=args.seed)
+    print(f"[raydiff] wrote a tiny random {args.family} pipeline to {os.path.abspath(args.dir)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from raydiff.pipelines.base import FAMILY_MODULES
+
+    parser = argparse.ArgumentParser(prog="raydiff", description="Fine-tune diffusion transformers with LoRA on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train from a YAML config (joins RAY_ADDRESS if set, else starts a local Ray)")
+    p.add_argument("config", help="YAML config file (see README: Config reference)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value; repeatable; values parse as YAML")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="write a tiny FLUX model and dataset, train a LoRA with 2 workers, no network")
+    p.add_argument("--dir", default="raydiff-demo", help="where the model, data and runs go (default: ./raydiff-demo)")
+    p.add_argument("--steps", type=int, default=8, help="optimizer steps (default 8)")
+    p.add_argument("--workers", type=int, default=2, help="training workers (default 2)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("tiny-model", help="write a tiny random diffusers-format pipeline (for tests and demos)")
+    p.add_argument("family", choices=sorted(FAMILY_MODULES))
+    p.add_argument("dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tiny_model)
+    return parser
+
+
+def user_error(err: BaseException) -> str | None:
+    """The message of an error the user can fix, found through Ray's wrappers; None otherwise."""
+    from raydiff.config import ConfigError
+    from raydiff.data.metadata import MetadataError, SampleError
+
+    fixable = (ConfigError, MetadataError, SampleError, FileNotFoundError)
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, fixable):
+            return str(err)
+        text = str(err)
+        for cls in (SampleError, MetadataError):  # Ray may re-raise a worker's error as its own type
+            marker = f"{cls.__name__}: "
+            if marker in text:
+                return text.rsplit(marker, 1)[1].strip().splitlines()[0]
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    quiet_libraries()
+    try:
+        args.func(args)
+    except Exception as err:  # noqa: BLE001 - re-raised unless it is a user error
+        message = user_error(err)
+        if message is None:
+            raise
+        print(f"raydiff: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""Qwen-Image: Qwen2.5-VL prompts, a 16-channel (video-capable) VAE, 2x2-packed latents, an MMDiT.
+
+Latents are (B, C, h, w): the VAE works on (B, C, F, H, W) clips, so the single frame axis is added
+around VAE calls and dropped after, and Qwen-Image latents look like every other image family's.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from diffusers import QwenImagePipeline as DiffusersQwenImagePipeline
+
+from raydiff.pipelines.base import PipelineUnit, load_diffusers_pipeline
+from raydiff.training.flow_matching import DynamicShift, FlowSchedule
+
+COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer")
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h/2 * w/2, 4C): the DiT sees 2x2 latent patches as tokens."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, h/2 * w/2, 4C) -> (B, C, h, w), the inverse of `pack_latents`."""
+    b, _, d = tokens.shape
+    x = tokens.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, d // 4, h, w)
+
+
+def latent_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (mean, std) from the VAE config, shaped (1, C, 1, 1) to broadcast over `like`."""
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1)
+    return mean.to(like.device, like.dtype), std.to(like.device, like.dtype)
+
+
+# --- units -----------------------------------------------------------------------------------
+
+def _prompt_embedder(p: "QwenImagePipeline", inputs: dict) -> dict:
+    # The public encode_prompt applies the chat template and drops its 34 system-prompt tokens,
+    # exactly as sampling does. Prompts of different lengths come back right-padded with a mask.
+    embeds, mask = p.pipe.encode_prompt(prompt=list(inputs["prompt"]), device=p.device,
+                                        max_sequence_length=p.max_sequence_length)
+    if mask is None:  # diffusers returns None when nothing is padded; keep the outputs uniform
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+    return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
+
+
+def _input_image_embedder(p: "QwenImagePipeline", inputs: dict) -> dict:
+    vae = p.pipe.vae
+    h, w = inputs["image"].shape[-2:]
+    factor = p.vae_scale_factor * 2  # VAE downsampling x 2x2 packing
+    if h % factor or w % factor:
+        raise ValueError(f"Qwen-Image needs image sides divisible by {factor}; got {h}x{w}")
+    image = inputs["image"].to(p.device, vae.dtype)[:, :, None]  # one-frame clip
+    # The distribution's mode, not a sample: deterministic, so cached and inline latents agree.
+    latents = vae.encode(image).latent_dist.mode()[:, :, 0].float()
+    mean, std = latent_stats(vae, latents)
+    return {"latents": (latents - mean) / std}  # the inverse of the pipeline's decode-time `x * std + mean`
+
+
+class QwenImagePipeline:
+    family = "qwen_image"
+    diffusers_class = DiffusersQwenImagePipeline
+    dit_name = "transformer"
+    # DiffSynth's training grid; the dynamic shift matches the released scheduler_config.json.
+    schedule = FlowSchedule(mu=0.8, shift_terminal=0.02, dynamic=DynamicShift(256, 8192, 0.5, 0.9))
+    default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                            "to_add_out"]
+
+    def __init__(self, pipe: DiffusersQwenImagePipeline, device, *, guidance: float = 1.0,
+                 max_sequence_length: int | None = None):
+        # `guidance` is ignored: Qwen-Image has no distilled-guidance embedding.
+        self.pipe, self.device = pipe, torch.device(device)
+        self.max_sequence_length = max_sequence_length or 512  # diffusers' sampling default
+        self.units = [
+            PipelineUnit("prompt_embedder", _prompt_embedder, ("prompt",), ("prompt_embeds", "prompt_embeds_mask"),
+                         ("text_encoder",)),
+            PipelineUnit("input_image_embedder", _input_image_embedder, ("image",), ("latents",), ("vae",)),
+        ]
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.pipe.vae_scale_factor
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, dtype=torch.float32, device="cpu", components: Sequence[str] | None = None,
+                        revision=None, trust_remote_code=False, **options) -> "QwenImagePipeline":
+        pipe = load_diffusers_pipeline(DiffusersQwenImagePipeline, path, dtype=dtype, components=components,
+                                       all_components=COMPONENTS, revision=revision,
+                                       trust_remote_code=trust_remote_code)
+        return cls(pipe.to(device), device, **options)
+
+    def model_fn(self, latents, sigma, *, prompt_embeds, prompt_embeds_mask=None, **_):
+        dit = self.pipe.transformer
+        b, _, h, w = latents.shape
+        if prompt_embeds_mask is not None and bool(prompt_embeds_mask.all()):
+            # No padding: drop the mask as sampling does, so attention can use the fast unmasked kernels.
+            prompt_embeds_mask = None
+        pred = dit(
+            hidden_states=pack_latents(latents).to(dit.dtype),
+            timestep=sigma.to(dit.dtype),  # the transformer's time projection multiplies by 1000 itself
+            encoder_hidden_states=prompt_embeds.to(dit.dtype),
+            encoder_hidden_states_mask=prompt_embeds_mask,
+            img_shapes=[[(1, h // 2, w // 2)]] * b,  # (frames, rows, cols) of tokens, for RoPE
+            return_dict=False,
+        )[0]
+        return unpack_latents(pred, h, w).float()
+
+    def image_seq_len(self, latents: torch.Tensor) -> int:
+        return (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
+
+    @staticmethod
+    def write_tiny(path: str, seed: int = 0) -> None:
+        from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+
+        torch.manual_seed(seed)
+        transformer = QwenImageTransformer2DModel(
+            patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=3,
+            joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4))
+        # Non-trivial mean/std so tests can tell normalised latents from raw ones.
+        vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                     temperal_downsample=[False, True], latents_mean=[0.1, -0.2, 0.3, -0.4],
+                                     latents_std=[1.5, 0.5, 2.0, 0.8])
+        # The released Qwen/Qwen-Image scheduler_config.json.
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+            max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential")
+        tokenizer = tiny_qwen_tokenizer()
+        pipe = DiffusersQwenImagePipeline(scheduler=scheduler, vae=vae, transformer=transformer,
+                                          text_encoder=tiny_qwen_vl(seed + 1, tokenizer), tokenizer=tokenizer)
+        prefix = pipe.prompt_template_encode.split("{}")[0]
+        assert len(tokenizer(prefix).input_ids) == pipe.prompt_template_encode_start_idx, "template drop misaligned"
+        pipe.save_pretrained(path)
+
+
+# --- tiny parts (Qwen-only, so they live here rather than in tiny_parts) ---------------------
+
+_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+            "<|video_pad|>"]
+# Words of the pipeline's prompt template. Qwen2's pre-tokenizer glues a leading space to a word
+# ("Ġthe"); the four words after a newline have none. One token per word makes the system prompt
+# 34 tokens, like the real tokenizer, so the pipeline's `prompt_template_encode_start_idx` drops it.
+_TEMPLATE_WORDS = ("the image by detailing color shape size texture quantity text spatial relationships of objects "
+                   "and background").split()
+_LINE_START_WORDS = ("Describe", "assistant", "system", "user")
+
+
+def tiny_qwen_tokenizer():
+    """Byte-level BPE Qwen2Tokenizer: any text tokenizes; template words are single tokens."""
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {t: i for i, t in enumerate(_SPECIAL)}
+    vocab.update({ch: len(_SPECIAL) + i for i, ch in enumerate(bytes_to_unicode().values())})
+    merges = []
+    # Space-prefixed words first: their merges then win over any inner pair of a line-start word.
+    for word in ["Ġ" + w for w in _TEMPLATE_WORDS] + list(_LINE_START_WORDS):
+        for i in range(1, len(word)):
+            if (word[:i], word[i]) not in merges:
+                merges.append((word[:i], word[i]))
+            vocab.setdefault(word[:i + 1], len(vocab))
+    return Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                          extra_special_tokens=_SPECIAL[1:], model_max_length=2048)
+
+
+def tiny_qwen_vl(seed: int, tokenizer):
+    """design.md §4's tiny Qwen2.5-VL; special-token ids taken from `tokenizer` so the two agree."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    ids = dict(zip(_SPECIAL, tokenizer.convert_tokens_to_ids(_SPECIAL)))
+    torch.manual_seed(seed)
+    text = dict(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=2, intermediate_size=16, max_position_embeddings=2048,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [1, 1, 2]},
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    vision = dict(depth=2, hidden_size=16, out_hidden_size=16, num_heads=2, intermediate_size=16,
+                  fullatt_block_indexes=[1])
+    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                           vision_end_token_id=ids["<|vision_end|>"])
+    return Qwen2_5_VLForConditionalGeneration(cfg)

@@ -1,0 +1,126 @@
+"""Stable Diffusion 3 / 3.5: two CLIPs + T5 prompts, 16-channel VAE, an MMDiT that patchifies latents itself."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from diffusers import StableDiffusion3Pipeline
+
+from raydiff.pipelines.base import PipelineUnit, load_diffusers_pipeline
+from raydiff.training.flow_matching import FlowSchedule
+
+# The optional IP-adapter parts (image_encoder, feature_extractor) are never trained or loaded.
+COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
+              "tokenizer_3")
+
+
+# --- units -----------------------------------------------------------------------------------
+
+def _shape_check(p: "SD3ImagePipeline", inputs: dict) -> dict:
+    h, w = inputs["image"].shape[-2:]
+    factor = p.vae_scale_factor * p.patch_size
+    if h % factor or w % factor:
+        raise ValueError(f"SD3 needs image sides divisible by {factor}; got {h}x{w}")
+    return {"height": h, "width": w}
+
+
+def _prompt_embedder(p: "SD3ImagePipeline", inputs: dict) -> dict:
+    # The pipeline's public encoder, so training sees exactly what sampling feeds the DiT:
+    # [CLIP-L ‖ CLIP-G hidden states, zero-padded to T5 width] ++ T5 tokens, and pooled CLIP-L ‖ CLIP-G.
+    prompt_embeds, _, pooled, _ = p.pipe.encode_prompt(
+        prompt=list(inputs["prompt"]), prompt_2=None, prompt_3=None, device=p.device,
+        do_classifier_free_guidance=False, max_sequence_length=p.max_sequence_length)
+    return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
+
+
+def _input_image_embedder(p: "SD3ImagePipeline", inputs: dict) -> dict:
+    vae = p.pipe.vae
+    image = inputs["image"].to(p.device, vae.dtype)
+    # The distribution's mode, not a sample: deterministic, so cached and inline latents agree.
+    latents = vae.encode(image).latent_dist.mode()
+    # Inverse of the pipeline's decode-time `latents / scaling_factor + shift_factor`.
+    latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+    return {"latents": latents.float()}
+
+
+class SD3ImagePipeline:
+    family = "sd3"
+    diffusers_class = StableDiffusion3Pipeline
+    dit_name = "transformer"
+    # SD3/3.5 train with a static shift of 3 over DiffSynth's 1000-step grid (design.md §1); no dynamic shift.
+    schedule = FlowSchedule(shift=3.0)
+    # Joint attention on both streams: image (to_*) and text (add_*_proj, to_add_out), as most SD3.5 recipes do.
+    default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+    def __init__(self, pipe: StableDiffusion3Pipeline, device, *, guidance: float = 1.0,
+                 max_sequence_length: int | None = None):
+        # `guidance` is accepted for a uniform constructor: SD3 has no distilled guidance embedding.
+        self.pipe, self.device = pipe, torch.device(device)
+        self.max_sequence_length = max_sequence_length or 256  # StableDiffusion3Pipeline's default
+        self.units = [
+            PipelineUnit("shape_check", _shape_check, ("image",), ("height", "width")),
+            PipelineUnit("prompt_embedder", _prompt_embedder, ("prompt",), ("prompt_embeds", "pooled_prompt_embeds"),
+                         ("text_encoder", "text_encoder_2", "text_encoder_3")),
+            PipelineUnit("input_image_embedder", _input_image_embedder, ("image",), ("latents",), ("vae",)),
+        ]
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.pipe.vae_scale_factor
+
+    @property
+    def patch_size(self) -> int:
+        return self.pipe.patch_size  # the DiT's, or 2 (SD3's) when the DiT is not loaded
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, dtype=torch.float32, device="cpu", components: Sequence[str] | None = None,
+                        revision=None, trust_remote_code=False, **options) -> "SD3ImagePipeline":
+        pipe = load_diffusers_pipeline(StableDiffusion3Pipeline, path, dtype=dtype, components=components,
+                                       all_components=COMPONENTS, revision=revision,
+                                       trust_remote_code=trust_remote_code)
+        return cls(pipe.to(device), device, **options)
+
+    def model_fn(self, latents, sigma, *, prompt_embeds, pooled_prompt_embeds, **_):
+        dit = self.pipe.transformer
+        # SD3's DiT patchifies (B, C, h, w) itself and, unlike FLUX's, takes the timestep in [0, 1000].
+        pred = dit(
+            hidden_states=latents.to(dit.dtype),
+            timestep=(sigma * 1000).to(dit.dtype),
+            encoder_hidden_states=prompt_embeds.to(dit.dtype),
+            pooled_projections=pooled_prompt_embeds.to(dit.dtype),
+            return_dict=False,
+        )[0]
+        return pred.float()
+
+    def image_seq_len(self, latents: torch.Tensor) -> int:
+        return (latents.shape[-2] // self.patch_size) * (latents.shape[-1] // self.patch_size)
+
+    @staticmethod
+    def write_tiny(path: str, seed: int = 0) -> None:
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+        from raydiff.pipelines import tiny_parts
+
+        torch.manual_seed(seed)
+        # encode_prompt pads CLIP-L ‖ CLIP-G (2 x 32) to the T5 width, so T5 d_model = joint_attention_dim = 64;
+        # narrower, F.pad with a negative width would silently crop the CLIP features. Pooled = 2 x 32.
+        # Two layers: only the last block is context-only, so block 0 has to_add_out like the real model;
+        # rms qk-norm and a dual-attention block (attn2) make it an SD3.5-Medium in miniature.
+        transformer = SD3Transformer2DModel(
+            sample_size=32, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+            caption_projection_dim=32, joint_attention_dim=64, pooled_projection_dim=64, out_channels=4,
+            qk_norm="rms_norm", dual_attention_layers=(0,))
+        # Two levels: 2x spatial downsampling, like the real 8x VAE in miniature; SD3's own shift/scale.
+        vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                            norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False,
+                            shift_factor=0.0609, scaling_factor=1.5305, sample_size=32)
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        pipe = StableDiffusion3Pipeline(
+            scheduler=scheduler, vae=vae, transformer=transformer,
+            text_encoder=tiny_parts.clip_text_model(seed + 1, projection=True), tokenizer=tiny_parts.clip_tokenizer(),
+            text_encoder_2=tiny_parts.clip_text_model(seed + 2, projection=True),
+            tokenizer_2=tiny_parts.clip_tokenizer(),
+            text_encoder_3=tiny_parts.t5_encoder(seed + 3, d_model=64), tokenizer_3=tiny_parts.t5_tokenizer())
+        pipe.save_pretrained(path)

@@ -1,0 +1,74 @@
+"""Shared fixtures: one Ray instance per test session, tiny models written once, small datasets."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a hub
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # faster report/finish detection
+
+import pytest
+
+from raydiff.config import parse_config
+from raydiff.console import quiet_libraries
+from raydiff.data.shapes import write_shapes_dataset
+from raydiff.pipelines.base import get_pipeline_class
+
+quiet_libraries()
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """Ray with 4 logical CPUs (logical over-commit, as Ray's own tests do on small boxes) and the
+    dashboard, which Tune's trial cleanup needs."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=True, log_to_driver=True,
+             runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "HF_HUB_OFFLINE": "1"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """tiny_model("flux") -> path of a tiny random pipeline, written once per session."""
+    cache: dict[str, str] = {}
+
+    def make(family: str = "flux") -> str:
+        if family not in cache:
+            path = str(tmp_path_factory.mktemp(f"tiny-{family}"))
+            get_pipeline_class(family).write_tiny(path)
+            cache[family] = path
+        return cache[family]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory) -> str:
+    """16 shapes images, 32x32, with captions; returns the directory (metadata.csv inside)."""
+    path = str(tmp_path_factory.mktemp("shapes"))
+    write_shapes_dataset(path, n=16)
+    return path
+
+
+@pytest.fixture
+def make_config(tiny_model, shapes, tmp_path):
+    """make_config(name, train={"max_steps": 2}, ...) -> a small valid config over the shapes data;
+    section dicts are merged into the defaults, None removes a section (e.g. lora=None)."""
+    return lambda name="run", family="flux", **sections: tiny_config(
+        tiny_model(family), shapes, str(tmp_path / "runs"), name, **sections)
+
+
+def tiny_config(model_path: str, data_dir: str, storage: str, name: str, **sections):
+    raw = {
+        "model": {"family": "flux", "path": model_path, "max_sequence_length": 16},
+        "data": {"base_path": data_dir, "metadata_path": os.path.join(data_dir, "metadata.csv"),
+                 "height": 32, "width": 32},
+        "lora": {"rank": 4},
+        "train": {"learning_rate": 1e-3, "log_steps": 1, "save_steps": 100, "batch_size": 1},
+        "ray": {"num_workers": 1, "storage_path": storage, "name": name, "cpus_per_worker": 1},
+    }
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values} if values is not None else None
+    return parse_config(raw)
