@@ -1,0 +1,13 @@
+"""raydiff: fine-tune diffusion transformers (FLUX.1, Qwen-Image, SD3, Wan) with LoRA on Ray."""
+
+from raydiff.config import RaydiffConfig, load_config
+
+__version__ = "0.1.0"
+__all__ = ["RaydiffConfig", "load_config", "train", "__version__"]
+
+
+def train(config: RaydiffConfig, module_factory=None):
+    """Train on Ray and return Ray's Result; see `raydiff.launch.trainer.launch_training_task`."""
+    from raydiff.launch.trainer import launch_training_task
+
+    return launch_training_task(config, module_factory)

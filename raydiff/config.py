@@ -103,6 +103,7 @@ class RayConfig(_Section):
     storage_path: str = "runs"
     name: str = "raydiff"
     num_to_keep: int | None = Field(3, ge=1)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_failures: int = Field(0, ge=-1, description="worker-group restarts; -1 = forever")
     address: str | None = Field(None, description="cluster address; null = RAY_ADDRESS or a new local Ray")
     num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local Ray; null = max(4, cores)")

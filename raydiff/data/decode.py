@@ -34,7 +34,9 @@ class SkipCounter:
 
 
 def skip_counter(run_name: str):
-    return SkipCounter.options(name=f"raydiff-skips-{run_name}", get_if_exists=True).remote()
+    """The run's counter, detached so it outlives the driver-side handle while Ray Data tasks (owned by
+    the training workers) report into it; `launch_training_task` kills it when the run ends."""
+    return SkipCounter.options(name=f"raydiff-skips-{run_name}", get_if_exists=True, lifetime="detached").remote()
 
 
 @dataclass

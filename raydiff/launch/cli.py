@@ -66,8 +66,11 @@ def user_error(err: BaseException) -> str | None:
     from raydiff.data.metadata import MetadataError, SampleError
 
     fixable = (ConfigError, MetadataError, SampleError, FileNotFoundError)
-    seen = set()
-    while err is not None and id(err) not in seen:
+    seen, todo = set(), [err]
+    while todo:
+        err = todo.pop(0)
+        if err is None or id(err) in seen:
+            continue
         seen.add(id(err))
         if isinstance(err, fixable):
             return str(err)
@@ -76,7 +79,8 @@ def user_error(err: BaseException) -> str | None:
             marker = f"{cls.__name__}: "
             if marker in text:
                 return text.rsplit(marker, 1)[1].strip().splitlines()[0]
-        err = err.__cause__ or err.__context__
+        # Ray Train keeps each rank's exception in `worker_failures`; Ray tasks chain causes.
+        todo += [*getattr(err, "worker_failures", {}).values(), err.__cause__, err.__context__]
     return None
 
 

@@ -60,7 +60,8 @@ def build_trainer(cfg: RaydiffConfig, module_factory: Callable | None = None, **
         train_loop_config={"config": to_dict(cfg), "module_factory": module_factory,
                            "steps_per_epoch": steps_per_epoch(len(rows), cfg), "skip_counter": counter},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources,
+                                     placement_strategy=cfg.ray.placement_strategy),
         run_config=RunConfig(
             name=cfg.ray.name, storage_path=cfg.ray.storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep),
@@ -75,7 +76,11 @@ def launch_training_task(cfg: RaydiffConfig, module_factory: Callable | None = N
     """Train `cfg` on Ray (starting a local Ray if none is running) and return Ray's Result.
     Re-running with the same `ray.name` and `ray.storage_path` resumes from the latest checkpoint."""
     init_ray(cfg)
-    result = build_trainer(cfg, module_factory).fit()
+    try:
+        result = build_trainer(cfg, module_factory).fit()
+    finally:
+        if cfg.data.skip_bad_samples:
+            ray.kill(skip_counter(cfg.ray.name))
     if result.checkpoint is not None:
         print(f"[raydiff] final checkpoint: {result.checkpoint.path}", flush=True)
     return result

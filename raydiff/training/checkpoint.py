@@ -33,6 +33,7 @@ class TrainerState:
     batches_in_epoch: int = 0  # micro-batches of the current epoch already trained (per worker)
     skipped_samples: int = 0
     log_history: list[dict] = field(default_factory=list)
+    workers: list[dict] = field(default_factory=list)  # rank -> node id and host of the latest attempt
 
     @classmethod
     def read(cls, directory: str) -> "TrainerState":

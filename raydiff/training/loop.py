@@ -12,6 +12,7 @@ the checkpoint. Log lines come from rank 0 every `log_steps`; reports only with 
 from __future__ import annotations
 
 import math
+import socket
 import tempfile
 import time
 from contextlib import nullcontext
@@ -53,6 +54,16 @@ def mean_across_ranks(value: float, world: int, device) -> float:
     return t.item() / world
 
 
+def worker_placement(rank: int, world: int) -> list[dict]:
+    """Where each rank runs (node id, host), gathered from all ranks; recorded in trainer_state.json."""
+    me = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname()}
+    if world == 1:
+        return [me]
+    everyone = [None] * world
+    torch.distributed.all_gather_object(everyone, me)
+    return everyone
+
+
 def skipped_samples(counter_name: str | None) -> int:
     if not counter_name:
         return 0
@@ -86,11 +97,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank == 0:
             say(f"[raydiff] resumed at step {state.global_step} (epoch {state.epoch}, "
                 f"batch {state.batches_in_epoch})")
+    state.workers = worker_placement(rank, world)
     model = ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": False})
     shard = ray.train.get_dataset_shard("train")
 
     # [3] train
     accum, config_yaml = t.gradient_accumulation_steps, dump_config(cfg)
+    micro_per_epoch = steps_per_epoch * accum
     window = LogWindow()
     last_saved = state.global_step
     done = state.global_step >= total_steps
@@ -102,7 +115,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         batches = shard.iter_batches(batch_size=t.batch_size, batch_format="numpy", drop_last=True,
                                      prefetch_batches=2)
         for micro, batch in enumerate(batches):
-            if micro < skip:
+            # Skip what a resumed run already trained, and the remainder past the planned steps
+            # (consumed, not abandoned: every rank must drain the split before the next epoch).
+            if micro < skip or micro >= micro_per_epoch:
                 continue
             inputs = collate(batch, device, cfg.data.data_file_keys)
             sync_now = (micro + 1) % accum == 0
@@ -121,10 +136,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
             optimizer.zero_grad(set_to_none=True)
             state.global_step += 1
             window.steps += 1
+            if state.batches_in_epoch == micro_per_epoch:  # the epoch is complete once its last step is
+                state.epoch, state.batches_in_epoch = epoch + 1, 0
             done = state.global_step >= total_steps
             save = done or state.global_step % t.save_steps == 0
             if state.global_step % t.log_steps == 0 or save:
-                metrics = window.metrics(state, epoch + state.batches_in_epoch / (steps_per_epoch * accum),
+                metrics = window.metrics(state, state.global_step / steps_per_epoch,
                                          scheduler.get_last_lr()[0], float(grad_norm), t.batch_size * accum * world,
                                          world, device)
                 state.skipped_samples = metrics["skipped_samples"] = skipped_samples(counter_name)

@@ -44,6 +44,7 @@ def tiny_config(tiny_dir: str, **lora):
 def run_diffusers(pipe, prompts, max_sequence_length):
     """Sample 2 steps and capture every transformer call's kwargs and output."""
     calls = []
+    pipe.set_progress_bar_config(disable=True)
     handle = pipe.transformer.register_forward_hook(
         lambda m, args, kwargs, out: calls.append((kwargs, out[0].detach())), with_kwargs=True)
     try:

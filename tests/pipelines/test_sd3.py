@@ -102,7 +102,8 @@ def test_latents_are_the_vae_mode_normalised_as_the_pipeline_denormalises(pipe):
     out = run_units(pipe, {"image": image, "prompt": PROMPTS},
                     [unit(pipe, "shape_check"), unit(pipe, "input_image_embedder")])
     vae = pipe.pipe.vae
-    assert out["latents"].shape == (2, vae.config.latent_channels, 32 // pipe.vae_scale_factor, 32 // pipe.vae_scale_factor)
+    side = 32 // pipe.vae_scale_factor
+    assert out["latents"].shape == (2, vae.config.latent_channels, side, side)
     assert (out["height"], out["width"]) == (32, 32)
     with torch.no_grad():
         mode = vae.encode(image).latent_dist.mode()
@@ -161,7 +162,8 @@ def test_lora_saved_by_raydiff_loads_into_diffusers(tiny_dir, tmp_path):
 
     def dit():
         with torch.no_grad():
-            return fresh.transformer(hidden_states=latents, timestep=sigma * 1000, encoder_hidden_states=cond["prompt_embeds"],
+            return fresh.transformer(hidden_states=latents, timestep=sigma * 1000,
+                                     encoder_hidden_states=cond["prompt_embeds"],
                                      pooled_projections=cond["pooled_prompt_embeds"], return_dict=False)[0]
 
     base = dit()
@@ -198,8 +200,9 @@ def test_schedule_is_static_shift_3_on_the_1001_point_grid(tiny_dir):
     assert grid[500].item() == pytest.approx(0.75, rel=1e-12)
     assert grid[750].item() == pytest.approx(0.5, rel=1e-12)
     # The sampler the tiny (and the real) model ships with uses the same static shift.
-    assert StableDiffusion3Pipeline.from_pretrained(tiny_dir, transformer=None, vae=None, text_encoder=None,
-                                                    text_encoder_2=None, text_encoder_3=None).scheduler.config.shift == 3.0
+    sampler = StableDiffusion3Pipeline.from_pretrained(tiny_dir, transformer=None, vae=None, text_encoder=None,
+                                                       text_encoder_2=None, text_encoder_3=None).scheduler
+    assert sampler.config.shift == 3.0 and not sampler.config.use_dynamic_shifting
 
 
 # --- training --------------------------------------------------------------------------------------
