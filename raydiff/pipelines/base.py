@@ -53,6 +53,7 @@ class TrainingPipeline(Protocol):
     family: ClassVar[str]
     diffusers_class: ClassVar[type]  # sampling, save_lora_weights / load_lora_weights
     dit_name: ClassVar[str]  # the denoiser's component name; also the LoRA key prefix
+    component_names: ClassVar[tuple[str, ...]]  # what `from_pretrained(components=...)` may skip
     schedule: ClassVar[FlowSchedule]  # training timestep defaults
     default_lora_targets: ClassVar[list[str]]
     units: list[PipelineUnit]
@@ -122,3 +123,14 @@ def load_diffusers_pipeline(diffusers_class: type, path: str, *, dtype: torch.dt
     if trust_remote_code:  # only ever when the user's config says so
         kwargs["trust_remote_code"] = True
     return diffusers_class.from_pretrained(path, **kwargs)
+
+
+def from_pretrained(cls, path: str, *, dtype: torch.dtype = torch.float32, device="cpu",
+                    components: Sequence[str] | None = None, revision: str | None = None,
+                    trust_remote_code: bool = False, **options):
+    """The families' shared `from_pretrained` (bound as a classmethod): load `cls.diffusers_class` with
+    the components named in `cls.component_names`, move it to `device`, wrap it in `cls`."""
+    pipe = load_diffusers_pipeline(cls.diffusers_class, path, dtype=dtype, components=components,
+                                   all_components=cls.component_names, revision=revision,
+                                   trust_remote_code=trust_remote_code)
+    return cls(pipe.to(device), device, **options)

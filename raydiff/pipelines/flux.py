@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 from diffusers import FluxPipeline
 
-from raydiff.pipelines.base import PipelineUnit, load_diffusers_pipeline
+from raydiff.pipelines.base import PipelineUnit, from_pretrained
 from raydiff.training.flow_matching import DynamicShift, FlowSchedule
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
@@ -70,6 +68,7 @@ class FluxImagePipeline:
     family = "flux"
     diffusers_class = FluxPipeline
     dit_name = "transformer"
+    component_names = COMPONENTS
     schedule = FlowSchedule(shift=3.0, sigma_min=0.003 / 1.002, dynamic=DynamicShift(256, 4096, 0.5, 1.15))
     default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -89,13 +88,7 @@ class FluxImagePipeline:
     def vae_scale_factor(self) -> int:
         return self.pipe.vae_scale_factor
 
-    @classmethod
-    def from_pretrained(cls, path: str, *, dtype=torch.float32, device="cpu", components: Sequence[str] | None = None,
-                        revision=None, trust_remote_code=False, **options) -> "FluxImagePipeline":
-        pipe = load_diffusers_pipeline(FluxPipeline, path, dtype=dtype, components=components,
-                                       all_components=COMPONENTS, revision=revision,
-                                       trust_remote_code=trust_remote_code)
-        return cls(pipe.to(device), device, **options)
+    from_pretrained = classmethod(from_pretrained)
 
     def model_fn(self, latents, sigma, *, prompt_embeds, pooled_prompt_embeds, text_ids, guidance=None, **_):
         dit = self.pipe.transformer

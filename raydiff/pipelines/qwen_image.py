@@ -6,12 +6,10 @@ around VAE calls and dropped after, and Qwen-Image latents look like every other
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 from diffusers import QwenImagePipeline as DiffusersQwenImagePipeline
 
-from raydiff.pipelines.base import PipelineUnit, load_diffusers_pipeline
+from raydiff.pipelines.base import PipelineUnit, from_pretrained
 from raydiff.training.flow_matching import DynamicShift, FlowSchedule
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer")
@@ -67,6 +65,7 @@ class QwenImagePipeline:
     family = "qwen_image"
     diffusers_class = DiffusersQwenImagePipeline
     dit_name = "transformer"
+    component_names = COMPONENTS
     # DiffSynth's training grid; the dynamic shift matches the released scheduler_config.json.
     schedule = FlowSchedule(mu=0.8, shift_terminal=0.02, dynamic=DynamicShift(256, 8192, 0.5, 0.9))
     default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
@@ -87,13 +86,7 @@ class QwenImagePipeline:
     def vae_scale_factor(self) -> int:
         return self.pipe.vae_scale_factor
 
-    @classmethod
-    def from_pretrained(cls, path: str, *, dtype=torch.float32, device="cpu", components: Sequence[str] | None = None,
-                        revision=None, trust_remote_code=False, **options) -> "QwenImagePipeline":
-        pipe = load_diffusers_pipeline(DiffusersQwenImagePipeline, path, dtype=dtype, components=components,
-                                       all_components=COMPONENTS, revision=revision,
-                                       trust_remote_code=trust_remote_code)
-        return cls(pipe.to(device), device, **options)
+    from_pretrained = classmethod(from_pretrained)
 
     def model_fn(self, latents, sigma, *, prompt_embeds, prompt_embeds_mask=None, **_):
         dit = self.pipe.transformer

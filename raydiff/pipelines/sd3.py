@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 from diffusers import StableDiffusion3Pipeline
 
-from raydiff.pipelines.base import PipelineUnit, load_diffusers_pipeline
+from raydiff.pipelines.base import PipelineUnit, from_pretrained
 from raydiff.training.flow_matching import FlowSchedule
 
 # The optional IP-adapter parts (image_encoder, feature_extractor) are never trained or loaded.
@@ -48,6 +46,7 @@ class SD3ImagePipeline:
     family = "sd3"
     diffusers_class = StableDiffusion3Pipeline
     dit_name = "transformer"
+    component_names = COMPONENTS
     # SD3/3.5 train with a static shift of 3 over DiffSynth's 1000-step grid (design.md §1); no dynamic shift.
     schedule = FlowSchedule(shift=3.0)
     # Joint attention on both streams: image (to_*) and text (add_*_proj, to_add_out), as most SD3.5 recipes do.
@@ -73,13 +72,7 @@ class SD3ImagePipeline:
     def patch_size(self) -> int:
         return self.pipe.patch_size  # the DiT's, or 2 (SD3's) when the DiT is not loaded
 
-    @classmethod
-    def from_pretrained(cls, path: str, *, dtype=torch.float32, device="cpu", components: Sequence[str] | None = None,
-                        revision=None, trust_remote_code=False, **options) -> "SD3ImagePipeline":
-        pipe = load_diffusers_pipeline(StableDiffusion3Pipeline, path, dtype=dtype, components=components,
-                                       all_components=COMPONENTS, revision=revision,
-                                       trust_remote_code=trust_remote_code)
-        return cls(pipe.to(device), device, **options)
+    from_pretrained = classmethod(from_pretrained)
 
     def model_fn(self, latents, sigma, *, prompt_embeds, pooled_prompt_embeds, **_):
         dit = self.pipe.transformer

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 from diffusers import WanPipeline
 
-from raydiff.pipelines.base import PipelineUnit, load_diffusers_pipeline
+from raydiff.pipelines.base import PipelineUnit, from_pretrained
 from raydiff.training.flow_matching import FlowSchedule
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer")
@@ -54,6 +52,7 @@ class WanVideoPipeline:
     family = "wan"
     diffusers_class = WanPipeline
     dit_name = "transformer"
+    component_names = COMPONENTS
     schedule = FlowSchedule(shift=5.0)  # DiffSynth: linspace(1, 0, 1001)[:-1], static shift 5
     # Attention (self attn1 and cross attn2) and the MLP: what DiffSynth / musubi Wan LoRAs train.
     default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
@@ -68,13 +67,7 @@ class WanVideoPipeline:
             PipelineUnit("input_video_embedder", _input_video_embedder, ("video",), ("latents",), ("vae",)),
         ]
 
-    @classmethod
-    def from_pretrained(cls, path: str, *, dtype=torch.float32, device="cpu", components: Sequence[str] | None = None,
-                        revision=None, trust_remote_code=False, **options) -> "WanVideoPipeline":
-        pipe = load_diffusers_pipeline(WanPipeline, path, dtype=dtype, components=components,
-                                       all_components=COMPONENTS, revision=revision,
-                                       trust_remote_code=trust_remote_code)
-        return cls(pipe.to(device), device, **options)
+    from_pretrained = classmethod(from_pretrained)
 
     def model_fn(self, latents, sigma, *, prompt_embeds, **_):
         """latents (B, 16, f, h, w), sigma (B,) -> velocity (B, 16, f, h, w) float32."""

@@ -1,0 +1,225 @@
+"""LoRA formats: every export loads into a fresh diffusers pipeline and predicts exactly what the trained
+LoRA does; every format imports back to the diffusers state dict; FLUX's fused layers match diffusers'
+own kohya/ComfyUI conversion at real FLUX widths."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import warnings
+
+import diffusers
+import pytest
+import torch
+from safetensors import safe_open
+
+from raydiff.pipelines.base import run_units
+from raydiff.pipelines.flux import FluxImagePipeline
+from raydiff.pipelines.qwen_image import QwenImagePipeline
+from raydiff.training.lora import LORA_FILE, lora_state_dict, save_lora
+from raydiff.training.lora_formats import FORMATS, detect_format, export_lora, from_format, import_lora, to_format
+from raydiff.training.module import switch_pipe_to_training_mode
+
+RANK, ALPHA = 4, 6  # scale 1.5: a missing or doubled alpha shows
+PIPELINES = {"flux": FluxImagePipeline, "qwen_image": QwenImagePipeline}
+TARGETS = {
+    # Double block: full image qkv, only add_k_proj of the text qkv (the others are exported as zeros),
+    # MLPs and modulation. Single block: linear2 and modulation only, because diffusers' kohya converter
+    # splits linear1 with FLUX.1's real widths (3072, 12288) and so cannot load it into a tiny model;
+    # test_flux_fused_layers_match_diffusers_conversion covers linear1 at real widths instead.
+    "flux": ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.to_v",
+             "transformer_blocks.0.attn.to_out.0", "transformer_blocks.0.attn.add_k_proj",
+             "transformer_blocks.0.attn.to_add_out", "transformer_blocks.0.ff.net.0.proj",
+             "transformer_blocks.0.ff_context.net.2", "transformer_blocks.0.norm1.linear",
+             "single_transformer_blocks.0.proj_out", "single_transformer_blocks.0.norm.linear"],
+    "qwen_image": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                   "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2", "img_mod.1"],
+}
+# FLUX DiffSynth files use diffusers' module names without the `transformer.` prefix, which diffusers'
+# FLUX loader does not read (its Qwen-Image loader does).
+LOADABLE = [(f, fmt) for f in PIPELINES for fmt in FORMATS if (f, fmt) != ("flux", "diffsynth")]
+
+
+class Trained:
+    def __init__(self, family: str, model_dir: str, lora_dir: str):
+        self.family, self.model_dir, self.lora_dir = family, model_dir, lora_dir
+        self.pipe = PIPELINES[family].from_pretrained(model_dir)
+        switch_pipe_to_training_mode(self.pipe, lora_base_model="transformer", lora_target_modules=TARGETS[family],
+                                     lora_rank=RANK, lora_alpha=ALPHA, gradient_checkpointing=False)
+        config = self.pipe.pipe.transformer.peft_config["default"]
+        torch.manual_seed(0)
+        for name, p in self.pipe.pipe.transformer.named_parameters():
+            if "lora_B" in name:
+                p.data.normal_(0, 0.2)
+        self.state_dict = lora_state_dict(self.pipe.pipe.transformer, "transformer")
+        save_lora(lora_dir, self.pipe.diffusers_class, "transformer", self.state_dict, config)
+        with torch.no_grad():
+            out = run_units(self.pipe, {"prompt": ["a red circle"], "image": torch.zeros(1, 3, 32, 32)})
+            self.latents = torch.randn(out["latents"].shape, generator=torch.Generator().manual_seed(1))
+            self.sigma = torch.tensor([0.7])
+            self.cond = {k: v for k, v in out.items() if k not in ("latents", "image", "prompt")}
+            self.pred = self.pipe.model_fn(self.latents, self.sigma, **self.cond)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model, tmp_path_factory):
+    cache = {}
+
+    def make(family: str) -> Trained:
+        if family not in cache:
+            cache[family] = Trained(family, tiny_model(family), str(tmp_path_factory.mktemp(f"lora-{family}")))
+        return cache[family]
+
+    return make
+
+
+def lora_modules(model: torch.nn.Module) -> set[str]:
+    return {name for name, m in model.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)}
+
+
+def load_logged(pipe, path: str) -> list[str]:
+    """load_lora_weights(path), returning diffusers' log records and warnings at INFO and above."""
+    records, logger = [], logging.getLogger("diffusers")
+
+    class Capture(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler, level = Capture(logging.INFO), diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_info()  # conftest quiets diffusers to errors
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pipe.load_lora_weights(path)
+    finally:
+        logger.removeHandler(handler)
+        diffusers.utils.logging.set_verbosity(level)
+    return records + [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("family,fmt", LOADABLE)
+def test_export_loads_into_diffusers_and_predicts_as_trained(trained, tmp_path, family, fmt):
+    t = trained(family)
+    out = export_lora(t.lora_dir, fmt, str(tmp_path / f"{fmt}.safetensors"), family=family)
+    fresh = PIPELINES[family](t.pipe.diffusers_class.from_pretrained(t.model_dir), "cpu")
+    with torch.no_grad():
+        base = fresh.model_fn(t.latents, t.sigma, **t.cond)
+        messages = load_logged(fresh.pipe, out)
+        pred = fresh.model_fn(t.latents, t.sigma, **t.cond)
+    bad = ("missing", "unexpected", "unsupported", "incompatible", "no lora keys", "not loaded")
+    # The LoRA holds only transformer weights, so the text encoder's "no LoRA keys" notice is expected.
+    messages = [m for m in messages if "prefix='text_encoder'" not in m]
+    assert not [m for m in messages if any(b in m.lower() for b in bad)], messages
+    assert lora_modules(t.pipe.pipe.transformer) <= lora_modules(fresh.pipe.transformer)
+    assert (pred - base).abs().max() > 1e-2  # the LoRA matters...
+    torch.testing.assert_close(pred, t.pred, atol=1e-4, rtol=1e-4)  # ...exactly as trained (alpha 6 / r 4)
+
+
+@pytest.mark.parametrize("family", PIPELINES)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_import_round_trips_to_the_diffusers_state_dict(trained, tmp_path, family, fmt):
+    t = trained(family)
+    out = export_lora(t.lora_dir, fmt, str(tmp_path / f"{fmt}.safetensors"), family=family)
+    state_dict, info = import_lora(out, family=family)
+    assert set(state_dict) == set(t.state_dict)
+    if fmt == "diffsynth":  # DiffSynth has no alpha: the scale is baked into B
+        assert info == {"r": RANK, "lora_alpha": RANK}
+        for k, v in t.state_dict.items():
+            expected = v * (ALPHA / RANK) if ".lora_B." in k else v
+            torch.testing.assert_close(state_dict[k], expected, atol=0, rtol=0)
+        return
+    assert info == {"r": RANK, "lora_alpha": ALPHA}
+    # The fused qkv's parts come back as slices of one tensor: exact too.
+    for k, v in t.state_dict.items():
+        assert torch.equal(state_dict[k], v), k
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_detect_format(trained, tmp_path, fmt):
+    t = trained("qwen_image")
+    out = export_lora(t.lora_dir, fmt, str(tmp_path / "x.safetensors"), family="qwen_image")
+    with safe_open(out, "pt") as f:
+        assert detect_format(f.keys()) == fmt
+    with pytest.raises(ValueError, match="not a LoRA"):
+        detect_format(["text_model.encoder.layers.0.q_proj.weight"])
+
+
+def test_export_reads_the_family_from_the_checkpoint_config(trained, tmp_path):
+    t = trained("flux")
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    shutil.copy(os.path.join(t.lora_dir, LORA_FILE), checkpoint / LORA_FILE)
+    with pytest.raises(ValueError, match="pass family"):
+        export_lora(str(checkpoint), "kohya", str(tmp_path / "k.safetensors"))
+    (checkpoint / "config.yaml").write_text("model:\n  family: flux\n")
+    out = export_lora(str(checkpoint), "kohya", str(tmp_path / "k.safetensors"))
+    assert import_lora(out, family="flux")[1] == {"r": RANK, "lora_alpha": ALPHA}
+
+
+def test_flux_fused_layers_match_diffusers_conversion():
+    """FLUX.1-width LoRA tensors (no model): linear1 fuses q, k, v and the 4x MLP. diffusers' converter
+    splits our fused kohya / ComfyUI layers into the original modules (plus zero ones for untrained
+    parts), with the alpha folded in."""
+    d, g = 3072, torch.Generator().manual_seed(0)
+    shapes = {"single_transformer_blocks.0.attn.to_q": d, "single_transformer_blocks.0.attn.to_k": d,
+              "single_transformer_blocks.0.attn.to_v": d,  # proj_mlp untrained: zeros
+              "single_transformer_blocks.1.attn.to_q": d, "single_transformer_blocks.1.attn.to_k": d,
+              "single_transformer_blocks.1.attn.to_v": d, "single_transformer_blocks.1.proj_mlp": 4 * d,
+              "transformer_blocks.0.attn.to_q": d, "transformer_blocks.0.attn.to_v": d}  # to_k untrained
+    sd = {}
+    for m, out_features in shapes.items():
+        sd[f"transformer.{m}.lora_A.weight"] = torch.randn(RANK, d, generator=g)
+        sd[f"transformer.{m}.lora_B.weight"] = torch.randn(out_features, RANK, generator=g)
+    for fmt in ("kohya", "comfyui"):
+        exported = to_format(sd, fmt, family="flux", alpha=ALPHA)
+        assert len([k for k in exported if k.endswith(".alpha")]) == 3  # three fused layers
+        converted = diffusers.FluxPipeline.lora_state_dict(dict(exported))
+        probe = torch.randn(d, 8, generator=g)  # compare B @ A on probes: the full products are large
+        for m in shapes:  # diffusers loads these with scale 1
+            a, b = converted[f"transformer.{m}.lora_A.weight"], converted[f"transformer.{m}.lora_B.weight"]
+            ours = ALPHA / RANK * sd[f"transformer.{m}.lora_B.weight"] @ (sd[f"transformer.{m}.lora_A.weight"] @ probe)
+            torch.testing.assert_close(b @ (a @ probe), ours, atol=1e-3, rtol=1e-5)
+        extra = {k.rsplit(".lora_", 1)[0] for k in set(converted) - set(sd)}
+        assert extra == {"transformer.single_transformer_blocks.0.proj_mlp",
+                         "transformer.transformer_blocks.0.attn.to_k"}
+        assert all(not converted[f"{m}.lora_B.weight"].any() for m in extra)
+        back, info = from_format(exported, family="flux")
+        assert info == {"r": RANK, "lora_alpha": ALPHA} and set(back) == set(sd)
+        assert all(torch.equal(back[k], v) for k, v in sd.items())
+
+
+def test_non_block_diagonal_fused_layers_share_their_down_weight():
+    """A qkv LoRA trained on the fused layer (other tools) splits as diffusers does: shared A, rows of B."""
+    down, up = torch.randn(4, 8), torch.randn(24, 4)
+    parts, info = from_format({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": down,
+                               "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": up,
+                               "lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(2.0)}, family="flux")
+    assert info == {"r": 4, "lora_alpha": 2}
+    for j, name in enumerate(["to_q", "to_k", "to_v"]):
+        assert torch.equal(parts[f"transformer.transformer_blocks.0.attn.{name}.lora_A.weight"], down)
+        assert torch.equal(parts[f"transformer.transformer_blocks.0.attn.{name}.lora_B.weight"], up[8 * j:8 * (j + 1)])
+
+
+def test_unknown_names_and_families_are_refused(trained, tmp_path):
+    t = trained("flux")
+    with pytest.raises(ValueError, match="unknown LoRA format"):
+        export_lora(t.lora_dir, "civitai", str(tmp_path / "x.safetensors"), family="flux")
+    with pytest.raises(ValueError, match="known for families"):
+        export_lora(t.lora_dir, "kohya", str(tmp_path / "x.safetensors"), family="wan")
+    with pytest.raises(ValueError, match="no known original name"):
+        to_format({"transformer.x_embedder.lora_A.weight": torch.zeros(4, 8),
+                   "transformer.x_embedder.lora_B.weight": torch.zeros(8, 4)}, "kohya", family="flux", alpha=4)
+
+
+def test_modules_with_different_alphas_get_their_scale_baked_into_b():
+    a, b = torch.randn(4, 8), torch.randn(8, 4)
+    sd = {}
+    for name, alpha in (("attn_to_q", 8.0), ("attn_to_k", 2.0)):
+        key = f"lora_unet_transformer_blocks_0_{name}"
+        sd |= {f"{key}.lora_down.weight": a, f"{key}.lora_up.weight": b, f"{key}.alpha": torch.tensor(alpha)}
+    out, info = from_format(sd, family="qwen_image")
+    assert info == {"r": 4, "lora_alpha": 4}
+    torch.testing.assert_close(out["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"], b * 2)
+    torch.testing.assert_close(out["transformer.transformer_blocks.0.attn.to_k.lora_B.weight"], b * 0.5)
