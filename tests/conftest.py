@@ -72,3 +72,28 @@ def tiny_config(model_path: str, data_dir: str, storage: str, name: str, **secti
     for section, values in sections.items():
         raw[section] = {**raw.get(section, {}), **values} if values is not None else None
     return parse_config(raw)
+
+
+@pytest.fixture
+def lora_key_warnings(caplog):
+    """lora_key_warnings(fn) -> diffusers' missing/unexpected-key messages logged while fn() runs.
+    The session silences diffusers (quiet_libraries), so this turns its warnings back on for fn."""
+    import logging
+
+    import diffusers
+
+    def run(fn):
+        logger = diffusers.utils.logging.get_logger("diffusers")
+        level = logger.level
+        diffusers.utils.logging.set_verbosity_warning()
+        diffusers.utils.logging.enable_propagation()
+        try:
+            with caplog.at_level(logging.WARNING, logger="diffusers"):
+                caplog.clear()
+                fn()
+        finally:
+            logger.setLevel(level)
+        return [r.getMessage() for r in caplog.records
+                if "unexpected keys" in r.getMessage().lower() or "missing keys" in r.getMessage().lower()]
+
+    return run

@@ -11,7 +11,7 @@ On disk, for m = "transformer_blocks.0.attn.to_q" and o its name in the family's
 
 FLUX's original (BFL) names fuse projections: double_blocks.N.img_attn.qkv = to_q|to_k|to_v and
 single_blocks.N.linear1 = to_q|to_k|to_v|proj_mlp. A fused LoRA stacks the parts' A (rank n*r) and puts
-their B on a block diagonal, so it is exactly the sum of the parts; alpha n*alpha keeps the scale.
+their B on a block diagonal, so it is exactly the sum of the parts; alpha x n keeps alpha / r.
 Untrained parts are zeros. Qwen-Image's original names are diffusers'.
 
 ComfyUI reads lora_A and lora_down alike; FLUX uses lora_down because diffusers' FLUX loader only
@@ -238,9 +238,10 @@ def _family_of(checkpoint: str) -> str | None:
         return (yaml.safe_load(f).get("model") or {}).get("family", "flux")  # flux is the config default
 
 
-def import_lora(path: str, *, family: str) -> tuple[dict[str, torch.Tensor], dict]:
+def import_lora(path: str, *, family: str | None) -> tuple[dict[str, torch.Tensor], dict]:
     """A LoRA file (or checkpoint directory) in any of FORMATS -> (diffusers-format state dict with keys
-    `transformer.<module>.lora_A.weight` / `.lora_B.weight`, {"r": rank, "lora_alpha": alpha})."""
+    `transformer.<module>.lora_A.weight` / `.lora_B.weight`, {"r": rank, "lora_alpha": alpha}). `family`
+    maps ComfyUI / kohya names; diffusers and DiffSynth files need none."""
     path = _lora_file(path)
     state_dict = load_file(path)
     alpha = _saved_alpha(path) if detect_format(state_dict) == "diffusers" else None

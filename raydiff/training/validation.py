@@ -1,0 +1,192 @@
+"""Validation samples: a few fixed prompts rendered by the family's own diffusers pipeline, next to
+the base model's images, so a checkpoint shows what its LoRA does.
+
+Sampling goes through `training_pipe.pipe` (the diffusers pipeline holding the trainable
+transformer), so it sees the current LoRA weights directly and runs the inference code a user will
+run. Seeds are per prompt index (`settings.seed + i`) on a CPU generator: the same prompt gets the
+same starting noise on every checkpoint and every machine, and only the weights change the image.
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class ValidationSettings:
+    """What to sample; mirrors the `validation:` config section.
+
+    `guidance` is the family pipeline's `guidance_scale`: FLUX.1-dev's distilled guidance
+    embedding, classifier-free guidance for SD3 and Wan (doubles the batch), and for Qwen-Image
+    true CFG with an empty negative prompt (or the distilled embedding if the model has one).
+    `num_frames` is for video families (4k + 1); only the first frame is kept.
+    """
+
+    prompts: list[str]
+    seed: int = 0
+    steps: int = 20
+    guidance: float = 3.5
+    height: int = 512
+    width: int = 512
+    num_frames: int = 1
+
+
+# Components a text-to-image/video call never needs (IP-Adapter parts, Wan 2.2's second expert).
+_OPTIONAL = {"image_encoder", "feature_extractor", "transformer_2"}
+
+
+def _guidance_kwargs(diffusers_pipe, guidance: float) -> dict:
+    from diffusers import QwenImagePipeline
+
+    if isinstance(diffusers_pipe, QwenImagePipeline) and not diffusers_pipe.transformer.config.guidance_embeds:
+        # Qwen-Image's guidance_scale only feeds a distilled embedding; real CFG needs a negative prompt.
+        return {"true_cfg_scale": guidance, "negative_prompt": " "} if guidance > 1 else {"true_cfg_scale": 1.0}
+    return {"guidance_scale": guidance}
+
+
+def sample_images(diffusers_pipe, settings: ValidationSettings, *, device=None) -> list[Image.Image]:
+    """One image per prompt at batch 1, generator seeded with `settings.seed + i` on `device`
+    (None = CPU, so images do not depend on the accelerator). Video pipelines give their first frame."""
+    missing = [name for name, c in diffusers_pipe.components.items() if c is None and name not in _OPTIONAL]
+    if missing:
+        raise ValueError(f"sampling needs every component; this pipeline was loaded without {missing}")
+    diffusers_pipe.set_progress_bar_config(disable=True)
+    params = inspect.signature(diffusers_pipe.__call__).parameters
+    extra = {"num_frames": settings.num_frames} if "num_frames" in params else {}
+    images = []
+    with torch.no_grad():  # not inference_mode: its tensors could leak into later autograd through caches
+        for i, prompt in enumerate(settings.prompts):
+            generator = torch.Generator(device or "cpu").manual_seed(settings.seed + i)
+            out = diffusers_pipe(prompt=prompt, num_inference_steps=settings.steps, height=settings.height,
+                                 width=settings.width, generator=generator, output_type="pil",
+                                 **_guidance_kwargs(diffusers_pipe, settings.guidance), **extra)
+            images.append(out.frames[0][0] if hasattr(out, "frames") else out.images[0])
+    return images
+
+
+@contextmanager
+def _sampling_mode(modules: list[torch.nn.Module]):
+    """eval() for sampling; every submodule's `.training` and every parameter's `requires_grad` restored
+    afterwards (peft's enable_adapters re-enables grads on the adapter, whatever they were)."""
+    training = [(m, m.training) for root in modules for m in root.modules()]
+    grads = [(p, p.requires_grad) for root in modules for p in root.parameters()]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, flag in training:
+            m.training = flag
+        for p, flag in grads:
+            p.requires_grad_(flag)
+
+
+def _has_adapter(model) -> bool:
+    return bool(getattr(model, "_hf_peft_config_loaded", False))
+
+
+@contextmanager
+def _adapters_disabled(model):
+    model.disable_adapters()
+    try:
+        yield
+    finally:
+        model.enable_adapters()
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _modules(training_pipe) -> list[torch.nn.Module]:
+    return [m for m in training_pipe.pipe.components.values() if isinstance(m, torch.nn.Module)]
+
+
+def sample_base_images(training_pipe, settings: ValidationSettings) -> list[Image.Image]:
+    """The base model's images (LoRA disabled), same seeds. They never change during a LoRA run, so a
+    loop can compute them once and pass them to every `write_validation(..., base_images=...)`."""
+    dit = getattr(training_pipe.pipe, training_pipe.dit_name)
+    if not _has_adapter(dit):
+        raise ValueError(f"the {training_pipe.dit_name} has no LoRA adapter to disable; pass base_images instead")
+    _free_memory()
+    with _sampling_mode(_modules(training_pipe)), _adapters_disabled(dit):
+        return sample_images(training_pipe.pipe, settings)
+
+
+def make_grid(rows: list[list[Image.Image]]) -> Image.Image:
+    """Rows of equally sized images pasted into one image, left to right, top to bottom."""
+    w, h = rows[0][0].size
+    grid = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), "white")
+    for y, row in enumerate(rows):
+        for x, image in enumerate(row):
+            grid.paste(image.convert("RGB"), (x * w, y * h))
+    return grid
+
+
+@contextmanager
+def _lora_weights(dit, state_dict: dict | None, prefix: str):
+    """Temporarily load `state_dict` (diffusers keys, `{prefix}.<module>.lora_A.weight`) into the injected
+    adapter in place; the training weights are copied back afterwards, so the optimizer's params stay."""
+    if state_dict is None:
+        yield
+        return
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    saved = {k: v.detach().clone() for k, v in get_peft_model_state_dict(dit).items()}
+    sd = {k[len(prefix) + 1:]: v for k, v in state_dict.items() if k.startswith(prefix + ".")}
+    if set(sd) != set(saved):
+        raise ValueError(f"the LoRA state dict does not match the injected adapter: {len(sd)} vs {len(saved)} keys")
+    set_peft_model_state_dict(dit, sd)
+    try:
+        yield
+    finally:
+        set_peft_model_state_dict(dit, saved)
+
+
+def write_validation(checkpoint_dir: str, training_pipe, lora_state_dict: dict | None, settings: ValidationSettings,
+                     *, base_images: list[Image.Image] | None = None) -> dict:
+    """Write `samples/<i>.png` (one per prompt, current weights) and `samples/grid.png` under
+    `checkpoint_dir`; returns {"samples": [paths], "grid": path}.
+
+    grid.png has one column per prompt; the top row is the base model (the transformer's LoRA disabled,
+    or `base_images` when given), the bottom row the LoRA, same seeds. With no adapter and no
+    `base_images` (full fine-tuning), the grid is the single row of samples.
+
+    `lora_state_dict`: None samples the transformer as it is (the LoRA being trained). A dict in
+    diffusers key format (what `trainable_state_dict()` returns, e.g. EMA weights) is loaded into the
+    injected adapter for sampling only; the training weights are restored afterwards.
+
+    Memory: the diffusers pipeline reuses the components already loaded for training (text encoders,
+    VAE, the transformer with its LoRA), so there is no second copy of the weights. The extra cost is
+    sampling activations at batch 1 (2 with CFG) under no_grad, much less than a training step's,
+    plus one VAE decode at full resolution, which for large images can be the peak. The CUDA caching
+    allocator is emptied first so the training step's cached blocks are available. Each module's
+    `.training` flag and each parameter's `requires_grad` are restored; the LoRA is enabled again.
+    Time: (1 + base row) x prompts x steps transformer calls.
+    """
+    dit = getattr(training_pipe.pipe, training_pipe.dit_name)
+    if base_images is None and _has_adapter(dit):
+        base_images = sample_base_images(training_pipe, settings)
+    _free_memory()
+    with _sampling_mode(_modules(training_pipe)), _lora_weights(dit, lora_state_dict, training_pipe.dit_name):
+        images = sample_images(training_pipe.pipe, settings)
+    _free_memory()
+
+    directory = os.path.join(checkpoint_dir, "samples")
+    os.makedirs(directory, exist_ok=True)
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(os.path.join(directory, f"{i}.png"))
+        image.save(paths[-1])
+    grid_path = os.path.join(directory, "grid.png")
+    make_grid([list(base_images), images] if base_images else [images]).save(grid_path)
+    return {"samples": paths, "grid": grid_path}
