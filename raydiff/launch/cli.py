@@ -34,6 +34,13 @@ def cmd_tiny_model(args) -> None:
     print(f"[raydiff] wrote a tiny random {args.family} pipeline to {os.path.abspath(args.dir)}")
 
 
+def cmd_export(args) -> None:
+    from raydiff.training.lora_formats import export_lora
+
+    out = export_lora(args.checkpoint, args.format, args.out, family=args.family)
+    print(f"[raydiff] wrote {args.format} LoRA to {os.path.abspath(out)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from raydiff.pipelines.base import FAMILY_MODULES
 
@@ -57,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny_model)
+
+    p = sub.add_parser("export", help="convert a checkpoint's LoRA for other tools (ComfyUI, kohya, DiffSynth)")
+    p.add_argument("checkpoint", help="a checkpoint directory or a .safetensors LoRA file")
+    p.add_argument("--format", required=True, choices=["diffusers", "comfyui", "kohya", "diffsynth"])
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--family", choices=sorted(FAMILY_MODULES),
+                   help="model family (default: read from the checkpoint's config.yaml)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

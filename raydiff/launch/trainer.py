@@ -52,6 +52,11 @@ def build_trainer(cfg: RaydiffConfig, module_factory: Callable | None = None, **
         actor = skip_counter(cfg.ray.name)
         ray.get([actor.add.remote(b.row, b.reason) for b in bad])
     dataset = build_dataset(cfg.data, rows, seed=cfg.train.seed, counter_name=counter)
+    # preserve_order: the split gives rank r the same samples in the same order on every run, whatever
+    # the node layout (else Ray splits by decode-task completion order and block locality), so runs
+    # reproduce and a resumed epoch skips exactly the batches it trained. Cost: no locality, in-order decode.
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True
     resources = {"CPU": cfg.ray.cpus_per_worker}
     if cfg.ray.use_gpu:
         resources["GPU"] = cfg.ray.gpus_per_worker
@@ -68,7 +73,7 @@ def build_trainer(cfg: RaydiffConfig, module_factory: Callable | None = None, **
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             logging_config=LoggingConfig(log_level="WARNING"), **run_config_kwargs),
         datasets={"train": dataset},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest),
     )
 
 

@@ -60,7 +60,8 @@ def save_checkpoint(directory: str, module, optimizer, scheduler, state: Trainer
 def load_checkpoint(directory: str, module, optimizer, scheduler) -> TrainerState:
     """Restore weights, optimizer and scheduler in place; returns where training stopped."""
     if module.lora_config is not None:
-        lora_lib.load_lora_into(module.models[module.lora_base_model], directory, module.lora_base_model)
+        lora_lib.load_lora_into(module.models[module.lora_base_model], directory, module.lora_base_model,
+                                config=module.lora_config)
     else:
         weights = load_file(os.path.join(directory, FULL_WEIGHTS_FILE))
         for name, model in module.models.items():

@@ -6,11 +6,8 @@ Saved keys look like `transformer.transformer_blocks.0.attn.to_q.lora_A.weight` 
 
 from __future__ import annotations
 
-import os
-
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -46,12 +43,20 @@ def save_lora(directory: str, pipeline_cls, dit_name: str, state_dict: dict, con
                                                  f"{dit_name}_lora_adapter_metadata": adapter_metadata(config)})
 
 
-def load_lora_into(model: torch.nn.Module, path: str, prefix: str) -> None:
-    """Load a diffusers-format LoRA file (or a directory holding one) into an injected adapter, strictly."""
-    if os.path.isdir(path):
-        path = os.path.join(path, LORA_FILE)
-    sd = load_file(path)
+def load_lora_into(model: torch.nn.Module, path: str, prefix: str, *, family: str | None = None,
+                   config: LoraConfig | None = None) -> None:
+    """Load a LoRA file or checkpoint directory into an injected adapter, strictly. Any format of
+    `lora_formats.FORMATS` is accepted; with `config`, a file trained at another alpha is rescaled so
+    it computes the same update under this adapter's alpha / rank."""
+    from raydiff.training.lora_formats import import_lora
+
+    sd, info = import_lora(path, family=family)
     sd = {k[len(prefix) + 1:]: v for k, v in sd.items() if k.startswith(prefix + ".")}
+    if config is not None and info.get("lora_alpha") and info.get("r"):
+        if info["r"] != config.r:
+            raise ValueError(f"{path}: LoRA rank {info['r']} does not match lora.rank {config.r}")
+        factor = (info["lora_alpha"] / info["r"]) / (config.lora_alpha / config.r)
+        sd = {k: v * factor if "lora_B" in k else v for k, v in sd.items()}
     result = set_peft_model_state_dict(model, sd)
     unexpected = getattr(result, "unexpected_keys", None) or []
     if unexpected:

@@ -38,7 +38,7 @@ def switch_pipe_to_training_mode(pipe, *, trainable_models: Sequence[str] = (), 
                                            alpha=lora_alpha)
         base.train()
         if lora_checkpoint:
-            lora_lib.load_lora_into(base, lora_checkpoint, lora_base_model)
+            lora_lib.load_lora_into(base, lora_checkpoint, lora_base_model, family=pipe.family, config=lora_config)
     if gradient_checkpointing:
         for name in {*trainable_models, *([lora_base_model] if lora_base_model else [])}:
             # diffusers' default checkpoint function is non-reentrant, which DDP and frozen inputs need.
