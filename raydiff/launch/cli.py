@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", choices=sorted(FAMILY_MODULES),
                    help="model family (default: read from the checkpoint's config.yaml)")
     p.set_defaults(func=cmd_export)
+
+    from raydiff.launch.sample import add_sample_parser
+
+    add_sample_parser(sub)
     return parser
 
 

@@ -51,15 +51,20 @@ def _guidance_kwargs(diffusers_pipe, guidance: float) -> dict:
     return {"guidance_scale": guidance}
 
 
-def sample_images(diffusers_pipe, settings: ValidationSettings, *, device=None) -> list[Image.Image]:
+def sample_images(diffusers_pipe, settings: ValidationSettings, *, device=None,
+                  max_sequence_length: int | None = None) -> list[Image.Image]:
     """One image per prompt at batch 1, generator seeded with `settings.seed + i` on `device`
-    (None = CPU, so images do not depend on the accelerator). Video pipelines give their first frame."""
+    (None = CPU, so images do not depend on the accelerator). Video pipelines give their first frame.
+    `max_sequence_length`: text tokens (None = the pipeline's default); pass the training value so
+    prompts are encoded as in training."""
     missing = [name for name, c in diffusers_pipe.components.items() if c is None and name not in _OPTIONAL]
     if missing:
         raise ValueError(f"sampling needs every component; this pipeline was loaded without {missing}")
     diffusers_pipe.set_progress_bar_config(disable=True)
     params = inspect.signature(diffusers_pipe.__call__).parameters
     extra = {"num_frames": settings.num_frames} if "num_frames" in params else {}
+    if max_sequence_length:
+        extra["max_sequence_length"] = max_sequence_length
     images = []
     with torch.no_grad():  # not inference_mode: its tensors could leak into later autograd through caches
         for i, prompt in enumerate(settings.prompts):
@@ -92,15 +97,6 @@ def _has_adapter(model) -> bool:
     return bool(getattr(model, "_hf_peft_config_loaded", False))
 
 
-@contextmanager
-def _adapters_disabled(model):
-    model.disable_adapters()
-    try:
-        yield
-    finally:
-        model.enable_adapters()
-
-
 def _free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -111,6 +107,12 @@ def _modules(training_pipe) -> list[torch.nn.Module]:
     return [m for m in training_pipe.pipe.components.values() if isinstance(m, torch.nn.Module)]
 
 
+def _sample(training_pipe, settings: ValidationSettings) -> list[Image.Image]:
+    # Prompts encoded with the training's text length, so samples show what training conditioned on.
+    tokens = getattr(training_pipe, "max_sequence_length", None)
+    return sample_images(training_pipe.pipe, settings, max_sequence_length=tokens)
+
+
 def sample_base_images(training_pipe, settings: ValidationSettings) -> list[Image.Image]:
     """The base model's images (LoRA disabled), same seeds. They never change during a LoRA run, so a
     loop can compute them once and pass them to every `write_validation(..., base_images=...)`."""
@@ -118,8 +120,12 @@ def sample_base_images(training_pipe, settings: ValidationSettings) -> list[Imag
     if not _has_adapter(dit):
         raise ValueError(f"the {training_pipe.dit_name} has no LoRA adapter to disable; pass base_images instead")
     _free_memory()
-    with _sampling_mode(_modules(training_pipe)), _adapters_disabled(dit):
-        return sample_images(training_pipe.pipe, settings)
+    with _sampling_mode(_modules(training_pipe)):  # restores requires_grad after enable_adapters resets it
+        dit.disable_adapters()
+        try:
+            return _sample(training_pipe, settings)
+        finally:
+            dit.enable_adapters()
 
 
 def make_grid(rows: list[list[Image.Image]]) -> Image.Image:
@@ -178,7 +184,7 @@ def write_validation(checkpoint_dir: str, training_pipe, lora_state_dict: dict |
         base_images = sample_base_images(training_pipe, settings)
     _free_memory()
     with _sampling_mode(_modules(training_pipe)), _lora_weights(dit, lora_state_dict, training_pipe.dit_name):
-        images = sample_images(training_pipe.pipe, settings)
+        images = _sample(training_pipe, settings)
     _free_memory()
 
     directory = os.path.join(checkpoint_dir, "samples")

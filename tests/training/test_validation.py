@@ -1,14 +1,16 @@
 """Validation samples and `raydiff sample` on the tiny FLUX model: files, sizes, base vs LoRA, and that
 sampling leaves the training state (LoRA enabled, train flags, requires_grad) as it found it."""
 
-import argparse
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from raydiff.launch.sample import add_sample_parser, sample
+from raydiff.launch.sample import sample
 from raydiff.pipelines.flux import FluxImagePipeline
 from raydiff.training import lora as lora_lib
 from raydiff.training.module import switch_pipe_to_training_mode
@@ -101,13 +103,23 @@ def test_sample_applies_lora_scale(trained, tiny_model, tmp_path):
     assert np.abs(pixels(base) - pixels(on)).mean() > 0.5
 
 
+# What cli.py does with add_sample_parser, in a fresh process as `raydiff sample` would run.
+CLI = """import argparse, sys
+from raydiff.launch.sample import add_sample_parser
+parser = argparse.ArgumentParser(prog="raydiff")
+add_sample_parser(parser.add_subparsers(dest="command", required=True))
+args = parser.parse_args(sys.argv[1:])
+args.func(args)
+"""
+
+
 def test_sample_command_line(trained, tiny_model, tmp_path):
     _, _, checkpoint = trained
-    parser = argparse.ArgumentParser(prog="raydiff")
-    add_sample_parser(parser.add_subparsers(dest="command", required=True))
     out = tmp_path / "cli.png"
-    args = parser.parse_args(["sample", "--model", tiny_model("flux"), "--lora", checkpoint, "--prompt", "a red circle",
-                              "--out", str(out), "--lora-scale", "0.5", "--steps", "2", "--height", "32",
-                              "--width", "32"])
-    args.func(args)
+    argv = ["sample", "--model", tiny_model("flux"), "--lora", checkpoint, "--prompt", "a red circle", "--out", str(out),
+            "--lora-scale", "0.5", "--steps", "2", "--height", "32", "--width", "32"]
+    run = subprocess.run([sys.executable, "-c", CLI, *argv], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr
+    assert f"wrote {out}" in run.stdout
     assert Image.open(out).size == (32, 32)
