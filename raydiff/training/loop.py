@@ -84,6 +84,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     assert steps_per_epoch > 0, "each worker needs at least one optimizer step per epoch"
 
     # [1] model, optimizer, schedule — built here, in the worker, never pickled from the driver
+    torch.manual_seed(t.seed)  # the LoRA init follows train.seed (DDP then copies rank 0's to every rank)
     module = factory(device) if factory else PipelineTrainingModule(cfg, device=device)
     params = module.trainable_parameters()
     assert params, "the training module has no trainable parameters"
