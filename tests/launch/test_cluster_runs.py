@@ -94,8 +94,14 @@ class LocalRay:
         self._start(["--address", self.address, "--num-cpus", str(num_cpus)])
 
     def run(self, *args: str, cwd=None, timeout: float = 240) -> subprocess.CompletedProcess:
-        """A client command (`ray job ...`, `raydiff train`) with this cluster's address and token."""
-        return subprocess.run(list(args), env=self.env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+        """A client command (`ray job ...`, `raydiff train`) with this cluster's address and token;
+        past `timeout` it is killed and returns returncode "timeout" with the output it had written."""
+        try:
+            return subprocess.run(list(args), env=self.env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as err:  # partial output comes back as bytes
+            out, errout = (b.decode(errors="replace") if isinstance(b, bytes) else b or ""
+                           for b in (err.stdout, err.stderr))
+            return subprocess.CompletedProcess(err.cmd, "timeout", out, errout)
 
     def stop(self) -> None:
         """SIGTERM each `ray start --block` (it kills the processes it started), then SIGKILL whatever
@@ -160,11 +166,8 @@ def test_ray_job_submit_trains_and_checkpoints_to_storage(cluster, tiny_model, s
     assert http_status(f"{ray.dashboard}/api/jobs/", {"Authorization": f"Bearer {ray.token}"}) == 200
 
     job_id = f"raydiff-test-{uuid.uuid4().hex[:8]}"
-    try:
-        submit = ray.run(tool("ray"), "job", "submit", "--address", ray.dashboard, "--submission-id", job_id,
-                         "--working-dir", str(job_dir), "--", "raydiff", "train", "config.yaml", timeout=240)
-    except subprocess.TimeoutExpired as err:
-        submit = subprocess.CompletedProcess(err.cmd, "timeout", err.stdout or "", err.stderr or "")
+    submit = ray.run(tool("ray"), "job", "submit", "--address", ray.dashboard, "--submission-id", job_id,
+                     "--working-dir", str(job_dir), "--", "raydiff", "train", "config.yaml", timeout=240)
     if submit.returncode != 0 or f"Job '{job_id}' succeeded" not in submit.stdout + submit.stderr:
         logs = ray.run(tool("ray"), "job", "logs", "--address", ray.dashboard, job_id, timeout=60)
         pytest.fail(f"ray job submit: rc={submit.returncode}\n{(submit.stdout + submit.stderr)[-4000:]}\n"
