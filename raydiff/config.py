@@ -95,6 +95,27 @@ class LossConfig(_Section):
     mode_scale: float = 1.29
 
 
+class EvalConfig(_Section):
+    """A deterministic eval loss: fixed sigma quantiles and fixed noise per (sample, sigma)."""
+
+    every_steps: int | None = Field(None, ge=1, description="evaluate every N optimizer steps (and at the end)")
+    metadata_path: str | None = Field(None, description="held-out metadata (paths relative to data.base_path)")
+    holdout: int = Field(0, ge=0, description="without metadata_path: hold out the last N training rows")
+    num_sigmas: int = Field(8, ge=1)
+    seed: int = 1234
+    batch_size: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _has_data(self):
+        if self.every_steps and not (self.metadata_path or self.holdout):
+            raise ValueError("eval.every_steps needs eval.metadata_path or eval.holdout > 0")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.metadata_path or self.holdout)
+
+
 class RayConfig(_Section):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
@@ -107,6 +128,20 @@ class RayConfig(_Section):
     max_failures: int = Field(0, ge=-1, description="worker-group restarts; -1 = forever")
     address: str | None = Field(None, description="cluster address; null = RAY_ADDRESS or a new local Ray")
     num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local Ray; null = max(4, cores)")
+    # storage_path may be s3://bucket/prefix. For S3-compatible servers (MinIO, Ceph, moto) set the
+    # endpoint URL, e.g. http://127.0.0.1:9000 (scheme http/https taken from it). Credentials come from
+    # AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (/ AWS_SESSION_TOKEN) on the driver, else the AWS SDK chain.
+    storage_endpoint: str | None = Field(None, description="S3-compatible endpoint URL; null = AWS S3")
+    storage_region: str | None = Field(None, description="S3 region; null = AWS_REGION / AWS_DEFAULT_REGION / SDK")
+
+
+class LogConfig(_Section):
+    """What rank 0 reports (raydiff/training/reporting.py). Named LogConfig: ray.train has a LoggingConfig."""
+
+    tensorboard: bool = Field(False, description="scalars and validation images in <run>/tensorboard (needs tensorboardX)")
+    plot: bool = Field(True, description="loss.png in the run directory when matplotlib is installed")
+    progress_bar: Literal["auto", "on", "off"] = Field(
+        "auto", description="auto: a tqdm bar when stdout is a terminal, plain log lines otherwise")
 
 
 class RaydiffConfig(_Section):
@@ -116,6 +151,8 @@ class RaydiffConfig(_Section):
     train: TrainConfig = TrainConfig()
     loss: LossConfig = LossConfig()
     ray: RayConfig = RayConfig()
+    eval: EvalConfig = EvalConfig()
+    logging: LogConfig = LogConfig()
 
     @model_validator(mode="after")
     def _something_trains(self):
@@ -134,6 +171,8 @@ class RaydiffConfig(_Section):
 
         cfg.data.base_path = _abs(cfg.data.base_path)
         cfg.data.metadata_path = _abs(cfg.data.metadata_path)
+        if cfg.eval.metadata_path:
+            cfg.eval.metadata_path = _abs(cfg.eval.metadata_path)
         cfg.ray.storage_path = _abs(cfg.ray.storage_path)
         if Path(_abs(cfg.model.path)).exists():
             cfg.model.path = _abs(cfg.model.path)

@@ -18,10 +18,12 @@ from raydiff.data.metadata import BadSample, SampleError, read_metadata
 log = logging.getLogger(__name__)
 
 
-def read_rows(cfg: DataConfig) -> tuple[list[dict], list[BadSample]]:
+def read_rows(cfg: DataConfig, metadata_path: str | None = None, repeat: int | None = None
+              ) -> tuple[list[dict], list[BadSample]]:
     """Metadata rows (repeated `cfg.repeat` times) and the rows refused before decoding.
     With `skip_bad_samples: false` the first refused row raises `SampleError`."""
-    rows, bad = read_metadata(cfg.metadata_path, base_path=cfg.base_path, data_file_keys=cfg.data_file_keys,
+    metadata_path = metadata_path or cfg.metadata_path
+    rows, bad = read_metadata(metadata_path, base_path=cfg.base_path, data_file_keys=cfg.data_file_keys,
                               allow_outside_base=cfg.allow_outside_base)
     if bad and not cfg.skip_bad_samples:
         first, more = bad[0], len(bad) - 1
@@ -30,10 +32,24 @@ def read_rows(cfg: DataConfig) -> tuple[list[dict], list[BadSample]]:
     for b in bad:
         log.warning("skipping %s", b)
     keep = ["prompt", "_row", *cfg.data_file_keys]
-    rows = [{k: r[k] for k in keep} for r in rows] * cfg.repeat
+    rows = [{k: r[k] for k in keep} for r in rows] * (cfg.repeat if repeat is None else repeat)
     if not rows:
-        raise ValueError(f"{cfg.metadata_path}: no usable samples")
+        raise ValueError(f"{metadata_path}: no usable samples")
     return rows, bad
+
+
+def train_and_eval_rows(data: DataConfig, eval_cfg) -> tuple[list[dict], list[dict], list[BadSample]]:
+    """(training rows, eval rows, bad rows). Eval rows come from `eval.metadata_path`, or are the last
+    `eval.holdout` metadata rows, which then never reach training."""
+    if eval_cfg.metadata_path:
+        train, bad = read_rows(data)
+        held, bad_eval = read_rows(data, eval_cfg.metadata_path, repeat=1)
+        return train, held, bad + bad_eval
+    rows, bad = read_rows(data, repeat=1)
+    if eval_cfg.holdout >= len(rows):
+        raise ValueError(f"eval.holdout {eval_cfg.holdout} leaves no training rows out of {len(rows)}")
+    cut = len(rows) - eval_cfg.holdout
+    return rows[:cut] * data.repeat, rows[cut:], bad
 
 
 def build_dataset(cfg: DataConfig, rows: list[dict], *, seed: int, counter_name: str | None = None) -> ray.data.Dataset:

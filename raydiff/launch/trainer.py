@@ -11,7 +11,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig
 from ray.train.torch import TorchTrainer
 
 from raydiff.config import RaydiffConfig, to_dict
-from raydiff.data.dataset import build_dataset, read_rows
+from raydiff.data.dataset import build_dataset, train_and_eval_rows
 from raydiff.data.decode import skip_counter
 from raydiff.training.loop import train_loop_per_worker
 
@@ -45,13 +45,16 @@ def steps_per_epoch(num_rows: int, cfg: RaydiffConfig) -> int:
 def build_trainer(cfg: RaydiffConfig, module_factory: Callable | None = None, **run_config_kwargs) -> TorchTrainer:
     """A TorchTrainer whose workers build the training module themselves (`module_factory(device)`,
     or the config-driven module) and stream decoded samples from a Ray Data pipeline."""
-    rows, bad = read_rows(cfg.data)
+    rows, eval_rows, bad = train_and_eval_rows(cfg.data, cfg.eval)
     counter = None
     if cfg.data.skip_bad_samples:
         counter = f"raydiff-skips-{cfg.ray.name}"
         actor = skip_counter(cfg.ray.name)
         ray.get([actor.add.remote(b.row, b.reason) for b in bad])
-    dataset = build_dataset(cfg.data, rows, seed=cfg.train.seed, counter_name=counter)
+    datasets = {"train": build_dataset(cfg.data, rows, seed=cfg.train.seed, counter_name=counter)}
+    if eval_rows:  # unsplit: every rank sees the same ordered eval set and scores its share of it
+        datasets["eval"] = build_dataset(cfg.data.model_copy(update={"shuffle": False}), eval_rows, seed=0,
+                                         counter_name=counter)
     # preserve_order: the split gives rank r the same samples in the same order on every run, whatever
     # the node layout (else Ray splits by decode-task completion order and block locality), so runs
     # reproduce and a resumed epoch skips exactly the batches it trained. Cost: no locality, in-order decode.
@@ -72,7 +75,7 @@ def build_trainer(cfg: RaydiffConfig, module_factory: Callable | None = None, **
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             logging_config=LoggingConfig(log_level="WARNING"), **run_config_kwargs),
-        datasets={"train": dataset},
+        datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest),
     )
 

@@ -18,6 +18,7 @@ import time
 from contextlib import nullcontext
 from typing import Callable
 
+import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -27,6 +28,7 @@ from raydiff.config import RaydiffConfig, dump_config, parse_config
 from raydiff.console import quiet_libraries, say
 from raydiff.data.collate import collate
 from raydiff.training.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+from raydiff.training.evaluation import EvalSettings, evaluate
 from raydiff.training.module import DiffusionTrainingModule, PipelineTrainingModule
 
 ModuleFactory = Callable[[torch.device], DiffusionTrainingModule]
@@ -101,6 +103,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     state.workers = worker_placement(rank, world)
     model = ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": False})
     shard = ray.train.get_dataset_shard("train")
+    eval_set = EvalSet(ray.train.get_dataset_shard("eval"), cfg, device, rank, world) if cfg.eval.enabled else None
+    eval_every = cfg.eval.every_steps or total_steps
 
     # [3] train
     accum, config_yaml = t.gradient_accumulation_steps, dump_config(cfg)
@@ -141,18 +145,22 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 state.epoch, state.batches_in_epoch = epoch + 1, 0
             done = state.global_step >= total_steps
             save = done or state.global_step % t.save_steps == 0
-            if state.global_step % t.log_steps == 0 or save:
+            evaluate_now = eval_set is not None and (done or state.global_step % eval_every == 0)
+            if state.global_step % t.log_steps == 0 or save or evaluate_now:
                 metrics = window.metrics(state, state.global_step / steps_per_epoch,
                                          scheduler.get_last_lr()[0], float(grad_norm), t.batch_size * accum * world,
                                          world, device)
                 state.skipped_samples = metrics["skipped_samples"] = skipped_samples(counter_name)
+                if evaluate_now:
+                    metrics["eval_loss"] = eval_set.loss(module)
                 state.log_history.append(metrics)
                 if rank == 0:
                     say(format_log(metrics, total_steps))
-            # Ray consumes one report per health check (~2 s), so metrics reach Ray with checkpoints only.
-            if save:
-                save_and_report(metrics, state, module, optimizer, scheduler, config_yaml, rank)
-                last_saved = state.global_step
+            # Ray consumes one report per health check (~2 s): metrics reach Ray only with checkpoints and
+            # eval losses (what Tune schedules on).
+            if save or evaluate_now:
+                report(metrics, state, module, optimizer, scheduler, config_yaml, rank, save=save)
+                last_saved = state.global_step if save else last_saved
             if done:
                 break
         if not done:
@@ -161,9 +169,34 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # [4] a final checkpoint unless the last step already wrote one
     if state.global_step != last_saved:
         metrics = {"step": state.global_step, "epoch": state.epoch, "skipped_samples": skipped_samples(counter_name)}
-        save_and_report(metrics, state, module, optimizer, scheduler, config_yaml, rank)
+        if eval_set is not None:
+            metrics["eval_loss"] = eval_set.loss(module)
+        report(metrics, state, module, optimizer, scheduler, config_yaml, rank, save=True)
     if rank == 0:
         say(f"[raydiff] finished: {state.global_step}/{total_steps} steps")
+
+
+class EvalSet:
+    """This rank's share of the eval set (positions p with p % world == rank), decoded once and kept
+    as uint8 on the host; `loss` is the deterministic eval loss reduced across ranks."""
+
+    def __init__(self, shard, cfg: RaydiffConfig, device, rank: int, world: int):
+        self.cfg, self.device, self.world = cfg, device, world
+        mine = [row for p, row in enumerate(shard.iter_rows()) if p % world == rank]
+        size = cfg.eval.batch_size
+        self.batches = [mine[i:i + size] for i in range(0, len(mine), size)]
+        self.settings = EvalSettings(num_sigmas=cfg.eval.num_sigmas, seed=cfg.eval.seed)
+
+    def loss(self, module) -> float:
+        keys = self.cfg.data.data_file_keys
+
+        def batches():
+            for rows in self.batches:
+                columns = {k: np.stack([r[k] for r in rows]) for k in keys}
+                columns["prompt"] = [r["prompt"] for r in rows]
+                yield collate(columns, self.device, keys), [int(r["_row"]) for r in rows]
+
+        return evaluate(module, batches(), self.settings, self.cfg.loss, self.world, self.device)
 
 
 class LogWindow:
@@ -188,9 +221,12 @@ class LogWindow:
         return m
 
 
-def save_and_report(metrics: dict, state: TrainerState, module, optimizer, scheduler, config_yaml: str,
-                    rank: int) -> None:
-    """Every rank reports; rank 0 also writes the checkpoint and attaches it."""
+def report(metrics: dict, state: TrainerState, module, optimizer, scheduler, config_yaml: str, rank: int,
+           save: bool) -> None:
+    """Every rank reports; with `save`, rank 0 also writes the checkpoint and attaches it."""
+    if not save:
+        ray.train.report(metrics)
+        return
     with tempfile.TemporaryDirectory(prefix="raydiff-ckpt-") as tmp:
         checkpoint = None
         if rank == 0:
@@ -200,5 +236,6 @@ def save_and_report(metrics: dict, state: TrainerState, module, optimizer, sched
 
 
 def format_log(m: dict, total: int) -> str:
-    return (f"[raydiff] step {m['step']}/{total} | epoch {m['epoch']:.2f} | loss {m['loss']:.4f} | "
+    line = (f"[raydiff] step {m['step']}/{total} | epoch {m['epoch']:.2f} | loss {m['loss']:.4f} | "
             f"lr {m['lr']:.2e} | {m['samples_per_second']:.2f} samples/s")
+    return line + (f" | eval {m['eval_loss']:.4f}" if "eval_loss" in m else "")
