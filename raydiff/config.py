@@ -47,11 +47,26 @@ class DataConfig(_Section):
     max_image_pixels: int = Field(178_956_970, ge=1, description="refuse larger images before decoding")
     shuffle: bool = True
     num_cpus: float = Field(0.5, gt=0, description="CPUs per Ray Data decode task")
+    # Where the frozen encoders (VAE, text encoders) run: `inline` in the training step, `stream` in a
+    # Ray Data actor pool ahead of the workers, `cache` once into parquet under `cache_dir`.
+    preprocess: Literal["inline", "stream", "cache"] = "inline"
+    encoder_actors: int = Field(1, ge=1, description="stream/cache: encoder actors (each loads the encoders)")
+    encoder_num_gpus: float = Field(0, ge=0, description="stream/cache: GPUs per encoder actor")
+    encoder_num_cpus: float = Field(1, gt=0, description="stream/cache: CPUs per encoder actor")
+    encoder_batch_size: int = Field(8, ge=1, description="stream/cache: samples per encoder call")
+    cache_dir: str | None = Field(None, description="cache mode: local dir or s3:// URI of the parquet cache")
+    buckets: bool = Field(False, description="aspect-ratio buckets at max_pixels; batches come from one bucket")
+    caption_dropout: float = Field(0.0, ge=0, le=1, description="probability of training on the empty prompt")
+    random_flip: bool = Field(False, description="horizontal flip of half the samples, fixed per sample and seed")
 
     @model_validator(mode="after")
     def _both_or_neither(self):
         if (self.height is None) != (self.width is None):
             raise ValueError("data.height and data.width must be set together (or both omitted for dynamic size)")
+        if self.buckets and self.height is not None:
+            raise ValueError("data.buckets sizes images from data.max_pixels; unset data.height/width")
+        if self.preprocess == "cache" and not self.cache_dir:
+            raise ValueError("data.preprocess: cache needs data.cache_dir")
         for side in (self.height, self.width):
             if side is not None and side % self.division_factor:
                 raise ValueError(f"data.height/width must be multiples of data.division_factor ({self.division_factor})")
@@ -80,6 +95,7 @@ class TrainConfig(_Section):
     lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
     gradient_checkpointing: bool = True
     trainable_models: list[str] = []
+    max_bad_steps: int = Field(5, ge=1, description="stop after this many consecutive non-finite steps")
     seed: int = 0
     save_steps: int = Field(100, ge=1)
     log_steps: int = Field(10, ge=1)
@@ -144,6 +160,77 @@ class LogConfig(_Section):
         "auto", description="auto: a tqdm bar when stdout is a terminal, plain log lines otherwise")
 
 
+# Distribution name -> how many arguments its YAML list takes (raydiff/launch/tune.py builds the Tune domains).
+DISTRIBUTIONS = {"loguniform": 2, "uniform": 2, "quniform": 3, "randint": 2, "choice": None, "grid_search": None}
+
+
+class TuneConfig(_Section):
+    """`raydiff tune`: one Ray Train run per trial; ASHA counts reports (eval steps and checkpoints)."""
+
+    param_space: dict[str, dict[str, list[Any]]] = Field(
+        default_factory=dict, description="dotted config key -> {loguniform|uniform|quniform|randint|choice|grid_search: [...]}")
+    num_samples: int = Field(1, ge=1, description="samples of the space; each grid_search combination runs this often")
+    max_concurrent_trials: int | None = Field(None, ge=1, description="null = as many as the cluster's resources fit")
+    metric: Literal["eval_loss", "loss"] = "eval_loss"
+    mode: Literal["min", "max"] = "min"
+    scheduler: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(1, ge=1, description="ASHA: reports before a trial can be stopped")
+    reduction_factor: float = Field(4, gt=1, description="ASHA: keep the best 1/reduction_factor at each rung")
+    max_t: int = Field(100, ge=1, description="ASHA: stop every trial after this many reports")
+    search_alg: Literal["random", "grid"] = Field(
+        "random", description="Tune's BasicVariantGenerator; grid: choice lists become grid_search, nothing is sampled")
+    seed: int | None = Field(0, description="seed of the random search; null = a new search each time")
+    trial_cpus: float = Field(0.01, gt=0, description="CPUs of each trial's driver (the workers ask for their own)")
+
+    @model_validator(mode="after")
+    def _known_keys_and_distributions(self):
+        for key, dist in self.param_space.items():
+            if (problem := config_key_error(key)) is not None:
+                raise ValueError(f"tune.param_space: {problem}")
+            if len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
+                raise ValueError(f"tune.param_space.{key}: expected one of {', '.join(DISTRIBUTIONS)} "
+                                 f"with a list, e.g. {{choice: [4, 8]}}")
+            (name, args), = dist.items()
+            arity = DISTRIBUTIONS[name]
+            if (arity is None and not args) or (arity is not None and len(args) != arity):
+                want = "a non-empty list" if arity is None else f"{arity} numbers"
+                raise ValueError(f"tune.param_space.{key}: {name} takes {want} (got {args!r})")
+            if self.search_alg == "grid" and arity is not None:
+                raise ValueError(f"tune.param_space.{key}: search_alg grid samples nothing; use choice or grid_search")
+        return self
+
+
+def config_key_error(key: str) -> str | None:
+    """Why a dotted key (`train.learning_rate`) does not name a setting Tune may vary; None if it does."""
+    if key.split(".")[0] == "tune" or key in ("ray.name", "ray.storage_path"):
+        return f"{key!r} is set by `raydiff tune` itself, not searched"
+    leaves = _leaf_keys(RaydiffConfig)
+    if key in leaves:
+        return None
+    import difflib
+
+    inside = [k for k in leaves if k.startswith(key + ".")]
+    if inside:
+        return f"{key!r} is a section; name one of its keys, e.g. {inside[0]!r}"
+    section, _, leaf = key.rpartition(".")
+    siblings = {k.rpartition(".")[2]: k for k in leaves if k.rpartition(".")[0] == section}
+    if not siblings:
+        close = difflib.get_close_matches(key, leaves, n=1)
+        return f"unknown config key {key!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+    close = difflib.get_close_matches(leaf, list(siblings), n=1)
+    hint = f"did you mean {siblings[close[0]]!r}?" if close else f"{section} has: {', '.join(siblings)}"
+    return f"unknown config key {key!r}; {hint}"
+
+
+def _leaf_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        section = next((a for a in getattr(field.annotation, "__args__", (field.annotation,))
+                        if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        keys += _leaf_keys(section, f"{prefix}{name}.") if section else [f"{prefix}{name}"]
+    return keys
+
+
 class RaydiffConfig(_Section):
     model: ModelConfig
     data: DataConfig
@@ -153,11 +240,24 @@ class RaydiffConfig(_Section):
     ray: RayConfig = RayConfig()
     eval: EvalConfig = EvalConfig()
     logging: LogConfig = LogConfig()
+    tune: TuneConfig | None = None
 
     @model_validator(mode="after")
     def _something_trains(self):
         if self.lora is None and not self.train.trainable_models:
             raise ValueError("nothing to train: set a `lora:` section or train.trainable_models")
+        return self
+
+    @model_validator(mode="after")
+    def _tune_metric_is_reported(self):
+        # The loop reports at eval steps and checkpoints; Tune refuses a report without its metric.
+        if self.tune is not None and self.tune.metric == "eval_loss":
+            every = self.eval.every_steps
+            if not every:
+                raise ValueError("tune.metric eval_loss needs eval.every_steps (and eval.holdout or eval.metadata_path)")
+            if self.train.save_steps % every:
+                raise ValueError(f"tune.metric eval_loss: train.save_steps ({self.train.save_steps}) must be a "
+                                 f"multiple of eval.every_steps ({every}) so that every report carries eval_loss")
         return self
 
     def resolved_paths(self, root: str | os.PathLike = ".") -> "RaydiffConfig":
@@ -171,6 +271,8 @@ class RaydiffConfig(_Section):
 
         cfg.data.base_path = _abs(cfg.data.base_path)
         cfg.data.metadata_path = _abs(cfg.data.metadata_path)
+        if cfg.data.cache_dir:
+            cfg.data.cache_dir = _abs(cfg.data.cache_dir)
         if cfg.eval.metadata_path:
             cfg.eval.metadata_path = _abs(cfg.eval.metadata_path)
         cfg.ray.storage_path = _abs(cfg.ray.storage_path)

@@ -32,6 +32,7 @@ class TrainerState:
     epoch: int = 0  # epochs finished
     batches_in_epoch: int = 0  # micro-batches of the current epoch already trained (per worker)
     skipped_samples: int = 0
+    bad_steps: int = 0  # optimizer steps skipped for non-finite loss or gradients
     log_history: list[dict] = field(default_factory=list)
     workers: list[dict] = field(default_factory=list)  # rank -> node id and host of the latest attempt
 

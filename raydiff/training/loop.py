@@ -109,16 +109,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # [3] train
     accum, config_yaml = t.gradient_accumulation_steps, dump_config(cfg)
     micro_per_epoch = steps_per_epoch * accum
+    # Decoded samples held for the local shuffle; capped because they sit in host memory.
+    shuffle_buffer = min(micro_per_epoch * t.batch_size, 256) if cfg.data.shuffle else None
     window = LogWindow()
-    last_saved = state.global_step
+    last_saved, bad_in_a_row = state.global_step, 0
     done = state.global_step >= total_steps
     for epoch in range(state.epoch, t.num_epochs):
         if done:
             break
         skip = state.batches_in_epoch  # resume mid-epoch: do not re-train batches already seen
         optimizer.zero_grad(set_to_none=True)
+        # The split is deterministic (preserve_order), so a per-(epoch, rank) seeded local shuffle gives
+        # each epoch a new order that a resumed run reproduces exactly.
         batches = shard.iter_batches(batch_size=t.batch_size, batch_format="numpy", drop_last=True,
-                                     prefetch_batches=2)
+                                     prefetch_batches=2, local_shuffle_buffer_size=shuffle_buffer,
+                                     local_shuffle_seed=step_seed(t.seed, epoch, 0, rank, world))
         for micro, batch in enumerate(batches):
             # Skip what a resumed run already trained, and the remainder past the planned steps
             # (consumed, not abandoned: every rank must drain the split before the next epoch).
@@ -135,7 +140,23 @@ def train_loop_per_worker(loop_config: dict) -> None:
             state.batches_in_epoch = micro + 1
             if not sync_now:
                 continue
+            # Gradients are already all-reduced, so every rank sees the same norm and skips together.
             grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or math.inf)
+            if not torch.isfinite(grad_norm):
+                optimizer.zero_grad(set_to_none=True)
+                state.bad_steps += 1
+                bad_in_a_row += 1
+                if rank == 0:
+                    say(f"[raydiff] step {state.global_step + 1}: non-finite loss or gradients; step skipped "
+                        f"({bad_in_a_row} in a row, {state.bad_steps} in total)")
+                if bad_in_a_row >= t.max_bad_steps:
+                    raise FloatingPointError(
+                        f"{bad_in_a_row} consecutive steps with non-finite loss or gradients at step "
+                        f"{state.global_step + 1}; last good checkpoint: "
+                        f"{f'checkpoint-{last_saved:06d}' if last_saved else 'none'} in "
+                        f"{cfg.ray.storage_path}/{cfg.ray.name}")
+                continue
+            bad_in_a_row = 0
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
