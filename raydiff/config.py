@@ -132,6 +132,19 @@ class EvalConfig(_Section):
         return bool(self.metadata_path or self.holdout)
 
 
+class ValidationConfig(_Section):
+    """Sample images with the current LoRA into each checkpoint (rank 0; see README for the memory cost)."""
+
+    prompts: list[str] = []
+    every_steps: int | None = Field(None, ge=1, description="sample at checkpoints whose step is a multiple; null = every checkpoint")
+    seed: int = 0
+    steps: int = Field(20, ge=1)
+    guidance: float = 3.5
+    height: int = Field(512, ge=16)
+    width: int = Field(512, ge=16)
+    num_frames: int = Field(1, ge=1)
+
+
 class RayConfig(_Section):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
@@ -239,6 +252,7 @@ class RaydiffConfig(_Section):
     loss: LossConfig = LossConfig()
     ray: RayConfig = RayConfig()
     eval: EvalConfig = EvalConfig()
+    validation: ValidationConfig = ValidationConfig()
     logging: LogConfig = LogConfig()
     tune: TuneConfig | None = None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Callable
 
 import ray
@@ -29,6 +30,14 @@ def init_ray(cfg: RaydiffConfig) -> None:
         ray.init(address=address)
     else:
         ray.init(num_cpus=cfg.ray.num_cpus or max(4, os.cpu_count() or 1))
+
+
+def run_dir(cfg: RaydiffConfig) -> str:
+    """Where rank 0 writes TensorBoard events: the run's storage directory when it is local, else a
+    local directory of the same name (remote storage holds checkpoints only)."""
+    if "://" in cfg.ray.storage_path:
+        return os.path.join(os.path.expanduser("~"), ".raydiff", "runs", cfg.ray.name)
+    return os.path.join(cfg.ray.storage_path, cfg.ray.name)
 
 
 def steps_per_epoch(num_rows: int, cfg: RaydiffConfig) -> int:
@@ -66,7 +75,8 @@ def build_trainer(cfg: RaydiffConfig, module_factory: Callable | None = None, **
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_dict(cfg), "module_factory": module_factory,
-                           "steps_per_epoch": steps_per_epoch(len(rows), cfg), "skip_counter": counter},
+                           "steps_per_epoch": steps_per_epoch(len(rows), cfg), "skip_counter": counter,
+                           "run_dir": run_dir(cfg), "is_tty": sys.stdout.isatty()},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker=resources,
                                      placement_strategy=cfg.ray.placement_strategy),

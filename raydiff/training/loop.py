@@ -12,6 +12,7 @@ the checkpoint. Log lines come from rank 0 every `log_steps`; reports only with 
 from __future__ import annotations
 
 import math
+import os
 import socket
 import tempfile
 import time
@@ -29,6 +30,8 @@ from raydiff.console import quiet_libraries, say
 from raydiff.data.collate import collate
 from raydiff.training.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from raydiff.training.evaluation import EvalSettings, evaluate
+from raydiff.training.reporting import RunLogger, plot_losses
+from raydiff.training.validation import ValidationSettings, sample_base_images, write_validation
 from raydiff.training.module import DiffusionTrainingModule, PipelineTrainingModule
 
 ModuleFactory = Callable[[torch.device], DiffusionTrainingModule]
@@ -105,6 +108,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     eval_set = EvalSet(ray.train.get_dataset_shard("eval"), cfg, device, rank, world) if cfg.eval.enabled else None
     eval_every = cfg.eval.every_steps or total_steps
+    logger = RunLogger(cfg.logging, loop_config["run_dir"], total_steps, state.global_step,
+                       loop_config.get("is_tty")) if rank == 0 else None
+    extras = CheckpointExtras(cfg, logger)
 
     # [3] train
     accum, config_yaml = t.gradient_accumulation_steps, dump_config(cfg)
@@ -146,9 +152,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 optimizer.zero_grad(set_to_none=True)
                 state.bad_steps += 1
                 bad_in_a_row += 1
-                if rank == 0:
-                    say(f"[raydiff] step {state.global_step + 1}: non-finite loss or gradients; step skipped "
-                        f"({bad_in_a_row} in a row, {state.bad_steps} in total)")
+                if logger:
+                    logger.write(f"[raydiff] step {state.global_step + 1}: non-finite loss or gradients; step "
+                                 f"skipped ({bad_in_a_row} in a row, {state.bad_steps} in total)")
                 if bad_in_a_row >= t.max_bad_steps:
                     raise FloatingPointError(
                         f"{bad_in_a_row} consecutive steps with non-finite loss or gradients at step "
@@ -175,12 +181,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 if evaluate_now:
                     metrics["eval_loss"] = eval_set.loss(module)
                 state.log_history.append(metrics)
-                if rank == 0:
-                    say(format_log(metrics, total_steps))
+                if logger:
+                    logger.log(metrics)
             # Ray consumes one report per health check (~2 s): metrics reach Ray only with checkpoints and
             # eval losses (what Tune schedules on).
             if save or evaluate_now:
-                report(metrics, state, module, optimizer, scheduler, config_yaml, rank, save=save)
+                report(metrics, state, module, optimizer, scheduler, config_yaml, rank, save=save,
+                       extras=extras, final=done)
                 last_saved = state.global_step if save else last_saved
             if done:
                 break
@@ -192,9 +199,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metrics = {"step": state.global_step, "epoch": state.epoch, "skipped_samples": skipped_samples(counter_name)}
         if eval_set is not None:
             metrics["eval_loss"] = eval_set.loss(module)
-        report(metrics, state, module, optimizer, scheduler, config_yaml, rank, save=True)
-    if rank == 0:
-        say(f"[raydiff] finished: {state.global_step}/{total_steps} steps")
+        report(metrics, state, module, optimizer, scheduler, config_yaml, rank, save=True, extras=extras, final=True)
+    if logger:
+        logger.write(f"[raydiff] finished: {state.global_step}/{total_steps} steps")
+        logger.close()
 
 
 class EvalSet:
@@ -242,8 +250,28 @@ class LogWindow:
         return m
 
 
+class CheckpointExtras:
+    """What rank 0 adds to a checkpoint besides the state: validation samples and, at the end, loss.png."""
+
+    def __init__(self, cfg: RaydiffConfig, logger):
+        v = cfg.validation
+        self.cfg, self.logger, self.base_images = cfg, logger, None
+        self.settings = ValidationSettings(prompts=v.prompts, seed=v.seed, steps=v.steps, guidance=v.guidance,
+                                           height=v.height, width=v.width, num_frames=v.num_frames)
+
+    def write(self, directory: str, module, state: TrainerState, final: bool) -> None:
+        v = self.cfg.validation
+        if v.prompts and (final or v.every_steps is None or state.global_step % v.every_steps == 0):
+            if self.base_images is None:  # the base model never changes: sample it once
+                self.base_images = sample_base_images(module.pipe, self.settings)
+            written = write_validation(directory, module.pipe, None, self.settings, base_images=self.base_images)
+            self.logger.image("validation/grid", written["grid"], state.global_step)
+        if final and self.cfg.logging.plot:
+            plot_losses(state.log_history, os.path.join(directory, "loss.png"))
+
+
 def report(metrics: dict, state: TrainerState, module, optimizer, scheduler, config_yaml: str, rank: int,
-           save: bool) -> None:
+           save: bool, extras: CheckpointExtras, final: bool = False) -> None:
     """Every rank reports; with `save`, rank 0 also writes the checkpoint and attaches it."""
     if not save:
         ray.train.report(metrics)
@@ -252,11 +280,6 @@ def report(metrics: dict, state: TrainerState, module, optimizer, scheduler, con
         checkpoint = None
         if rank == 0:
             save_checkpoint(tmp, module, optimizer, scheduler, state, config_yaml)
+            extras.write(tmp, module, state, final)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint-{state.global_step:06d}")
-
-
-def format_log(m: dict, total: int) -> str:
-    line = (f"[raydiff] step {m['step']}/{total} | epoch {m['epoch']:.2f} | loss {m['loss']:.4f} | "
-            f"lr {m['lr']:.2e} | {m['samples_per_second']:.2f} samples/s")
-    return line + (f" | eval {m['eval_loss']:.4f}" if "eval_loss" in m else "")

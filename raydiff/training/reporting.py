@@ -1,0 +1,168 @@
+"""What rank 0 shows and records while training: log lines or a progress bar, TensorBoard
+scalars and images, and a loss plot at the end.
+
+    logger = RunLogger(cfg.logging, run_dir, total_steps, start_step=state.global_step)
+    logger.log(metrics)            # every log step: a line (or the bar), plus TensorBoard scalars
+    logger.image("validation/grid", path, step)
+    logger.close()
+    plot_losses(state.log_history, os.path.join(run_dir, "loss.png"))
+
+TensorBoard and matplotlib are optional extras (`raydiff[tensorboard]`, `raydiff[plot]`); when one
+is missing the run goes on and says so once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+from raydiff.console import say
+
+# metrics key -> TensorBoard tag; only keys present in a log call are written.
+SCALARS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
+           "samples_per_second": "train/samples_per_second", "eval_loss": "eval/loss"}
+
+
+def format_log(m: dict, total: int) -> str:
+    """`[raydiff] step 4/8 | epoch 0.50 | loss 1.2458 | lr 1.00e-03 | 3.20 samples/s [| eval 0.1234]`"""
+    line = (f"[raydiff] step {m['step']}/{total} | epoch {m['epoch']:.2f} | loss {m['loss']:.4f} | "
+            f"lr {m['lr']:.2e} | {m['samples_per_second']:.2f} samples/s")
+    if m.get("eval_loss") is not None:
+        line += f" | eval {m['eval_loss']:.4f}"
+    return line
+
+
+def use_progress_bar(mode: str, is_tty: bool | None) -> bool:
+    """`auto` draws a bar only on a terminal: in a log file or CI, carriage-return redraws are noise."""
+    if mode == "auto":
+        return sys.stdout.isatty() if is_tty is None else is_tty
+    return mode == "on"
+
+
+class RunLogger:
+    """Rank 0's reporter. The loop creates it once (after resume, so the bar and TensorBoard start
+    at the resumed step) and calls `log` at every log step."""
+
+    def __init__(self, cfg_logging, run_dir: str, total_steps: int, start_step: int = 0,
+                 is_tty: bool | None = None):
+        self.total_steps = total_steps
+        self.bar = None
+        self.writer = None
+        if use_progress_bar(cfg_logging.progress_bar, is_tty):
+            from tqdm import tqdm
+
+            # initial=start_step: a resumed run shows its true position, and tqdm's rate and ETA
+            # count only the steps of this attempt. mininterval=0, miniters=1: redraw on every log
+            # call (they are log_steps apart), never in between.
+            self.bar = tqdm(total=total_steps, initial=start_step, position=0, file=sys.stdout,
+                            desc="[raydiff] train", unit="step", dynamic_ncols=True, leave=True,
+                            mininterval=0, miniters=1)
+        if cfg_logging.tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                self.write("[raydiff] logging.tensorboard is on but tensorboardX is not installed "
+                           "(pip install 'raydiff[tensorboard]'); no TensorBoard events are written")
+            else:
+                # purge_step hides events a failed attempt wrote past the step this one resumed from,
+                # so a resumed curve has no doubled segment.
+                self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"),
+                                            purge_step=start_step or None, flush_secs=30)
+
+    def write(self, line: str) -> None:
+        """Print a line without tearing the progress bar (use this for every rank-0 message while
+        the logger is open)."""
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stdout)
+        else:
+            say(line)
+
+    def log(self, metrics: dict) -> None:
+        """metrics: step, epoch, loss, lr, grad_norm, samples_per_second, and maybe eval_loss,
+        skipped_samples (the dict the loop appends to TrainerState.log_history)."""
+        step = metrics["step"]
+        if self.bar is not None:
+            postfix = {"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['lr']:.2e}",
+                       "samples/s": f"{metrics['samples_per_second']:.2f}"}
+            if metrics.get("eval_loss") is not None:
+                postfix["eval"] = f"{metrics['eval_loss']:.4f}"
+            # One redraw per call: under Ray each redraw reaches the driver as its own line.
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(step - self.bar.n)
+        else:
+            say(format_log(metrics, self.total_steps))
+        if self.writer is not None:
+            for key, tag in SCALARS.items():
+                value = metrics.get(key)
+                if value is not None:
+                    self.writer.add_scalar(tag, float(value), step)
+
+    def image(self, tag: str, path: str, step: int) -> None:
+        """Add a PNG (e.g. a validation grid) to TensorBoard; a no-op without TensorBoard."""
+        if self.writer is None:
+            return
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(path) as img:
+            pixels = np.asarray(img.convert("RGB"))
+        self.writer.add_image(tag, pixels, step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def ema(values: list[float], smoothing: float) -> list[float]:
+    """TensorBoard's debiased exponential moving average: early points are not pulled toward 0."""
+    out, last, weight = [], 0.0, 0.0
+    for v in values:
+        last = last * smoothing + (1 - smoothing) * v
+        weight = weight * smoothing + (1 - smoothing)
+        out.append(last / weight)
+    return out
+
+
+def plot_losses(log_history: list[dict], path: str, smoothing: float = 0.9) -> str | None:
+    """Plot training loss (raw and EMA-smoothed) and eval loss, where logged, against step.
+
+    Returns `path`, or None (with a printed note) when matplotlib is missing or nothing was logged.
+    """
+    assert 0.0 <= smoothing < 1.0, "smoothing is an EMA factor in [0, 1)"
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        say("[raydiff] logging.plot: matplotlib is not installed (pip install 'raydiff[plot]'); no loss plot")
+        return None
+    # The final-checkpoint entry carries no loss; NaN losses would break the EMA.
+    train = [(h["step"], h["loss"]) for h in log_history
+             if h.get("loss") is not None and math.isfinite(h["loss"])]
+    evals = [(h["step"], h["eval_loss"]) for h in log_history if h.get("eval_loss") is not None]
+    if not train and not evals:
+        say("[raydiff] logging.plot: no losses logged yet; no loss plot")
+        return None
+
+    # Figure without pyplot: no global backend switch and no state shared with a user's session
+    # (savefig renders with Agg).
+    fig = Figure(figsize=(8, 4.5), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    if train:
+        steps, losses = zip(*train)
+        ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="train loss")
+        ax.plot(steps, ema(list(losses), smoothing), color="tab:blue", linewidth=2,
+                label=f"train loss (EMA {smoothing:g})")
+    if evals:
+        steps, losses = zip(*evals)
+        ax.plot(steps, losses, color="tab:orange", marker="o", linewidth=1.5, label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, format="png")
+    return path

@@ -1,0 +1,36 @@
+"""What a person looks at after a run: validation samples and grid, loss.png, TensorBoard events."""
+
+import glob
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from raydiff.launch.trainer import launch_training_task
+
+pytestmark = pytest.mark.slow
+
+
+def test_checkpoints_carry_samples_grid_and_loss_plot_and_tensorboard_has_scalars(ray_session, make_config):
+    cfg = make_config("see", train={"max_steps": 4, "save_steps": 2, "learning_rate": 5e-3},
+                      validation={"prompts": ["a red circle", "a blue square"], "steps": 2, "height": 32,
+                                  "width": 48, "guidance": 1.0},
+                      logging={"tensorboard": True})
+    ckpt = Path(launch_training_task(cfg).checkpoint.path)
+    samples = [Image.open(ckpt / "samples" / f"{i}.png") for i in range(2)]
+    assert all(im.size == (48, 32) for im in samples)
+    grid = np.asarray(Image.open(ckpt / "samples" / "grid.png").convert("RGB")).astype(int)
+    assert grid.shape == (64, 96, 3)  # base row over LoRA row, one column per prompt
+    assert np.abs(grid[:32] - grid[32:]).max() > 0  # the trained LoRA changes the images
+    with Image.open(ckpt / "loss.png") as plot:
+        assert plot.format == "PNG" and plot.size[0] > 100
+    assert (Path(cfg.ray.storage_path) / "see" / "checkpoint-000002" / "samples" / "grid.png").exists()
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(Path(cfg.ray.storage_path, "see", "tensorboard")))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert {"train/lr", "train/samples_per_second", "train/grad_norm"} <= set(events.Tags()["scalars"])
+    assert events.Tags()["images"], "validation grids are logged as images"
