@@ -105,3 +105,26 @@ def test_non_finite_steps_are_skipped_and_counted_then_stop_the_run(ray_session,
     message = str(err.value) + "".join(str(e) for e in getattr(err.value, "worker_failures", {}).values())
     assert "3 consecutive steps with non-finite loss or gradients at step 3" in message
     assert "last good checkpoint: checkpoint-000002" in message
+
+
+class CrashOnSecondSave(PipelineTrainingModule):
+    """Dies while writing its second checkpoint, after the LoRA file is already on disk."""
+
+    saves = 0
+
+    def trainable_state_dict(self):
+        CrashOnSecondSave.saves += 1
+        if CrashOnSecondSave.saves == 2:
+            raise OSError("disk full (simulated) while writing the checkpoint")
+        return super().trainable_state_dict()
+
+
+def test_a_crash_while_checkpointing_leaves_the_previous_checkpoint_as_resume_point(ray_session, make_config):
+    cfg = make_config("torn", train={"max_steps": 6, "save_steps": 2})
+    with pytest.raises(Exception, match="disk full"):
+        launch_training_task(cfg, module_factory=lambda d: CrashOnSecondSave(cfg, d))
+    run = Path(cfg.ray.storage_path, "torn")
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-000002"]  # nothing half-written
+
+    state, _ = final(launch_training_task(cfg))  # the same name resumes from step 2
+    assert state["global_step"] == 6 and [h["step"] for h in state["log_history"]] == list(range(1, 7))

@@ -112,3 +112,11 @@ def test_init_from_a_kohya_export_reproduces_the_lora(make_config, tmp_path):
         a = module(data, generator=torch.Generator().manual_seed(3))
         b = restarted(data, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_empty_and_very_long_prompts_train(module_and_cfg):
+    """An empty caption and a 10,000-character one: the tokenizers truncate, nothing crashes."""
+    module, _ = module_and_cfg
+    data = {"image": torch.zeros(2, 3, 32, 32), "prompt": ["", "a red circle " * 800]}
+    loss = module(data, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)
