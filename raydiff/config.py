@@ -93,7 +93,11 @@ class TrainConfig(_Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     lr_warmup_steps: int = Field(0, ge=0)
     lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | Literal["offload"] = True  # offload: saved activations in pinned CPU memory
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast; LoRA params and Adam state stay fp32
+    compile: bool = False  # torch.compile each transformer block (regional: compiles once per block type)
+    compile_backend: str = "inductor"  # torch.compile backend ("aot_eager" skips code generation)
+    attention_backend: str | None = Field(None, description="diffusers attention backend, e.g. flash, sage; null = SDPA")
     trainable_models: list[str] = []
     max_bad_steps: int = Field(5, ge=1, description="stop after this many consecutive non-finite steps")
     seed: int = 0

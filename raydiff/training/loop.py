@@ -42,6 +42,24 @@ def step_seed(seed: int, step: int, micro: int, rank: int, world: int) -> int:
     return (seed * 1_000_003 + (step * 4096 + micro) * world + rank) % (2**63)
 
 
+def mixed_precision(cfg: RaydiffConfig, device: torch.device):
+    """(autocast context factory, activation-offload context factory, grad scaler) for the config.
+    fp16 needs loss scaling (a no-op scaler otherwise); LoRA params and Adam state stay fp32."""
+    t = cfg.train
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.mixed_precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=t.mixed_precision == "fp16")
+
+    def precision(dev):
+        return torch.autocast(dev.type, dtype=dtype) if dtype else nullcontext()
+
+    def offload():
+        # Tensors autograd saves (the checkpoint boundaries, with checkpointing on) go to pinned host memory.
+        pin = device.type == "cuda"
+        return torch.autograd.graph.save_on_cpu(pin_memory=pin) if t.gradient_checkpointing == "offload" else nullcontext()
+
+    return precision, offload, scaler
+
+
 def build_optimizer(cfg: RaydiffConfig, params: list[torch.nn.Parameter], total_steps: int):
     t = cfg.train
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=t.adam_betas, eps=t.adam_eps,
@@ -113,6 +131,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     extras = CheckpointExtras(cfg, logger)
 
     # [3] train
+    precision, offload, scaler = mixed_precision(cfg, device)
     accum, config_yaml = t.gradient_accumulation_steps, dump_config(cfg)
     micro_per_epoch = steps_per_epoch * accum
     # Decoded samples held for the local shuffle; capped because they sit in host memory.
@@ -140,16 +159,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
             generator = torch.Generator().manual_seed(step_seed(t.seed, state.global_step, micro % accum, rank, world))
             # DDP all-reduces gradients only on the last micro-batch of an accumulation window.
             with nullcontext() if sync_now or world == 1 else model.no_sync():
-                loss = model(inputs, generator=generator)
-                (loss / accum).backward()
+                with precision(device), offload():
+                    loss = model(inputs, generator=generator)
+                scaler.scale(loss / accum).backward()
             window.add(loss.item() / accum)
             state.batches_in_epoch = micro + 1
             if not sync_now:
                 continue
             # Gradients are already all-reduced, so every rank sees the same norm and skips together.
+            scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or math.inf)
             if not torch.isfinite(grad_norm):
                 optimizer.zero_grad(set_to_none=True)
+                scaler.update()  # fp16: a lower loss scale for the next step
                 state.bad_steps += 1
                 bad_in_a_row += 1
                 if logger:
@@ -163,7 +185,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                         f"{cfg.ray.storage_path}/{cfg.ray.name}")
                 continue
             bad_in_a_row = 0
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.global_step += 1

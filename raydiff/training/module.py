@@ -98,7 +98,22 @@ class PipelineTrainingModule(DiffusionTrainingModule):
             lora_alpha=cfg.lora.alpha if cfg.lora else None, lora_checkpoint=cfg.lora.init_from if cfg.lora else None,
             gradient_checkpointing=cfg.train.gradient_checkpointing)
         self.register_pipe(pipe)
+        speed_up(getattr(pipe.pipe, pipe.dit_name), cfg.train.attention_backend,
+                 cfg.train.compile_backend if cfg.train.compile else None)
 
     def forward(self, data: dict, generator: torch.Generator | None = None) -> torch.Tensor:
         inputs = run_units(self.pipe, data, self.units_to_run(data))
         return FlowMatchSFTLoss(self.pipe, inputs, self.loss_config, generator or torch.Generator())
+
+
+def speed_up(dit: torch.nn.Module, attention_backend: str | None, compile_backend: str | None) -> None:
+    """Pick a diffusers attention backend and compile the repeated transformer blocks in place.
+    Regional compilation: every block of a type shares one compiled graph, so compile time does not
+    grow with depth and a step never recompiles (shapes are fixed per bucket)."""
+    if attention_backend:
+        dit.set_attention_backend(attention_backend)
+    if compile_backend:
+        for blocks in dit.children():
+            if isinstance(blocks, torch.nn.ModuleList):
+                for block in blocks:
+                    block.compile(backend=compile_backend)
