@@ -84,7 +84,9 @@ def user_error(err: BaseException) -> str | None:
     from raydiff.config import ConfigError
     from raydiff.data.metadata import MetadataError, SampleError
 
-    fixable = (ConfigError, MetadataError, SampleError, FileNotFoundError)
+    from raydiff.launch.storage import StorageError
+
+    fixable = (ConfigError, MetadataError, SampleError, StorageError, FileNotFoundError)
     seen, todo = set(), [err]
     while todo:
         err = todo.pop(0)

@@ -14,6 +14,7 @@ from ray.train.torch import TorchTrainer
 from raydiff.config import RaydiffConfig, to_dict
 from raydiff.data.dataset import build_dataset, train_and_eval_rows
 from raydiff.data.decode import skip_counter
+from raydiff.launch.storage import check_storage, storage_filesystem
 from raydiff.training.loop import train_loop_per_worker
 
 
@@ -69,6 +70,9 @@ def build_trainer(cfg: RaydiffConfig, module_factory: Callable | None = None, **
     # reproduce and a resumed epoch skips exactly the batches it trained. Cost: no locality, in-order decode.
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True
+    filesystem, storage_path = storage_filesystem(cfg.ray.storage_path, cfg.ray.storage_endpoint,
+                                                  cfg.ray.storage_region)
+    run_config_kwargs.setdefault("storage_filesystem", filesystem)
     resources = {"CPU": cfg.ray.cpus_per_worker}
     if cfg.ray.use_gpu:
         resources["GPU"] = cfg.ray.gpus_per_worker
@@ -81,7 +85,7 @@ def build_trainer(cfg: RaydiffConfig, module_factory: Callable | None = None, **
                                      resources_per_worker=resources,
                                      placement_strategy=cfg.ray.placement_strategy),
         run_config=RunConfig(
-            name=cfg.ray.name, storage_path=cfg.ray.storage_path,
+            name=cfg.ray.name, storage_path=storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             logging_config=LoggingConfig(log_level="WARNING"), **run_config_kwargs),
@@ -93,6 +97,7 @@ def build_trainer(cfg: RaydiffConfig, module_factory: Callable | None = None, **
 def launch_training_task(cfg: RaydiffConfig, module_factory: Callable | None = None) -> ray.train.Result:
     """Train `cfg` on Ray (starting a local Ray if none is running) and return Ray's Result.
     Re-running with the same `ray.name` and `ray.storage_path` resumes from the latest checkpoint."""
+    check_storage(cfg.ray.storage_path, cfg.ray.storage_endpoint, cfg.ray.storage_region)
     init_ray(cfg)
     try:
         result = build_trainer(cfg, module_factory).fit()

@@ -1,0 +1,126 @@
+"""Checkpoint storage: a local directory or an S3(-compatible) bucket (AWS, MinIO, moto, Ceph).
+
+`storage_filesystem` turns `ray.storage_path` (+ `ray.storage_endpoint` / `ray.storage_region`) into
+what `RunConfig(storage_path=..., storage_filesystem=...)` takes. The S3 filesystem carries the
+driver's AWS credentials explicitly (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN),
+so the pickled copy Ray ships to every worker works on nodes without those variables. Without them,
+each process falls back to the AWS SDK chain (~/.aws, instance profile).
+`check_storage` writes and deletes a probe object before training so a wrong endpoint, a missing
+bucket or a read-only prefix fails in seconds, not after the first checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import uuid
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
+
+
+class StorageError(RuntimeError):
+    """Checkpoint storage that cannot be reached, does not exist or is not writable."""
+
+
+def _s3(endpoint: str | None, region: str | None, timeout_s: float | None = None) -> pafs.S3FileSystem:
+    kwargs: dict = {}
+    if endpoint:
+        url = urlparse(endpoint if "://" in endpoint else f"//{endpoint}")
+        local = url.hostname in ("127.0.0.1", "localhost", "::1")
+        kwargs.update(endpoint_override=url.netloc, scheme=url.scheme or ("http" if local else "https"))
+    region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
+    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if key and secret:
+        kwargs.update(access_key=key, secret_key=secret, session_token=os.environ.get("AWS_SESSION_TOKEN"))
+    if timeout_s is not None:
+        kwargs.update(connect_timeout=max(0.5, timeout_s / 3), request_timeout=max(0.5, timeout_s / 2),
+                      retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1))
+    return pafs.S3FileSystem(**kwargs)
+
+
+def _resolve(storage_path: str, endpoint: str | None, region: str | None,
+             timeout_s: float | None = None) -> tuple[pafs.FileSystem | None, str]:
+    if storage_path.startswith("s3://"):
+        path = storage_path[len("s3://"):].strip("/")
+        if not path:
+            raise StorageError(f"checkpoint storage {storage_path!r} names no bucket")
+        return _s3(endpoint, region, timeout_s), path
+    if "://" in storage_path and not storage_path.startswith("file://"):
+        return None, storage_path  # gs://, hdfs://, ...: Ray resolves these itself
+    return None, storage_path[len("file://"):] if storage_path.startswith("file://") else storage_path
+
+
+def storage_filesystem(storage_path: str, endpoint: str | None = None,
+                       region: str | None = None) -> tuple[pafs.FileSystem | None, str]:
+    """`s3://bucket/prefix` -> (S3FileSystem, "bucket/prefix"); a local path -> (None, path).
+    Other URIs (gs://, hdfs://) -> (None, uri), left to Ray. Pass both to RunConfig."""
+    return _resolve(storage_path, endpoint, region)
+
+
+def _where(storage_path: str, endpoint: str | None) -> str:
+    return f"{storage_path} (endpoint {endpoint})" if endpoint else storage_path
+
+
+def _probe(storage_path: str, endpoint: str | None, region: str | None, timeout_s: float) -> None:
+    fs, path = _resolve(storage_path, endpoint, region, timeout_s)
+    if fs is None and "://" not in path:
+        os.makedirs(path, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(f"{path} is not writable")
+        fs = pafs.LocalFileSystem()
+    elif fs is None:
+        fs, path = pafs.FileSystem.from_uri(path)
+    probe = f"{path.rstrip('/')}/.raydiff-probe-{uuid.uuid4().hex}"
+    with fs.open_output_stream(probe) as f:
+        f.write(b"raydiff storage probe\n")
+    fs.delete_file(probe)
+
+
+def check_storage(storage_path: str, endpoint: str | None = None, region: str | None = None,
+                  timeout_s: float = 10) -> None:
+    """Write and delete a probe object under `storage_path` (creating a local directory first).
+    Raises StorageError within ~timeout_s when the storage is unreachable, the bucket is missing or
+    the prefix is not writable."""
+    error: list[BaseException] = []
+
+    def run():
+        try:
+            _probe(storage_path, endpoint, region, timeout_s)
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller below
+            error.append(exc)
+
+    # The SDK's own timeouts are not all honoured (pyarrow ignores request_timeout on Linux), so the
+    # probe runs in a daemon thread and a server that accepts but never answers still fails in time.
+    thread = threading.Thread(target=run, name="raydiff-storage-probe", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        reason = f"no answer within {timeout_s:g} s"
+    elif error:
+        reason = " ".join(str(error[0]).split()) or type(error[0]).__name__
+    else:
+        return
+    raise StorageError(f"cannot reach checkpoint storage {_where(storage_path, endpoint)}: {reason}")
+
+
+def latest_checkpoint(storage_path: str, name: str, endpoint: str | None = None,
+                      region: str | None = None) -> str | None:
+    """The newest `<storage_path>/<name>/checkpoint-NNNNNN` holding trainer_state.json (a complete
+    checkpoint), as a path in the form of `storage_path` (s3://... or local), or None."""
+    fs, path = _resolve(storage_path, endpoint, region)
+    if fs is None:
+        fs, path = (pafs.LocalFileSystem(), path) if "://" not in path else pafs.FileSystem.from_uri(path)
+    run_dir = f"{path.rstrip('/')}/{name}"
+    entries = fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
+    found = sorted(((int(m.group(1)), e.path) for e in entries
+                    if e.type == pafs.FileType.Directory and (m := _CHECKPOINT.search(e.base_name))), reverse=True)
+    for _, ckpt in found:
+        if fs.get_file_info(f"{ckpt}/trainer_state.json").type == pafs.FileType.File:
+            return storage_path[: storage_path.index("://") + 3] + ckpt if "://" in storage_path else ckpt
+    return None
