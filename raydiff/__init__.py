@@ -3,7 +3,7 @@
 from raydiff.config import RaydiffConfig, load_config
 
 __version__ = "0.1.0"
-__all__ = ["RaydiffConfig", "load_config", "train", "__version__"]
+__all__ = ["RaydiffConfig", "load_config", "train", "tune", "__version__"]
 
 
 def train(config: RaydiffConfig, module_factory=None):
@@ -11,3 +11,11 @@ def train(config: RaydiffConfig, module_factory=None):
     from raydiff.launch.trainer import launch_training_task
 
     return launch_training_task(config, module_factory)
+
+
+def tune(config: RaydiffConfig, param_space: dict | None = None, module_factory=None):
+    """Search config values with Ray Tune, one Ray Train run per trial, and return Tune's ResultGrid;
+    see `raydiff.launch.tune.tune`."""
+    from raydiff.launch.tune import tune as run_tune
+
+    return run_tune(config, param_space, module_factory)

@@ -185,9 +185,11 @@ class TuneConfig(_Section):
     """`raydiff tune`: one Ray Train run per trial; ASHA counts reports (eval steps and checkpoints)."""
 
     param_space: dict[str, dict[str, list[Any]]] = Field(
-        default_factory=dict, description="dotted config key -> {loguniform|uniform|quniform|randint|choice|grid_search: [...]}")
+        default_factory=dict,
+        description="dotted config key -> {loguniform|uniform|quniform|randint|choice|grid_search: [...]}")
     num_samples: int = Field(1, ge=1, description="samples of the space; each grid_search combination runs this often")
-    max_concurrent_trials: int | None = Field(None, ge=1, description="null = as many as the cluster's resources fit")
+    max_concurrent_trials: int | None = Field(
+        None, ge=1, description="null = as many as the cluster's CPUs/GPUs hold (workers + a decode task each)")
     metric: Literal["eval_loss", "loss"] = "eval_loss"
     mode: Literal["min", "max"] = "min"
     scheduler: Literal["asha", "none"] = "asha"
@@ -272,7 +274,8 @@ class RaydiffConfig(_Section):
         if self.tune is not None and self.tune.metric == "eval_loss":
             every = self.eval.every_steps
             if not every:
-                raise ValueError("tune.metric eval_loss needs eval.every_steps (and eval.holdout or eval.metadata_path)")
+                raise ValueError("tune.metric eval_loss needs eval.every_steps (and eval.holdout or "
+                                 "eval.metadata_path)")
             if self.train.save_steps % every:
                 raise ValueError(f"tune.metric eval_loss: train.save_steps ({self.train.save_steps}) must be a "
                                  f"multiple of eval.every_steps ({every}) so that every report carries eval_loss")

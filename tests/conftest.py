@@ -20,11 +20,25 @@ quiet_libraries()
 @pytest.fixture(scope="session")
 def ray_session():
     """Ray with 4 logical CPUs (logical over-commit, as Ray's own tests do on small boxes) and the
-    dashboard, which Tune's trial cleanup needs."""
+    dashboard, which Tune's trial cleanup needs.
+
+    The GCS port is pinned so that every worker gets RAY_ADDRESS: when ASHA stops a trial, Ray Train's
+    placement-group cleaner finds its cluster through the State API, and with another local Ray on the
+    machine (a second test run) it cannot tell which is its own, so the trial's workers are never freed."""
+    import socket
+
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=True, log_to_driver=True,
-             runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "HF_HUB_OFFLINE": "1"}})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    try:
+        ray.init(num_cpus=4, include_dashboard=True, log_to_driver=True,
+                 runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "HF_HUB_OFFLINE": "1",
+                                           "RAY_ADDRESS": f"127.0.0.1:{port}"}})
+    finally:
+        del os.environ["RAY_GCS_SERVER_PORT"]
     yield ray
     ray.shutdown()
 

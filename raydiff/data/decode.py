@@ -57,7 +57,8 @@ class DecodeSample:
                     raise SampleError(bad) from None
                 log.warning("skipping %s", bad)
                 if self.counter_name:
-                    ray.get_actor(self.counter_name).add.remote(bad.row, bad.reason)
+                    # Synchronous: a later count() must see it (calls from different tasks are unordered).
+                    ray.get(ray.get_actor(self.counter_name).add.remote(bad.row, bad.reason))
                 return []
         return [out]
 

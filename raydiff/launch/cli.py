@@ -1,4 +1,4 @@
-"""`raydiff` command line: train, demo, tiny-model.
+"""`raydiff` command line: train, tune, demo, tiny-model, export, sample.
 
 Errors a user can fix (bad config, bad data, missing files) print one clear message and exit 2;
 anything else keeps its traceback.
@@ -19,6 +19,13 @@ def cmd_train(args) -> None:
 
     cfg = load_config(args.config, args.set)
     launch_training_task(cfg)
+
+
+def cmd_tune(args) -> None:
+    from raydiff.config import load_config
+    from raydiff.launch.tune import tune
+
+    tune(load_config(args.config, args.set))
 
 
 def cmd_demo(args) -> None:
@@ -52,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value; repeatable; values parse as YAML")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("tune", help="search config values with Ray Tune (the `tune:` section), one run per trial")
+    p.add_argument("config", help="YAML config file with a `tune:` section (see README: Tune)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value; repeatable; values parse as YAML")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("demo", help="write a tiny FLUX model and dataset, train a LoRA with 2 workers, no network")
     p.add_argument("--dir", default="raydiff-demo", help="where the model, data and runs go (default: ./raydiff-demo)")

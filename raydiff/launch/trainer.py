@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from typing import Callable
 
@@ -29,8 +30,19 @@ def init_ray(cfg: RaydiffConfig) -> None:
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
-    else:
-        ray.init(num_cpus=cfg.ray.num_cpus or max(4, os.cpu_count() or 1))
+        return
+    # A new local Ray puts its own address in every worker's RAY_ADDRESS: Ray Train's placement-group
+    # cleaner (which frees the workers of a trial ASHA stopped) otherwise looks for "the" local Ray and,
+    # with a second Ray on the machine, fails, leaving that trial's CPUs taken.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by ray.init when it starts the GCS
+    try:
+        ray.init(num_cpus=cfg.ray.num_cpus or max(4, os.cpu_count() or 1),
+                 runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{port}"}})
+    finally:
+        del os.environ["RAY_GCS_SERVER_PORT"]
 
 
 def run_dir(cfg: RaydiffConfig) -> str:

@@ -44,7 +44,8 @@ def test_same_generator_seed_gives_same_loss(module_and_cfg):
 
 
 def test_loss_on_a_fixed_batch_goes_down(make_config):
-    cfg = make_config(train={"learning_rate": 5e-3, "gradient_checkpointing": True})
+    cfg = make_config(train={"learning_rate": 1e-2, "gradient_checkpointing": True})
+    torch.manual_seed(0)  # the LoRA A init
     module = PipelineTrainingModule(cfg)
     optimizer, scheduler = build_optimizer(cfg, module.trainable_parameters(), total_steps=30)
     data = batch()
@@ -59,7 +60,8 @@ def test_loss_on_a_fixed_batch_goes_down(make_config):
         loss = module(data, generator=torch.Generator().manual_seed(step))
         loss.backward()
         optimizer.step(), scheduler.step(), optimizer.zero_grad()
-    assert eval_loss() < 0.9 * before
+    after = eval_loss()
+    assert after < 0.85 * before, (before, after)  # measured: 5.30 -> 4.29 with this seed
 
 
 def test_step_seeds_are_distinct_per_rank_step_and_micro_batch():

@@ -1,0 +1,146 @@
+"""`raydiff tune`: the `tune:` section's checks, and on one 2-core machine 4 trials x 2 workers under
+ASHA with the trials table and best/, through the Python API and the CLI."""
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray.tune
+import torch
+
+from raydiff.config import ConfigError, load_config, parse_config
+from raydiff.launch.tune import search_space, trial_config, tune
+from raydiff.training.lora import save_lora
+from raydiff.training.module import PipelineTrainingModule
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = {"model": {"path": "m"}, "data": {"metadata_path": "d/metadata.csv"},
+        "eval": {"holdout": 2, "every_steps": 2}, "train": {"save_steps": 4}}
+
+
+def with_tune(**tune_section) -> dict:
+    return {**BASE, "tune": tune_section}
+
+
+@pytest.mark.parametrize("tune_section, message", [
+    ({"param_space": {"train.learnig_rate": {"loguniform": [1e-5, 1e-3]}}},
+     "unknown config key 'train.learnig_rate'; did you mean 'train.learning_rate'?"),
+    ({"param_space": {"lora.rank": {"pick": [4, 8]}}}, "tune.param_space.lora.rank: expected one of loguniform"),
+    ({"param_space": {"lora.rank": {"quniform": [4, 8]}}}, "quniform takes 3 numbers"),
+    ({"param_space": {"ray.name": {"choice": ["a", "b"]}}}, "'ray.name' is set by `raydiff tune` itself"),
+    ({"search_alg": "grid", "param_space": {"train.learning_rate": {"uniform": [1e-5, 1e-3]}}},
+     "search_alg grid samples nothing"),
+])
+def test_tune_section_errors_name_the_key(tune_section, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_config(with_tune(**tune_section))
+
+
+def test_eval_loss_needs_an_eval_every_report():
+    with pytest.raises(ConfigError, match="tune.metric eval_loss needs eval.every_steps"):
+        parse_config({**with_tune(), "eval": {}})
+    with pytest.raises(ConfigError, match=r"train.save_steps \(3\) must be a multiple of eval.every_steps \(2\)"):
+        parse_config({**with_tune(), "train": {"save_steps": 3}})
+
+
+def test_values_the_config_refuses_fail_before_tune_starts():
+    cfg = parse_config(with_tune())
+    with pytest.raises(ConfigError, match=r"tune.param_space.lora.rank: the value 0 is refused(.|\n)*lora.rank"):
+        search_space(cfg, {"lora.rank": {"choice": [4, 0]}})
+    with pytest.raises(ConfigError, match="tune.param_space.train.learning_rate: uniform needs low < high"):
+        search_space(cfg, {"train.learning_rate": {"uniform": [1e-3, 1e-5]}})
+    with pytest.raises(ConfigError, match="tune.param_space is empty"):
+        search_space(cfg, {})
+
+
+def test_yaml_distributions_become_tune_domains_and_trials_get_their_own_config():
+    cfg = load_config(ROOT / "examples" / "tune" / "lora_flux_dev_search.yaml")
+    space = search_space(cfg, cfg.tune.param_space)
+    lr, rank = space["train.learning_rate"], space["lora.rank"]
+    assert isinstance(lr.get_sampler(), ray.tune.search.sample.Float._LogUniform)
+    assert (lr.lower, lr.upper) == (2e-5, 4e-4) and rank.categories == [8, 16, 32]
+    grid = parse_config(with_tune(search_alg="grid", param_space={"lora.rank": {"choice": [4, 8]}}))
+    assert search_space(grid, grid.tune.param_space) == {"lora.rank": {"grid_search": [4, 8]}}
+
+    trial = trial_config(cfg, {"train.learning_rate": 1e-05, "lora.rank": 32}, "abc12_00003")
+    assert trial.train.learning_rate == 1e-5 and trial.lora.rank == 32 and trial.tune is None
+    assert trial.ray.name == "flux-dev-search-abc12_00003"
+
+
+def far_off_lora(cfg, directory: Path) -> str:
+    """A rank-4 LoRA with large random weights: its loss is ~0.2 above the base model's, where 4 steps of
+    training move the eval loss by ~0.001."""
+    module = PipelineTrainingModule(cfg)
+    torch.manual_seed(0)
+    for name, p in module.named_parameters():
+        if "lora_A" in name or "lora_B" in name:
+            p.data.normal_(0, 0.5)
+    save_lora(str(directory), module.pipe.diffusers_class, "transformer", module.trainable_state_dict(),
+              module.lora_config)
+    return str(directory)
+
+
+@pytest.mark.slow
+def test_asha_search_writes_trials_table_and_stops_a_bad_trial(ray_session, make_config, tmp_path):
+    # 2 concurrent trials x (2 workers x 0.5 CPU + a 0.01-CPU driver) fit the session's 4 logical CPUs
+    # next to the Ray Data decode tasks. Reports at steps 1-4 (eval every step, checkpoints at 2 and 4).
+    # Which learning rate wins after 4 tiny steps is noise, so the search also starts half of the trials
+    # from a far-off LoRA: the grid runs [fresh, far-off, fresh, far-off], and the last far-off trial reaches
+    # ASHA's first rung after a fresh one has recorded a much lower eval loss there, so ASHA stops it.
+    cfg = make_config("search", train={"max_steps": 4, "save_steps": 2},
+                      eval={"holdout": 2, "every_steps": 1, "num_sigmas": 2},
+                      ray={"num_workers": 2, "cpus_per_worker": 0.5},
+                      tune={"param_space": {"lora.init_from": {"grid_search": [None, "FAR_OFF"]},
+                                            "train.learning_rate": {"loguniform": [1e-5, 1e-3]}},
+                            "num_samples": 2, "max_concurrent_trials": 2, "grace_period": 1, "reduction_factor": 2})
+    far_off = far_off_lora(cfg, tmp_path / "far-off")
+    grid = tune(cfg, {**cfg.tune.param_space, "lora.init_from": {"grid_search": [None, far_off]}})
+    assert len(grid) == 4 and not grid.errors
+
+    experiment = Path(cfg.ray.storage_path, "search")
+    rows = list(csv.DictReader((experiment / "trials.csv").open()))
+    assert len(rows) == 4 and all(1e-5 <= float(r["train.learning_rate"]) <= 1e-3 for r in rows)
+    fresh = [r for r in rows if r["lora.init_from"] == ""]
+    assert len(fresh) == 2
+    # Two fresh trials differ only by learning rate, so ASHA may stop either; what is certain is that a
+    # far-off trial reaching a rung after a fresh one is stopped early, and every finished trial is complete.
+    for row in rows:
+        if row["status"] == "completed":
+            assert row["last_step"] == "4" and row["reports"] == "4"
+            assert row["checkpoint"] == str(Path(cfg.ray.storage_path, f"search-{row['trial_id']}",
+                                                 "checkpoint-000004"))
+        else:
+            assert row["status"] == "stopped" and int(row["last_step"]) < 4
+    assert any(r["status"] == "stopped" and r["lora.init_from"] == far_off for r in rows)
+
+    # best/ is a copy of the final checkpoint of the trial with the lowest eval loss, a fresh one.
+    best = min((r for r in rows if r["checkpoint"]), key=lambda r: float(r["best_eval_loss"]))
+    assert best in fresh
+    assert sorted(os.listdir(experiment / "best")) == sorted(os.listdir(best["checkpoint"]))
+    assert "pytorch_lora_weights.safetensors" in os.listdir(experiment / "best")
+    assert json.loads((experiment / "best" / "trainer_state.json").read_text())["global_step"] == 4
+
+
+@pytest.mark.slow
+def test_cli_tunes_the_tiny_example_on_its_own_local_ray(tiny_model, shapes, tmp_path):
+    """`raydiff tune examples/tune/tiny.yaml` as the README runs it, pointed at the session's tiny model
+    and data, 2 trials: a new local Ray next to the session's (whose trial cleanup needs RAY_ADDRESS)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+    env.pop("RAY_ADDRESS", None)
+    overrides = [f"model.path={tiny_model('flux')}", f"data.base_path={shapes}",
+                 f"data.metadata_path={shapes}/metadata.csv", f"ray.storage_path={tmp_path / 'runs'}",
+                 "train.max_steps=2", "tune.num_samples=2"]
+    example = str(ROOT / "examples" / "tune" / "tiny.yaml")
+    proc = subprocess.run([sys.executable, "-m", "raydiff.launch.cli", "tune", example,
+                           *[a for o in overrides for a in ("--set", o)]],
+                          cwd=tmp_path, env=env, timeout=400, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    experiment = tmp_path / "runs" / "tune-tiny"
+    rows = list(csv.DictReader((experiment / "trials.csv").open()))
+    assert len(rows) == 2 and all(r["status"] in ("completed", "stopped") for r in rows)
+    assert "best trial" in proc.stdout and "pytorch_lora_weights.safetensors" in os.listdir(experiment / "best")
