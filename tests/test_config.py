@@ -60,3 +60,13 @@ def test_nothing_to_train_is_refused():
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_example_configs_are_valid(path):
     load_config(path)
+
+
+def test_data_options_not_yet_wired_into_training_are_refused_not_ignored():
+    from raydiff.launch.trainer import refuse_unwired_data_options
+
+    for data in ({"preprocess": "stream"}, {"buckets": True}, {"caption_dropout": 0.1}, {"random_flip": True}):
+        cfg = parse_config({**BASE, "data": {"metadata_path": "x", **data}})
+        with pytest.raises(ConfigError, match="not supported by `raydiff train` yet"):
+            refuse_unwired_data_options(cfg)
+    refuse_unwired_data_options(parse_config(BASE))

@@ -5,12 +5,28 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from raydiff.data.encode import columns_to_inputs
 
-def collate(batch: dict, device: torch.device, data_file_keys=("image",)) -> dict:
+
+def collate(batch: dict, device: torch.device, data_file_keys=("image",), *, caption_dropout=None,
+            epoch: int = 0) -> dict:
     """A numpy batch from Ray Data -> model inputs: media as float (B, 3, H, W) or (B, 3, F, H, W)
-    in [-1, 1], prompts as a list of str."""
+    in [-1, 1], prompts as a list of str.
+
+    A bucket batch arrives as one packed row (`_packed`) and is unpacked first. Stream/cache batches
+    carry encoded columns instead of media (see raydiff.data.encode); they come back as the tensors
+    their units produced, so the training step skips those units. `caption_dropout`
+    (`raydiff.data.plan.CaptionDropout`) swaps in the empty prompt for the samples it picks in `epoch`.
+    """
+    if "_packed" in batch:
+        assert len(batch["_packed"]) == 1, "iterate packed (bucket) datasets with batch_size=1"
+        batch = {k: v[0] for k, v in batch.items()}
+    if caption_dropout is not None:
+        batch = caption_dropout(batch, epoch)
     out = {"prompt": [str(p) for p in batch["prompt"]]}
     for key in data_file_keys:
+        if key not in batch:  # stream/cache batches carry latents instead
+            continue
         arr = batch[key]
         if arr.dtype == object:  # ragged: a batch mixing sizes (needs buckets; see data.height/width)
             shapes = {a.shape for a in arr}
@@ -20,4 +36,5 @@ def collate(batch: dict, device: torch.device, data_file_keys=("image",)) -> dic
         x = torch.from_numpy(np.array(arr)).to(device, non_blocking=True)  # copy: Arrow buffers are read-only
         x = x.movedim(-1, 1).float().div_(127.5).sub_(1.0)  # (B, ..., 3) -> (B, 3, ...)
         out[key] = x
+    out.update(columns_to_inputs(batch, device, skip=data_file_keys))
     return out

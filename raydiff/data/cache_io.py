@@ -1,0 +1,239 @@
+"""Files of the encoded-sample cache: layout, the parquet codec and the shard-writing actor.
+
+Encoded columns (raydiff.data.encode) are stored per sample as three parquet columns, `name`
+(raw bytes), `name#shape` and `name#dtype`: no pickle, readable by any parquet reader. Paths go
+through a pyarrow filesystem, so `data.cache_dir` may be a local directory or an s3:// URI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from raydiff.data.metadata import SampleError, is_url
+from raydiff.data.plan import order_key
+
+_SKIPPED = b"raydiff.skipped"
+
+
+class CacheLayout:
+    """`manifest.json`, `empty_prompt.parquet` and `shards/shard-NNNNNN.parquet` under one root."""
+
+    def __init__(self, uri: str):
+        self.fs, self.root = pafs.FileSystem.from_uri(uri if is_url(uri) else os.path.abspath(uri))
+
+    def uri(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def shard(self, k: int) -> str:
+        return f"shards/shard-{k:06d}.parquet"
+
+    def empty_prompt(self) -> str:
+        return "empty_prompt.parquet"
+
+    def exists(self, name: str) -> bool:
+        return self.fs.get_file_info(self.uri(name)).type == pafs.FileType.File
+
+    def read_manifest(self) -> dict | None:
+        if not self.exists("manifest.json"):
+            return None
+        with self.fs.open_input_stream(self.uri("manifest.json")) as f:
+            return json.loads(f.read().decode())
+
+    def write_manifest(self, manifest: dict) -> None:
+        self._atomic_write("manifest.json", lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+
+    def write_table(self, name: str, table: pa.Table) -> None:
+        self._atomic_write(name, lambda f: pq.write_table(table, f))
+
+    def _atomic_write(self, name: str, write) -> None:
+        """Write to a temp name, then rename: a file under its final name is always complete."""
+        final = self.uri(name)
+        self.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
+        tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+        with self.fs.open_output_stream(tmp) as f:
+            write(f)
+        self.fs.move(tmp, final)
+
+    def clear(self) -> None:
+        """Delete the files a cache consists of (and only those)."""
+        for info in self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True, recursive=True)):
+            name = info.path[len(self.root) + 1:]
+            ours = (name.startswith("shards/shard-") or name.startswith("empty_prompt.parquet")
+                    or name.startswith("manifest.json"))
+            if info.type == pafs.FileType.File and ours:
+                self.fs.delete_file(info.path)
+
+    def shard_stats(self, n: int) -> tuple[list[int], list[dict]]:
+        """Samples in each of the first `n` shards, and the rows their writers skipped."""
+        counts, skipped = [], []
+        for k in range(n):
+            with self.fs.open_input_file(self.uri(self.shard(k))) as f:
+                meta = pq.read_metadata(f)
+            counts.append(meta.num_rows)
+            skipped += json.loads((meta.metadata or {}).get(_SKIPPED, b"[]"))
+        return counts, skipped
+
+    def index(self, shards: list[str]) -> list[tuple[int, list[int]]]:
+        """(_row, [h, w]) of every sample in `shards`: two small columns, no tensors read."""
+        out = []
+        for name in shards:
+            table = pq.read_table(self.uri(name), columns=["_row", "_size"], filesystem=self.fs)
+            out += list(zip(table.column("_row").to_pylist(), table.column("_size").to_pylist()))
+        return out
+
+
+# --- codec ------------------------------------------------------------------------------------
+
+def columns_to_table(cols: dict, skipped: list[dict] | None = None) -> pa.Table:
+    """Numpy columns of n samples -> a parquet-ready table; tensors as bytes + shape + dtype."""
+    arrays = {}
+    for name, values in cols.items():
+        if name == "prompt":
+            arrays[name] = pa.array([str(p) for p in values], pa.string())
+        elif name == "_size":
+            arrays[name] = pa.array([[int(x) for x in v] for v in values], pa.list_(pa.int32()))
+        elif name.startswith("_"):
+            arrays[name] = pa.array(np.asarray(values, dtype=np.int64))
+        else:
+            values = [np.ascontiguousarray(v) for v in values]
+            arrays[name] = pa.array([v.tobytes() for v in values], pa.binary())
+            arrays[f"{name}#shape"] = pa.array([list(v.shape) for v in values], pa.list_(pa.int32()))
+            arrays[f"{name}#dtype"] = pa.array([v.dtype.str for v in values], pa.string())
+    table = pa.table(arrays) if arrays else pa.table({"_row": pa.array([], pa.int64())})
+    return table.replace_schema_metadata({_SKIPPED: json.dumps(skipped or [])})
+
+
+def table_to_columns(table: pa.Table) -> dict[str, np.ndarray]:
+    """The inverse of `columns_to_table`."""
+    names = table.column_names
+    out = {}
+    for name in names:
+        if "#" in name:
+            continue
+        values = table.column(name).to_pylist()
+        if f"{name}#shape" in names:
+            shapes, dtypes = table.column(f"{name}#shape").to_pylist(), table.column(f"{name}#dtype").to_pylist()
+            arrays = [np.frombuffer(b, dtype=np.dtype(dt)).reshape(sh) for b, sh, dt in zip(values, shapes, dtypes)]
+            if len({a.shape for a in arrays}) == 1:
+                out[name] = np.stack(arrays)
+            else:
+                out[name] = np.empty(len(arrays), dtype=object)
+                out[name][:] = arrays
+        elif name == "_size":
+            out[name] = np.array(values, dtype=np.int64).reshape(-1, 2)
+        elif name == "prompt":
+            out[name] = np.array(values, dtype=object)
+        else:
+            out[name] = np.asarray(values)
+    return out
+
+
+def decode_shard_batch(batch: pa.Table) -> dict[str, np.ndarray]:
+    """Ray Data `map_batches` over `read_parquet(cache shards)`: back to encoded numpy columns."""
+    return table_to_columns(batch)
+
+
+def write_empty_prompt(layout: CacheLayout, cols: dict) -> None:
+    layout.write_table(layout.empty_prompt(), columns_to_table(cols))
+
+
+def read_empty_prompt(layout: CacheLayout) -> dict[str, np.ndarray]:
+    return table_to_columns(pq.read_table(layout.uri(layout.empty_prompt()), filesystem=layout.fs))
+
+
+@dataclass
+class RepeatCached:
+    """flat_map: one cached sample -> its `repeat` copies with `_rep` and `_key`; with `slots`, only
+    the copies planned into a bucket batch, with `_batch` and `_slot` (their place in it)."""
+
+    repeat: int
+    seed: int
+    shuffle: bool = True
+    slots: dict | None = None
+
+    def __call__(self, row: dict) -> list[dict]:
+        out = []
+        for rep in range(self.repeat):
+            copy = {**row, "_rep": rep, "_key": order_key(self.seed, row["_row"], rep, self.shuffle)}
+            if self.slots is not None:
+                slot = self.slots.get((int(row["_row"]), rep))
+                if slot is None:
+                    continue
+                copy["_batch"], copy["_slot"] = slot
+            out.append(copy)
+        return out
+
+
+def pack_group(group: dict) -> dict:
+    """One bucket batch's rows (any order) -> one packed row, members in planned order."""
+    order = np.argsort(group["_slot"])
+    row = {"_packed": np.array([len(order)]), "_batch": group["_batch"][:1]}
+    for k, v in group.items():
+        if k in ("_batch", "_slot"):
+            continue
+        members = [v[i] for i in order]
+        packed = np.empty(1, dtype=object)
+        packed[0] = members if v.dtype == object and k == "prompt" else np.stack([np.asarray(m) for m in members])
+        row[k] = packed
+    return row
+
+
+# --- the writer -------------------------------------------------------------------------------
+
+class ShardWriter:
+    """Ray Data `map_batches` class for `preprocess`: each input row is one shard (its metadata rows
+    as JSON); the actor decodes them (threads), encodes them in batches of `data.encoder_batch_size`
+    and writes the shard. Returns one small status row per shard."""
+
+    def __init__(self, config: dict):
+        from raydiff.config import parse_config
+        from raydiff.console import quiet_libraries
+        from raydiff.data.encode import Encoder
+        from raydiff.data.plan import DecodeRow
+
+        quiet_libraries()
+        cfg = parse_config(config)
+        self.cfg, self.encoder = cfg, Encoder(cfg)
+        strict = cfg.data.model_copy(update={"skip_bad_samples": False})  # we record the reason ourselves
+        self.decode = DecodeRow(strict, cfg.train.seed)
+        self.layout = CacheLayout(cfg.data.cache_dir)
+        self.threads = ThreadPoolExecutor(max_workers=4)
+
+    def _decode(self, row: dict):
+        try:
+            return self.decode(row)
+        except SampleError as err:
+            if not self.cfg.data.skip_bad_samples:
+                raise
+            return err.bad
+
+    def __call__(self, batch: dict) -> dict:
+        media = self.cfg.data.data_file_keys[0]
+        for k, rows in zip(batch["shard"], batch["rows"]):
+            samples, skipped = [], []
+            for result in self.threads.map(self._decode, json.loads(rows)):
+                if isinstance(result, list):
+                    samples += result
+                else:
+                    skipped.append({"row": result.row, "file": result.file, "reason": result.reason})
+            parts = []
+            step = self.cfg.data.encoder_batch_size
+            for start in range(0, len(samples), step):
+                chunk = samples[start:start + step]
+                cols = {key: [s[key] for s in chunk] for key in chunk[0]}
+                cols["_size"] = [list(np.shape(s[media])[-3:-1]) for s in chunk]
+                cols = self.encoder.encode(cols)
+                parts.append(columns_to_table(cols))
+            table = pa.concat_tables(parts) if parts else columns_to_table({})
+            self.layout.write_table(self.layout.shard(int(k)), table.replace_schema_metadata(
+                {_SKIPPED: json.dumps(skipped)}))
+        return {"shard": np.asarray(batch["shard"])}

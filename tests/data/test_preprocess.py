@@ -1,0 +1,208 @@
+"""data.preprocess: inline, stream and cache give the same samples and losses; stream/cache workers
+load only the DiT; the parquet cache (manifest, no-op re-run, resume, invalidation); encoded-column
+round trips; caption dropout and flips that agree across modes."""
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from raydiff.data.cache_io import CacheLayout, columns_to_table, table_to_columns
+from raydiff.data.collate import collate
+from raydiff.data.dataset import read_rows
+from raydiff.data.encode import Encoder, columns_to_inputs, encode_empty_prompt, to_columns, training_components
+from raydiff.data.plan import CaptionDropout, DecodeRow, caption_dropped, flipped
+from raydiff.data.preprocess import build_eval_dataset, build_train_data, preprocess
+from raydiff.training.module import PipelineTrainingModule
+from raydiff.config import to_dict
+
+
+def mode_config(make_config, tmp_path, mode, train=None, **data):
+    return make_config(data={"preprocess": mode, "cache_dir": str(tmp_path / "cache"), "encoder_num_cpus": 0.5,
+                             "encoder_batch_size": 3, **data}, train=train or {})
+
+
+def batches_of(ds, batch_size, workers=1):
+    """What each of `workers` training workers iterates: Ray's equal split with the trainer's
+    preserve_order, consumed concurrently (as the workers do). One worker: a flat list."""
+    import threading
+
+    ds.context.execution_options.preserve_order = True  # a dataset keeps the context it was built with
+    if workers == 1:
+        return list(ds.iter_batches(batch_size=batch_size, batch_format="numpy"))
+    out = [[] for _ in range(workers)]
+
+    def consume(i, it):
+        out[i] = list(it.iter_batches(batch_size=batch_size, batch_format="numpy"))
+
+    threads = [threading.Thread(target=consume, args=(i, it))
+               for i, it in enumerate(ds.streaming_split(workers, equal=True))]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    return out
+
+
+def losses(module, batches, keys, **collate_kw):
+    with torch.no_grad():
+        return [module(collate(b, "cpu", keys, **collate_kw), generator=torch.Generator().manual_seed(i)).item()
+                for i, b in enumerate(batches)]
+
+
+def test_encoded_columns_round_trip_through_parquet_without_pickle():
+    outputs = {"latents": torch.randn(3, 4, 2, 2), "prompt_embeds": torch.randn(3, 5, 8).bfloat16(),
+               "mask": torch.ones(3, 5, dtype=torch.long), "text_ids": torch.zeros(3, 3),  # (L=3, 3): no batch axis
+               "height": 32, "guidance": None}
+    cols = to_columns(outputs, 3)
+    assert sorted(cols) == ["guidance:none", "height:shared", "latents", "mask", "prompt_embeds:bf16",
+                            "text_ids:shared"]
+    table = columns_to_table({**cols, "prompt": ["a", "b", "c"], "_row": [0, 1, 2]})
+    assert {str(t) for t in table.schema.types} <= {"binary", "string", "int64", "list<item: int32>"}
+    back = columns_to_inputs(table_to_columns(table), "cpu")
+    assert torch.equal(back["latents"], outputs["latents"]) and back["prompt_embeds"].dtype == torch.bfloat16
+    assert torch.equal(back["prompt_embeds"], outputs["prompt_embeds"]) and back["mask"].dtype == torch.long
+    assert back["text_ids"].shape == (3, 3) and back["height"] == 32 and back["guidance"] is None
+
+
+def test_prompt_embeddings_of_different_lengths_are_padded_in_collate():
+    batch = {"prompt": ["a", "b"], "_row": np.array([0, 1]),
+             "prompt_embeds": [np.ones((2, 4), np.float32), np.ones((5, 4), np.float32)],
+             "prompt_embeds_mask": [np.ones(2, np.int64), np.ones(5, np.int64)]}
+    out = collate(batch, "cpu", ())
+    assert out["prompt_embeds"].shape == (2, 5, 4) and out["prompt_embeds_mask"].tolist()[0] == [1, 1, 0, 0, 0]
+
+
+@pytest.mark.slow
+def test_inline_stream_and_cache_give_every_worker_the_same_samples_and_losses(ray_session, make_config, tmp_path):
+    results = {}
+    for mode in ("inline", "stream", "cache"):
+        cfg = mode_config(make_config, tmp_path, mode, repeat=2, train={"batch_size": 4})
+        rows, _ = read_rows(cfg.data)
+        data = build_train_data(cfg, rows, seed=3)
+        per_worker = batches_of(data.dataset, 4, workers=2)
+        assert data.num_samples == 32 and not data.packed and [len(w) for w in per_worker] == [4, 4]
+        batches = per_worker[0] + per_worker[1]
+        dealt = [k for pair in zip(*per_worker) for b in pair for k in b["_key"]]
+        assert dealt == sorted(dealt)  # rank r gets batches r, r + 2, ...: the split is round-robin
+        module = PipelineTrainingModule(cfg, components=training_components(cfg))
+        encoders = [module.pipe.pipe.vae, module.pipe.pipe.text_encoder, module.pipe.pipe.text_encoder_2]
+        if mode == "inline":
+            assert all(m is not None for m in encoders)
+        else:  # stream/cache workers never construct the VAE or the text encoders
+            assert all(m is None for m in encoders) and "image" not in batches[0]
+        order = [(int(r), int(k)) for b in batches for r, k in zip(b["_row"], b["_rep"])]
+        results[mode] = order, losses(module, batches, cfg.data.data_file_keys)
+    assert len(set(results["inline"][0])) == 32
+    assert results["stream"][0] == results["inline"][0] == results["cache"][0]
+    np.testing.assert_allclose(results["stream"][1], results["inline"][1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(results["cache"][1], results["inline"][1], rtol=1e-5, atol=1e-6)
+
+
+def test_the_encoder_loads_everything_but_the_trainable_model(make_config):
+    encoder = Encoder(make_config(data={"preprocess": "stream"}))
+    assert encoder.pipe.pipe.transformer is None and encoder.pipe.pipe.vae is not None
+    assert [u.name for u in encoder.units] == ["shape_check", "prompt_embedder", "input_image_embedder"]
+
+
+def shard_mtimes(cache):
+    shards = os.path.join(cache, "shards")
+    return {n: os.stat(os.path.join(shards, n)).st_mtime_ns for n in sorted(os.listdir(shards))}
+
+
+@pytest.mark.slow
+def test_cache_is_written_once_resumes_and_rebuilds_when_inputs_change(ray_session, make_config, tmp_path, shapes,
+                                                                      capsys):
+    cfg = mode_config(make_config, tmp_path, "cache")
+    cache = preprocess(cfg, shard_rows=6)  # 16 rows -> shards of 6, 6, 4
+    manifest = json.loads(open(os.path.join(cache, "manifest.json")).read())
+    assert manifest["complete"] and manifest["shards"] == [6, 6, 4] and manifest["num_samples"] == 16
+    assert manifest["model"]["path"] == cfg.model.path and manifest["settings"]["height"] == 32
+    assert os.path.exists(os.path.join(cache, "empty_prompt.parquet"))
+    first = shard_mtimes(cache)
+    assert list(first) == ["shard-000000.parquet", "shard-000001.parquet", "shard-000002.parquet"]
+    table = pq.read_table(os.path.join(cache, "shards", "shard-000000.parquet"))
+    assert table.schema.field("latents").type == pa.binary() and table.column("latents#shape")[0].as_py() == [4, 16, 16]
+
+    capsys.readouterr()
+    preprocess(cfg, shard_rows=6)  # complete and unchanged: a no-op
+    assert shard_mtimes(cache) == first and "encoding" not in capsys.readouterr().out
+
+    # Interrupted: one shard missing, manifest not complete -> only that shard is written again.
+    os.remove(os.path.join(cache, "shards", "shard-000001.parquet"))
+    CacheLayout(cache).write_manifest({**manifest, "complete": False})
+    preprocess(cfg, shard_rows=6)
+    out = capsys.readouterr().out
+    assert "resuming" in out and "encoding 6 samples into 1 cache shards" in out
+    again = shard_mtimes(cache)
+    assert again["shard-000000.parquet"] == first["shard-000000.parquet"] and len(again) == 3
+
+    # A different size invalidates the cache, and the message names the change.
+    preprocess(mode_config(make_config, tmp_path, "cache", height=16, width=32), shard_rows=6)
+    assert "settings.height: 32 -> 16" in capsys.readouterr().out
+    # So does a changed data file (size/mtime).
+    os.utime(os.path.join(shapes, "0003.png"), ns=(1, 1))
+    try:
+        preprocess(mode_config(make_config, tmp_path, "cache", height=16, width=32), shard_rows=6)
+        assert "inputs: the data files or metadata changed" in capsys.readouterr().out
+    finally:
+        os.utime(os.path.join(shapes, "0003.png"))
+
+
+def test_caption_dropout_swaps_in_the_empty_prompt_per_seed_epoch_and_sample(make_config):
+    cfg = make_config(data={"preprocess": "stream"})
+    empty = encode_empty_prompt(to_dict(cfg))
+    assert set(empty) == {"prompt_embeds", "pooled_prompt_embeds", "text_ids:shared"}
+    n = 64
+    batch = {"prompt": [f"p{i}" for i in range(n)], "_row": np.arange(n), "_rep": np.zeros(n, np.int64),
+             "prompt_embeds": np.ones((n, 16, 32), np.float32), "pooled_prompt_embeds": np.ones((n, 32), np.float32),
+             "text_ids:shared": np.zeros((n, 16, 3), np.float32)}
+    dropout = CaptionDropout(0.25, seed=0, empty=empty)
+    out = dropout(batch, epoch=0)
+    dropped = [i for i in range(n) if out["prompt"][i] == ""]
+    assert 4 <= len(dropped) <= 28 and dropped == [i for i in range(n) if caption_dropped(0.25, 0, 0, i, 0)]
+    assert all(np.array_equal(out["prompt_embeds"][i], empty["prompt_embeds"][0]) for i in dropped)
+    assert all(out["prompt_embeds"][i].min() == 1 for i in range(n) if i not in dropped)
+    assert dropped != [i for i in range(n) if dropout(batch, epoch=1)["prompt"][i] == ""]  # re-drawn each epoch
+    inline = CaptionDropout(0.25, seed=0)({"prompt": batch["prompt"], "_row": batch["_row"], "_rep": batch["_rep"]}, 0)
+    assert [i for i in range(n) if inline["prompt"][i] == ""] == dropped  # inline mode drops the same samples
+
+
+def test_random_flip_is_fixed_per_sample_and_applied_in_the_decode_stage(make_config):
+    cfg = make_config()
+    rows, _ = read_rows(cfg.data)
+    plain = DecodeRow(cfg.data, seed=0)
+    flip = DecodeRow(cfg.data.model_copy(update={"random_flip": True}), seed=0)
+    picked = [r["_row"] for r in rows if flipped(0, r["_row"])]
+    assert 0 < len(picked) < len(rows)
+    for r in rows[:6]:
+        a, b = plain(r)[0]["image"], flip(r)[0]["image"]
+        assert np.array_equal(b, a[:, ::-1] if r["_row"] in picked else a)
+
+
+@pytest.mark.slow
+def test_stream_mode_with_caption_dropout_fetches_the_empty_prompt(ray_session, make_config, tmp_path):
+    cfg = mode_config(make_config, tmp_path, "stream", caption_dropout=0.5)
+    rows, _ = read_rows(cfg.data)
+    data = build_train_data(cfg, rows, seed=0)
+    assert data.empty_prompt is not None and data.empty_prompt["prompt_embeds"].shape == (1, 16, 32)
+    batch = batches_of(data.dataset, 16)[0]
+    out = collate(batch, "cpu", cfg.data.data_file_keys,
+                  caption_dropout=CaptionDropout(0.5, 0, data.empty_prompt), epoch=0)
+    assert out["prompt_embeds"].shape == (16, 16, 32) and "" in out["prompt"]
+
+
+@pytest.mark.slow
+def test_stream_mode_eval_set_arrives_encoded_in_file_order(ray_session, make_config, tmp_path):
+    cfg = mode_config(make_config, tmp_path, "stream", random_flip=True)
+    rows, _ = read_rows(cfg.data)
+    ds = build_eval_dataset(cfg, rows[:5])
+    ds.context.execution_options.preserve_order = True
+    samples = ds.take_all()
+    assert [s["_row"] for s in samples] == [0, 1, 2, 3, 4] and "image" not in samples[0]
+    # As the loop's EvalSet batches rows: lists per column, media (none here) stacked.
+    columns = {k: [s[k] for s in samples[:2]] for k in samples[0]}
+    out = collate(columns, "cpu", cfg.data.data_file_keys)
+    assert out["latents"].shape == (2, 4, 16, 16) and out["text_ids"].shape == (16, 3) and out["height"] == 32
