@@ -23,6 +23,8 @@ def demo_config(directory: str, steps: int, num_workers: int) -> dict:
         "lora": {"rank": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]},
         "train": {"learning_rate": 1e-3, "max_steps": steps, "batch_size": 2, "save_steps": max(steps // 2, 1),
                   "log_steps": 1, "lr_warmup_steps": 0},
+        "validation": {"prompts": ["a red circle", "a blue square", "a green triangle"], "steps": 8,
+                       "height": 32, "width": 32, "guidance": 3.5},
         "ray": {"num_workers": num_workers, "storage_path": os.path.join(directory, "runs"),
                 "name": time.strftime("demo-%Y%m%d-%H%M%S")},
     }
@@ -41,6 +43,7 @@ def run_demo(directory: str = "raydiff-demo", steps: int = 8, num_workers: int =
         yaml.safe_dump(raw, f, sort_keys=False)
     print(f"[raydiff] demo: tiny FLUX in {model_dir}, config {config_path}", flush=True)
     result = launch_training_task(load_config(config_path))
-    print(f"[raydiff] demo finished in {time.perf_counter() - start:.1f} s", flush=True)
+    print(f"[raydiff] demo finished in {time.perf_counter() - start:.1f} s; validation grid (base above, "
+          f"LoRA below): {os.path.join(result.checkpoint.path, 'samples', 'grid.png')}", flush=True)
     print(result.checkpoint.path, flush=True)
     return result
