@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import threading
@@ -62,7 +61,11 @@ def write_images(directory: str, n: int, side: int, seed: int = 0) -> str:
     from raydiff.data.shapes import write_shapes_dataset
 
     metadata = os.path.join(directory, "metadata.csv")
-    if not os.path.exists(metadata) or sum(1 for _ in open(metadata)) - 1 < n:
+    rows = 0
+    if os.path.exists(metadata):
+        with open(metadata) as f:
+            rows = sum(1 for _ in f) - 1
+    if rows < n:
         write_shapes_dataset(directory, n=n, size=(side, side), seed=seed)
     return metadata
 
@@ -95,11 +98,11 @@ def write_yaml(raw: dict, path: str) -> str:
 def predecoded_batches(cfg, n: int, device="cpu") -> list[dict]:
     """The first `n` batches of `cfg`'s data, decoded and resized by raydiff's own Ray Data stage
     function and collated exactly as the worker does, held in memory (no Ray involved)."""
+    import numpy as np
+
     from raydiff.data.collate import collate
     from raydiff.data.dataset import read_rows
     from raydiff.data.decode import DecodeSample
-
-    import numpy as np
 
     rows, _ = read_rows(cfg.data)
     decode = DecodeSample(cfg.data)
@@ -166,15 +169,13 @@ def latest_trainer_state(storage: str, name: str) -> dict:
 
 def run_command(argv: list[str], marks: dict[str, str], timeout: float, env: dict | None = None) -> dict:
     """Run a command, timestamping (seconds since start) the first output line containing each of
-    `marks`' values. Returns {"wall_s", "cpu_s", "returncode", "marks": {name: seconds}, "started_at"
-    (perf_counter), "tail"}; `cpu_s`
-    is the CPU time of the reaped process tree (Ray's processes included when they exit with it).
+    `marks`' values. Returns {"wall_s", "returncode", "marks": {name: seconds}, "started_at"
+    (perf_counter), "tail"}.
 
     A worker's line reaches the driver's stdout through Ray's log monitor, so a mark is an upper bound
     (it adds the forwarding delay, well under a second locally)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     env.pop("RAY_ADDRESS", None)
-    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
     seen, lines = {}, []
@@ -190,20 +191,12 @@ def run_command(argv: list[str], marks: dict[str, str], timeout: float, env: dic
         proc.wait()
     finally:
         timer.cancel()
-    wall = time.perf_counter() - start
-    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime)
-    return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 1), "returncode": proc.returncode, "marks": seen,
+    return {"wall_s": round(time.perf_counter() - start, 2), "returncode": proc.returncode, "marks": seen,
             "started_at": start, "tail": lines[-15:]}
 
 
 def raydiff_cli() -> list[str]:
     return [sys.executable, "-m", "raydiff.launch.cli"]
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def current_rss_bytes() -> int:
@@ -390,22 +383,27 @@ class ProcessSampler:
             self._stop.wait(self.interval)
 
     def cpu_between(self, t0: float, t1: float) -> dict:
-        """{"window_s", "by_process": {name: CPU s}, "worker_threads": {name: CPU s}} over [t0, t1]
-        (nearest samples inside the window; processes born inside it count from zero)."""
+        """CPU seconds over [t0, t1], between the first and last samples inside it: "machine_cpu_s" (every
+        process on the box), "other_processes_cpu_s" (not this process tree: other tenants, and our
+        processes that exited inside the window), "by_process" and "worker_threads" ({name: CPU s},
+        entries under 0.05 s left out)."""
         inside = [s for s in self.samples if t0 <= s[0] <= t1]
-        assert len(inside) >= 2, "window too short for the sampling interval"
+        if len(inside) < 2:
+            return {"window_s": round(t1 - t0, 2), "note": f"shorter than two samples ({self.interval} s apart)"}
         (ta, pa, tha), (tb, pb, thb) = inside[0], inside[-1]
 
-        def grouped(before: dict, after: dict) -> dict:
+        def grouped(before: dict, after: dict) -> dict[str, float]:
             out: dict[str, float] = {}
-            for key, (name, cpu) in after.items():
+            for key, (name, cpu) in after.items():  # a process born inside the window counts from birth
                 out[name] = out.get(name, 0.0) + cpu - before.get(key, (name, 0.0))[1]
-            return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1]) if v >= 0.05}
+            return out
+
+        def shown(cpu: dict[str, float]) -> dict[str, float]:
+            return {k: round(v, 2) for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]) if v >= 0.05}
 
         by_process = grouped(pa, pb)
-        machine = by_process.pop("(whole machine)", 0.0)
-        ours = sum(by_process.values())
+        machine = by_process.pop("(whole machine)")
         # Another session's processes on the same box slow every timing: say how much CPU they took.
-        return {"window_s": round(tb - ta, 2), "machine_cpu_s": machine,
-                "other_processes_cpu_s": round(max(machine - ours, 0.0), 2), "by_process": by_process,
-                "worker_threads": grouped(tha, thb)}
+        return {"window_s": round(tb - ta, 2), "machine_cpu_s": round(machine, 2),
+                "other_processes_cpu_s": round(max(machine - sum(by_process.values()), 0.0), 2),
+                "by_process": shown(by_process), "worker_threads": shown(grouped(tha, thb))}

@@ -231,7 +231,9 @@ def main() -> None:
             result["models"][family] = bench_model(family, args, device, dtype)
         except torch.OutOfMemoryError as err:  # report and go on to the next model
             result["models"][family] = {"error": f"out of memory: {str(err).splitlines()[0]}"}
-            gc.collect()
+        # Outside the except block, so the traceback no longer holds the failed model's tensors.
+        gc.collect()
+        if device.type == "cuda":
             torch.cuda.empty_cache()
     result["wall_s"] = round(time.perf_counter() - start, 1)
     print(json.dumps(result), flush=True)
