@@ -269,6 +269,14 @@ class RaydiffConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _validation_has_its_models(self):
+        if self.validation.prompts and self.data.preprocess != "inline":
+            raise ValueError(f"validation.prompts needs the VAE and text encoders on the workers, which "
+                             f"data.preprocess: {self.data.preprocess} leaves out; sample checkpoints with "
+                             f"`raydiff sample`, or use data.preprocess: inline")
+        return self
+
+    @model_validator(mode="after")
     def _tune_metric_is_reported(self):
         # The loop reports at eval steps and checkpoints; Tune refuses a report without its metric.
         if self.tune is not None and self.tune.metric == "eval_loss":

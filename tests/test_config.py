@@ -62,11 +62,12 @@ def test_example_configs_are_valid(path):
     load_config(path)
 
 
-def test_data_options_not_yet_wired_into_training_are_refused_not_ignored():
-    from raydiff.launch.trainer import refuse_unwired_data_options
-
-    for data in ({"preprocess": "stream"}, {"buckets": True}, {"caption_dropout": 0.1}, {"random_flip": True}):
-        cfg = parse_config({**BASE, "data": {"metadata_path": "x", **data}})
-        with pytest.raises(ConfigError, match="not supported by `raydiff train` yet"):
-            refuse_unwired_data_options(cfg)
-    refuse_unwired_data_options(parse_config(BASE))
+def test_preprocess_options_that_cannot_work_together_are_refused():
+    for data, message in [({"preprocess": "cache"}, "needs data.cache_dir"),
+                          ({"buckets": True, "height": 32, "width": 32}, "unset data.height/width"),
+                          ({"caption_dropout": 1.5}, "less than or equal to 1")]:
+        with pytest.raises(ConfigError, match=message):
+            parse_config({**BASE, "data": {"metadata_path": "x", **data}})
+    with pytest.raises(ConfigError, match="raydiff sample"):
+        parse_config({**BASE, "data": {"metadata_path": "x", "preprocess": "stream"},
+                      "validation": {"prompts": ["a cat"]}})

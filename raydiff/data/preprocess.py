@@ -227,6 +227,7 @@ def preprocess(cfg: RaydiffConfig, rows: list[dict] | None = None, *, shard_rows
     if manifest is not None:
         same = {k: manifest.get(k) for k in identity} == identity
         if same and manifest.get("complete"):
+            say(f"[raydiff] cache {d.cache_dir} is complete and current ({manifest.get('num_samples')} samples)")
             return d.cache_dir
         if not same:
             say(f"[raydiff] cache {d.cache_dir} is stale ({describe_changes(manifest, identity)}); re-encoding")

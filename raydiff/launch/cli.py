@@ -1,4 +1,4 @@
-"""`raydiff` command line: train, tune, demo, tiny-model, export, sample.
+"""`raydiff` command line: train, preprocess, tune, demo, tiny-model, export, sample.
 
 Errors a user can fix (bad config, bad data, missing files) print one clear message and exit 2;
 anything else keeps its traceback.
@@ -19,6 +19,19 @@ def cmd_train(args) -> None:
 
     cfg = load_config(args.config, args.set)
     launch_training_task(cfg)
+
+
+def cmd_preprocess(args) -> None:
+    from raydiff.config import ConfigError, load_config
+    from raydiff.data.preprocess import preprocess
+    from raydiff.launch.trainer import init_ray
+
+    cfg = load_config(args.config, args.set)
+    if not cfg.data.cache_dir:
+        raise ConfigError("raydiff preprocess writes to data.cache_dir; set it (and data.preprocess: cache to train "
+                          "from it)")
+    init_ray(cfg)
+    preprocess(cfg)
 
 
 def cmd_tune(args) -> None:
@@ -59,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value; repeatable; values parse as YAML")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("preprocess", help="encode the dataset once into data.cache_dir (parquet) for "
+                                          "data.preprocess: cache; a complete, current cache is left alone")
+    p.add_argument("config", help="the YAML config you train with")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value; repeatable; values parse as YAML")
+    p.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("tune", help="search config values with Ray Tune (the `tune:` section), one run per trial")
     p.add_argument("config", help="YAML config file with a `tune:` section (see README: Tune)")

@@ -13,8 +13,9 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig
 from ray.train.torch import TorchTrainer
 
 from raydiff.config import ConfigError, RaydiffConfig, to_dict
-from raydiff.data.dataset import build_dataset, train_and_eval_rows
+from raydiff.data.dataset import train_and_eval_rows
 from raydiff.data.decode import skip_counter
+from raydiff.data.preprocess import build_eval_dataset, build_train_data
 from raydiff.launch.storage import check_storage, storage_filesystem
 from raydiff.training.loop import train_loop_per_worker
 
@@ -64,33 +65,21 @@ def steps_per_epoch(num_rows: int, cfg: RaydiffConfig) -> int:
     return steps
 
 
-def refuse_unwired_data_options(cfg: RaydiffConfig) -> None:
-    """The encode stage, cache, buckets, caption dropout and flips exist as tested building blocks
-    (raydiff.data.preprocess) but the training loop does not consume them yet: refuse rather than
-    silently train without them."""
-    d = cfg.data
-    unwired = [k for k, on in [("data.preprocess", d.preprocess != "inline"), ("data.buckets", d.buckets),
-                               ("data.caption_dropout", d.caption_dropout > 0), ("data.random_flip", d.random_flip)]
-               if on]
-    if unwired:
-        raise ConfigError(f"{', '.join(unwired)}: not supported by `raydiff train` yet (the building blocks are in "
-                          "raydiff.data.preprocess; training with them lands in the next release)")
-
-
 def build_trainer(cfg: RaydiffConfig, module_factory: Callable | None = None, **run_config_kwargs) -> TorchTrainer:
     """A TorchTrainer whose workers build the training module themselves (`module_factory(device)`,
     or the config-driven module) and stream decoded samples from a Ray Data pipeline."""
-    refuse_unwired_data_options(cfg)
     rows, eval_rows, bad = train_and_eval_rows(cfg.data, cfg.eval)
     counter = None
     if cfg.data.skip_bad_samples:
         counter = f"raydiff-skips-{cfg.ray.name}"
         actor = skip_counter(cfg.ray.name)
         ray.get([actor.add.remote(b.row, b.reason) for b in bad])
-    datasets = {"train": build_dataset(cfg.data, rows, seed=cfg.train.seed, counter_name=counter)}
+    # inline: workers decode and encode; stream: an encoder actor pool feeds them latents; cache: the
+    # parquet cache (built first if missing or stale) does. See raydiff/data/preprocess.py.
+    train = build_train_data(cfg, rows, seed=cfg.train.seed, counter_name=counter)
+    datasets = {"train": train.dataset}
     if eval_rows:  # unsplit: every rank sees the same ordered eval set and scores its share of it
-        datasets["eval"] = build_dataset(cfg.data.model_copy(update={"shuffle": False}), eval_rows, seed=0,
-                                         counter_name=counter)
+        datasets["eval"] = build_eval_dataset(cfg, eval_rows, counter_name=counter)
     # preserve_order: the split gives rank r the same samples in the same order on every run, whatever
     # the node layout (else Ray splits by decode-task completion order and block locality), so runs
     # reproduce and a resumed epoch skips exactly the batches it trained. Cost: no locality, in-order decode.
@@ -105,7 +94,8 @@ def build_trainer(cfg: RaydiffConfig, module_factory: Callable | None = None, **
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_dict(cfg), "module_factory": module_factory,
-                           "steps_per_epoch": steps_per_epoch(len(rows), cfg), "skip_counter": counter,
+                           "steps_per_epoch": steps_per_epoch(train.num_samples, cfg), "skip_counter": counter,
+                           "packed": train.packed, "empty_prompt": train.empty_prompt,
                            "run_dir": run_dir(cfg), "is_tty": sys.stdout.isatty()},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker=resources,

@@ -28,6 +28,8 @@ from diffusers.optimization import get_scheduler
 from raydiff.config import RaydiffConfig, dump_config, parse_config
 from raydiff.console import quiet_libraries, say
 from raydiff.data.collate import collate
+from raydiff.data.encode import training_components
+from raydiff.data.plan import CaptionDropout
 from raydiff.training.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from raydiff.training.evaluation import EvalSettings, evaluate
 from raydiff.training.reporting import RunLogger, plot_losses
@@ -77,9 +79,11 @@ def mean_across_ranks(value: float, world: int, device) -> float:
     return t.item() / world
 
 
-def worker_placement(rank: int, world: int) -> list[dict]:
-    """Where each rank runs (node id, host), gathered from all ranks; recorded in trainer_state.json."""
-    me = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname()}
+def worker_placement(rank: int, world: int, module: DiffusionTrainingModule) -> list[dict]:
+    """Where each rank runs (node id, host) and which models it loaded, gathered from all ranks;
+    recorded in trainer_state.json."""
+    me = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
+          "models": sorted(getattr(module, "models", {}).keys())}
     if world == 1:
         return [me]
     everyone = [None] * world
@@ -99,6 +103,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     factory: ModuleFactory | None = loop_config.get("module_factory")
     steps_per_epoch: int = loop_config["steps_per_epoch"]
     counter_name: str | None = loop_config.get("skip_counter")
+    packed: bool = loop_config.get("packed", False)  # bucket batches: one dataset row holds a whole batch
     t = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -106,9 +111,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     total_steps = steps_per_epoch * t.num_epochs if t.max_steps is None else min(t.max_steps, steps_per_epoch * t.num_epochs)
     assert steps_per_epoch > 0, "each worker needs at least one optimizer step per epoch"
 
-    # [1] model, optimizer, schedule — built here, in the worker, never pickled from the driver
+    # [1] model, optimizer, schedule — built here, in the worker, never pickled from the driver.
+    # With data.preprocess stream/cache the batches arrive encoded: load only the DiT (and what trains).
     torch.manual_seed(t.seed)  # the LoRA init follows train.seed (DDP then copies rank 0's to every rank)
-    module = factory(device) if factory else PipelineTrainingModule(cfg, device=device)
+    module = factory(device) if factory else PipelineTrainingModule(cfg, device, training_components(cfg))
     params = module.trainable_parameters()
     assert params, "the training module has no trainable parameters"
     optimizer, scheduler = build_optimizer(cfg, params, total_steps)
@@ -121,7 +127,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank == 0:
             say(f"[raydiff] resumed at step {state.global_step} (epoch {state.epoch}, "
                 f"batch {state.batches_in_epoch})")
-    state.workers = worker_placement(rank, world)
+    state.workers = worker_placement(rank, world, module)
     model = ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": False})
     shard = ray.train.get_dataset_shard("train")
     eval_set = EvalSet(ray.train.get_dataset_shard("eval"), cfg, device, rank, world) if cfg.eval.enabled else None
@@ -134,8 +140,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     precision, offload, scaler = mixed_precision(cfg, device)
     accum, config_yaml = t.gradient_accumulation_steps, dump_config(cfg)
     micro_per_epoch = steps_per_epoch * accum
-    # Decoded samples held for the local shuffle; capped because they sit in host memory.
-    shuffle_buffer = min(micro_per_epoch * t.batch_size, 256) if cfg.data.shuffle else None
+    rows_per_batch = 1 if packed else t.batch_size
+    # Decoded samples (or bucket batches) held for the local shuffle; capped: they sit in host memory.
+    shuffle_buffer = min(micro_per_epoch * rows_per_batch, 256) if cfg.data.shuffle else None
+    dropout = (CaptionDropout(cfg.data.caption_dropout, t.seed, loop_config.get("empty_prompt"))
+               if cfg.data.caption_dropout > 0 else None)
     window = LogWindow()
     last_saved, bad_in_a_row = state.global_step, 0
     done = state.global_step >= total_steps
@@ -146,7 +155,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         optimizer.zero_grad(set_to_none=True)
         # The split is deterministic (preserve_order), so a per-(epoch, rank) seeded local shuffle gives
         # each epoch a new order that a resumed run reproduces exactly.
-        batches = shard.iter_batches(batch_size=t.batch_size, batch_format="numpy", drop_last=True,
+        batches = shard.iter_batches(batch_size=rows_per_batch, batch_format="numpy", drop_last=True,
                                      prefetch_batches=2, local_shuffle_buffer_size=shuffle_buffer,
                                      local_shuffle_seed=step_seed(t.seed, epoch, 0, rank, world))
         for micro, batch in enumerate(batches):
@@ -154,7 +163,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             # (consumed, not abandoned: every rank must drain the split before the next epoch).
             if micro < skip or micro >= micro_per_epoch:
                 continue
-            inputs = collate(batch, device, cfg.data.data_file_keys)
+            inputs = collate(batch, device, cfg.data.data_file_keys, caption_dropout=dropout, epoch=epoch)
             sync_now = (micro + 1) % accum == 0
             generator = torch.Generator().manual_seed(step_seed(t.seed, state.global_step, micro % accum, rank, world))
             # DDP all-reduces gradients only on the last micro-batch of an accumulation window.
@@ -229,14 +238,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 
 class EvalSet:
-    """This rank's share of the eval set (positions p with p % world == rank), decoded once and kept
-    as uint8 on the host; `loss` is the deterministic eval loss reduced across ranks."""
+    """This rank's share of the eval set (positions p with p % world == rank), decoded (in stream/cache
+    mode also encoded) once and kept on the host; `loss` is the deterministic eval loss reduced across
+    ranks. Batches hold samples of one size (eval sets of mixed sizes need no buckets)."""
 
     def __init__(self, shard, cfg: RaydiffConfig, device, rank: int, world: int):
         self.cfg, self.device, self.world = cfg, device, world
         mine = [row for p, row in enumerate(shard.iter_rows()) if p % world == rank]
-        size = cfg.eval.batch_size
-        self.batches = [mine[i:i + size] for i in range(0, len(mine), size)]
+        size, sized = cfg.eval.batch_size, {}
+        for row in mine:
+            sized.setdefault(np.shape(row.get(cfg.data.data_file_keys[0], row.get("latents"))), []).append(row)
+        self.batches = [rows[i:i + size] for rows in sized.values() for i in range(0, len(rows), size)]
         self.settings = EvalSettings(num_sigmas=cfg.eval.num_sigmas, seed=cfg.eval.seed)
 
     def loss(self, module) -> float:
@@ -244,8 +256,8 @@ class EvalSet:
 
         def batches():
             for rows in self.batches:
-                columns = {k: np.stack([r[k] for r in rows]) for k in keys}
-                columns["prompt"] = [r["prompt"] for r in rows]
+                columns = {k: [r[k] for r in rows] for k in rows[0]}
+                columns.update({k: np.stack(columns[k]) for k in keys if k in columns})
                 yield collate(columns, self.device, keys), [int(r["_row"]) for r in rows]
 
         return evaluate(module, batches(), self.settings, self.cfg.loss, self.world, self.device)
