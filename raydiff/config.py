@@ -158,6 +158,9 @@ class RayConfig(_Section):
     name: str = "raydiff"
     num_to_keep: int | None = Field(3, ge=1)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # ddp: every worker holds the whole model; fsdp: full fine-tuning with the trainable models sharded
+    # block by block across workers (FSDP2), for models whose weights + Adam state exceed one GPU.
+    strategy: Literal["ddp", "fsdp"] = "ddp"
     max_failures: int = Field(0, ge=-1, description="worker-group restarts; -1 = forever")
     address: str | None = Field(None, description="cluster address; null = RAY_ADDRESS or a new local Ray")
     num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local Ray; null = max(4, cores)")
@@ -266,6 +269,17 @@ class RaydiffConfig(_Section):
     def _something_trains(self):
         if self.lora is None and not self.train.trainable_models:
             raise ValueError("nothing to train: set a `lora:` section or train.trainable_models")
+        return self
+
+    @model_validator(mode="after")
+    def _fsdp_is_for_full_fine_tuning(self):
+        if self.ray.strategy == "fsdp":
+            if self.lora is not None or not self.train.trainable_models:
+                raise ValueError("ray.strategy fsdp shards full fine-tuning: set `lora: null` and "
+                                 "train.trainable_models (e.g. [transformer]); LoRA trains with ddp")
+            if self.validation.prompts:
+                raise ValueError("validation.prompts is not supported with ray.strategy fsdp (sampling would "
+                                 "need every rank); sample checkpoints with `raydiff sample`")
         return self
 
     @model_validator(mode="after")

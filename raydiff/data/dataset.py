@@ -12,8 +12,8 @@ import logging
 import ray
 
 from raydiff.config import DataConfig
-from raydiff.data.decode import DecodeSample
 from raydiff.data.metadata import BadSample, SampleError, read_metadata
+from raydiff.data.plan import DecodeRow
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +53,9 @@ def train_and_eval_rows(data: DataConfig, eval_cfg) -> tuple[list[dict], list[di
 
 
 def build_dataset(cfg: DataConfig, rows: list[dict], *, seed: int, counter_name: str | None = None) -> ray.data.Dataset:
-    """A lazy Ray Data pipeline of decoded samples: {key: uint8 (H, W, 3) or (F, H, W, 3), prompt, _row}."""
+    """Rows (or bucket batches, see raydiff.data.plan) -> a lazy Ray Data pipeline of decoded samples
+    {key: uint8 (H, W, 3) or (F, H, W, 3), prompt, _row, ...} in the order given; `seed` picks the flips."""
     # Blocks of ~64 rows: enough tasks to keep decoders busy, few enough that task overhead stays small.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), max(8, len(rows) // 64)))
-    if cfg.shuffle:
-        ds = ds.random_shuffle(seed=seed)
-    return ds.flat_map(DecodeSample(cfg, counter_name), num_cpus=cfg.num_cpus)
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), max(8, len(rows) // 64))))
+    return ds.flat_map(DecodeRow(cfg, seed, counter_name), num_cpus=cfg.num_cpus)

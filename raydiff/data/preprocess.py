@@ -26,10 +26,11 @@ from raydiff.console import say
 from raydiff.data.buckets import plan_batches, row_buckets
 from raydiff.data.cache_io import (CacheLayout, RepeatCached, ShardWriter, decode_shard_batch, pack_group,
                                    read_empty_prompt, write_empty_prompt)
+from raydiff.data.dataset import build_dataset
 from raydiff.data.decode import VIDEO_KEYS
 from raydiff.data.encode import EncodeBatch, encode_empty_prompt, trainable_names
 from raydiff.data.metadata import is_url
-from raydiff.data.plan import DecodeRow, order_rows
+from raydiff.data.plan import order_rows
 
 FORMAT = 1
 SHARD_ROWS = 256
@@ -83,9 +84,7 @@ def _streamed_data(cfg: RaydiffConfig, rows: list[dict], seed: int, counter_name
         items = [{"_batch": i, "_rows": json.dumps(b)} for i, b in enumerate(batches)]
     else:
         items = ordered
-    # Blocks of ~64 rows: enough tasks to keep decoders busy, few enough that task overhead stays small.
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), max(8, len(items) // 64))))
-    ds = ds.flat_map(DecodeRow(d, seed, counter_name), num_cpus=d.num_cpus)
+    ds = build_dataset(d, items, seed=seed, counter_name=counter_name)
     empty = None
     if d.preprocess == "stream":
         ds = ds.map_batches(EncodeBatch, fn_constructor_args=(to_dict(cfg),),
@@ -104,8 +103,7 @@ def build_eval_dataset(cfg: RaydiffConfig, rows: list[dict], counter_name: str |
     """The eval set in file order, decoded without flips; in stream/cache mode also encoded by an actor
     pool, since those workers hold no encoders (eval sets are small: never cached)."""
     d = cfg.data.model_copy(update={"random_flip": False})
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 8)))
-    ds = ds.flat_map(DecodeRow(d, 0, counter_name), num_cpus=d.num_cpus)
+    ds = build_dataset(d, rows, seed=0, counter_name=counter_name)
     if d.preprocess == "inline":
         return ds
     return ds.map_batches(EncodeBatch, fn_constructor_args=(to_dict(cfg),), batch_size=d.encoder_batch_size,

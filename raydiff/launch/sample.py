@@ -1,4 +1,5 @@
-"""`raydiff sample`: one image from a base model plus a trained LoRA, with plain diffusers.
+"""`raydiff sample`: one image from a base model plus a trained LoRA (or fully fine-tuned weights),
+with plain diffusers.
 
 The LoRA is loaded the way any diffusers user would load it (`load_lora_weights` on the family's
 pipeline), so a checkpoint that samples here loads everywhere diffusers does.
@@ -9,6 +10,8 @@ from __future__ import annotations
 import os
 
 import torch
+
+from raydiff.training.checkpoint import FULL_WEIGHTS_FILE
 
 ADAPTER = "raydiff"
 
@@ -29,7 +32,9 @@ def sample(model: str, lora: str | None, prompt: str, out: str, *, family: str =
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     pipe = get_pipeline_class(family).diffusers_class.from_pretrained(model, dtype=DTYPES[dtype])
-    if lora is not None:
+    if lora is not None and os.path.isfile(os.path.join(lora, FULL_WEIGHTS_FILE)):
+        load_full_weights(pipe, os.path.join(lora, FULL_WEIGHTS_FILE))  # a full fine-tuning checkpoint
+    elif lora is not None:
         if not os.path.exists(lora):
             raise FileNotFoundError(f"no LoRA checkpoint or file at {lora}")
         location, weight_name = (lora, None) if os.path.isdir(lora) else os.path.split(os.path.abspath(lora))
@@ -46,6 +51,17 @@ def sample(model: str, lora: str | None, prompt: str, out: str, *, family: str =
     return out
 
 
+def load_full_weights(pipe, path: str) -> None:
+    """Load a full fine-tuning checkpoint's `{component}.{param}` weights into the pipeline's components."""
+    from safetensors.torch import load_file
+
+    weights = load_file(path)
+    for name in sorted({k.split(".", 1)[0] for k in weights}):
+        component = getattr(pipe, name)
+        own = {k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(name + ".")}
+        component.load_state_dict(own, strict=True)
+
+
 def cmd_sample(args) -> None:
     path = sample(args.model, args.lora, args.prompt, args.out, family=args.family, lora_scale=args.lora_scale,
                   steps=args.steps, guidance=args.guidance, height=args.height, width=args.width, seed=args.seed,
@@ -59,7 +75,7 @@ def add_sample_parser(subparsers) -> None:
 
     p = subparsers.add_parser("sample", help="render one image from a model and a trained LoRA (diffusers)")
     p.add_argument("--model", required=True, help="diffusers-format model directory or hub id")
-    p.add_argument("--lora", default=None, help="checkpoint directory or .safetensors file (omit: base model)")
+    p.add_argument("--lora", default=None, help="checkpoint directory (LoRA or full fine-tuning) or LoRA .safetensors file (omit: base model)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--family", default="flux", choices=sorted(FAMILY_MODULES))

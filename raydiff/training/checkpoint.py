@@ -3,6 +3,7 @@
   pytorch_lora_weights.safetensors  LoRA in diffusers' key format, rank/alpha in metadata
   trainable_weights.safetensors     (full fine-tuning instead of LoRA)
   training_state.pt                 optimizer + LR scheduler state, read with weights_only=True
+                                    (FSDP: the full optimizer state, keyed by parameter name)
   trainer_state.json                global_step, epoch, position in the epoch, log_history
   config.yaml                       the resolved config of the run
 
@@ -14,11 +15,13 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
+from typing import Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from raydiff.training import lora as lora_lib
+from raydiff.training.fsdp import load_full_state
 
 STATE_FILE = "training_state.pt"
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -42,14 +45,18 @@ class TrainerState:
             return cls(**json.load(f))
 
 
-def save_checkpoint(directory: str, module, optimizer, scheduler, state: TrainerState, config_yaml: str) -> None:
+def save_checkpoint(directory: str, module, optimizer, scheduler, state: TrainerState, config_yaml: str,
+                    weights: dict | None = None, optimizer_state: dict | None = None) -> None:
+    """Write the checkpoint directory. `weights` / `optimizer_state`: already gathered full dicts
+    (FSDP, raydiff.training.fsdp); by default the module's and the optimizer's own."""
     os.makedirs(directory, exist_ok=True)
-    weights = module.trainable_state_dict()
+    weights = module.trainable_state_dict() if weights is None else weights
     if module.lora_config is not None:
         lora_lib.save_lora(directory, module.pipe.diffusers_class, module.lora_base_model, weights, module.lora_config)
     else:
         save_file(weights, os.path.join(directory, FULL_WEIGHTS_FILE))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+    optimizer_state = optimizer.state_dict() if optimizer_state is None else optimizer_state
+    torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()},
                os.path.join(directory, STATE_FILE))
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
         f.write(config_yaml)
@@ -58,8 +65,15 @@ def save_checkpoint(directory: str, module, optimizer, scheduler, state: Trainer
         json.dump(asdict(state), f, indent=1)
 
 
-def load_checkpoint(directory: str, module, optimizer, scheduler) -> TrainerState:
-    """Restore weights, optimizer and scheduler in place; returns where training stopped."""
+def load_checkpoint(directory: str, module, optimizer, scheduler, sharded_models: Sequence[str] = ()) -> TrainerState:
+    """Restore weights, optimizer and scheduler in place; returns where training stopped.
+    `sharded_models`: the FSDP-sharded models (a collective load: every rank calls this)."""
+    state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+    if sharded_models:
+        load_full_state(module, sharded_models, load_file(os.path.join(directory, FULL_WEIGHTS_FILE)), optimizer,
+                        state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        return TrainerState.read(directory)
     if module.lora_config is not None:
         lora_lib.load_lora_into(module.models[module.lora_base_model], directory, module.lora_base_model,
                                 config=module.lora_config)
@@ -69,7 +83,6 @@ def load_checkpoint(directory: str, module, optimizer, scheduler) -> TrainerStat
             own = {k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(name + ".")}
             if own:
                 model.load_state_dict(own)
-    state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return TrainerState.read(directory)

@@ -24,12 +24,14 @@ import ray.train
 import ray.train.torch
 import torch
 from diffusers.optimization import get_scheduler
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from raydiff.config import RaydiffConfig, dump_config, parse_config
 from raydiff.console import quiet_libraries, say
 from raydiff.data.collate import collate
 from raydiff.data.encode import training_components
 from raydiff.data.plan import CaptionDropout
+from raydiff.training import fsdp
 from raydiff.training.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from raydiff.training.evaluation import EvalSettings, evaluate
 from raydiff.training.reporting import RunLogger, plot_losses
@@ -49,7 +51,9 @@ def mixed_precision(cfg: RaydiffConfig, device: torch.device):
     fp16 needs loss scaling (a no-op scaler otherwise); LoRA params and Adam state stay fp32."""
     t = cfg.train
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.mixed_precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=t.mixed_precision == "fp16")
+    # FSDP: each rank sees only its shards' gradients; the sharded scaler agrees on overflow across ranks.
+    scaler_cls = ShardedGradScaler if cfg.ray.strategy == "fsdp" else torch.amp.GradScaler
+    scaler = scaler_cls(device.type, enabled=t.mixed_precision == "fp16")
 
     def precision(dev):
         return torch.autocast(dev.type, dtype=dtype) if dtype else nullcontext()
@@ -69,6 +73,10 @@ def build_optimizer(cfg: RaydiffConfig, params: list[torch.nn.Parameter], total_
     name = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}[t.lr_scheduler]
     scheduler = get_scheduler(name, optimizer, num_warmup_steps=t.lr_warmup_steps, num_training_steps=total_steps)
     return optimizer, scheduler
+
+
+def no_gradient_sync(model, sharded: list[str]):
+    return fsdp.no_gradient_sync(model, sharded) if sharded else model.no_sync()
 
 
 def mean_across_ranks(value: float, world: int, device) -> float:
@@ -115,6 +123,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # With data.preprocess stream/cache the batches arrive encoded: load only the DiT (and what trains).
     torch.manual_seed(t.seed)  # the LoRA init follows train.seed (DDP then copies rank 0's to every rank)
     module = factory(device) if factory else PipelineTrainingModule(cfg, device, training_components(cfg))
+    sharded = t.trainable_models if cfg.ray.strategy == "fsdp" else []
+    if sharded:  # before the optimizer: sharding swaps each parameter for this rank's shard
+        fsdp.shard_module(module, sharded, t.mixed_precision)
     params = module.trainable_parameters()
     assert params, "the training module has no trainable parameters"
     optimizer, scheduler = build_optimizer(cfg, params, total_steps)
@@ -123,14 +134,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
     state = TrainerState()
     if (checkpoint := ray.train.get_checkpoint()) is not None:
         with checkpoint.as_directory() as directory:
-            state = load_checkpoint(directory, module, optimizer, scheduler)
+            state = load_checkpoint(directory, module, optimizer, scheduler, sharded)
         if rank == 0:
             say(f"[raydiff] resumed at step {state.global_step} (epoch {state.epoch}, "
                 f"batch {state.batches_in_epoch})")
     state.workers = worker_placement(rank, world, module)
-    model = ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": False})
+    model = module if sharded else ray.train.torch.prepare_model(
+        module, parallel_strategy_kwargs={"find_unused_parameters": False})
     shard = ray.train.get_dataset_shard("train")
-    eval_set = EvalSet(ray.train.get_dataset_shard("eval"), cfg, device, rank, world) if cfg.eval.enabled else None
+    # FSDP forwards are collective, so there every rank scores the whole (small) eval set.
+    eval_set = (EvalSet(ray.train.get_dataset_shard("eval"), cfg, device, *((0, 1) if sharded else (rank, world)))
+                if cfg.eval.enabled else None)
     eval_every = cfg.eval.every_steps or total_steps
     logger = RunLogger(cfg.logging, loop_config["run_dir"], total_steps, state.global_step,
                        loop_config.get("is_tty")) if rank == 0 else None
@@ -166,8 +180,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             inputs = collate(batch, device, cfg.data.data_file_keys, caption_dropout=dropout, epoch=epoch)
             sync_now = (micro + 1) % accum == 0
             generator = torch.Generator().manual_seed(step_seed(t.seed, state.global_step, micro % accum, rank, world))
-            # DDP all-reduces gradients only on the last micro-batch of an accumulation window.
-            with nullcontext() if sync_now or world == 1 else model.no_sync():
+            # DDP all-reduces (FSDP reduce-scatters) gradients only on the last micro-batch of a window.
+            with nullcontext() if sync_now or world == 1 else no_gradient_sync(model, sharded):
                 with precision(device), offload():
                     loss = model(inputs, generator=generator)
                 scaler.scale(loss / accum).backward()
@@ -219,7 +233,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             # eval losses (what Tune schedules on).
             if save or evaluate_now:
                 report(metrics, state, module, optimizer, scheduler, config_yaml, rank, save=save,
-                       extras=extras, final=done)
+                       extras=extras, final=done, sharded=sharded)
                 last_saved = state.global_step if save else last_saved
             if done:
                 break
@@ -231,7 +245,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metrics = {"step": state.global_step, "epoch": state.epoch, "skipped_samples": skipped_samples(counter_name)}
         if eval_set is not None:
             metrics["eval_loss"] = eval_set.loss(module)
-        report(metrics, state, module, optimizer, scheduler, config_yaml, rank, save=True, extras=extras, final=True)
+        report(metrics, state, module, optimizer, scheduler, config_yaml, rank, save=True, extras=extras, final=True,
+               sharded=sharded)
+    if sharded and world > 1:
+        torch.distributed.barrier()  # no rank tears the process group down while another still gathers
     if logger:
         logger.write(f"[raydiff] finished: {state.global_step}/{total_steps} steps")
         logger.close()
@@ -306,15 +323,19 @@ class CheckpointExtras:
 
 
 def report(metrics: dict, state: TrainerState, module, optimizer, scheduler, config_yaml: str, rank: int,
-           save: bool, extras: CheckpointExtras, final: bool = False) -> None:
-    """Every rank reports; with `save`, rank 0 also writes the checkpoint and attaches it."""
+           save: bool, extras: CheckpointExtras, final: bool = False, sharded=()) -> None:
+    """Every rank reports; with `save`, rank 0 also writes the checkpoint and attaches it.
+    `sharded`: FSDP-sharded models, whose full weights and optimizer state every rank gathers first."""
     if not save:
         ray.train.report(metrics)
         return
+    weights = optimizer_state = None
+    if sharded:
+        weights, optimizer_state = fsdp.full_state_dict(module, sharded), fsdp.optimizer_state(module, optimizer)
     with tempfile.TemporaryDirectory(prefix="raydiff-ckpt-") as tmp:
         checkpoint = None
         if rank == 0:
-            save_checkpoint(tmp, module, optimizer, scheduler, state, config_yaml)
+            save_checkpoint(tmp, module, optimizer, scheduler, state, config_yaml, weights, optimizer_state)
             extras.write(tmp, module, state, final)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint-{state.global_step:06d}")

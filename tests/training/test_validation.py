@@ -103,6 +103,26 @@ def test_sample_applies_lora_scale(trained, tiny_model, tmp_path):
     assert np.abs(pixels(base) - pixels(on)).mean() > 0.5
 
 
+def test_sample_loads_a_full_fine_tuning_checkpoint(tiny_model, tmp_path):
+    from safetensors.torch import save_file
+
+    from raydiff.pipelines.base import get_pipeline_class
+    from raydiff.training.checkpoint import FULL_WEIGHTS_FILE
+
+    model = tiny_model("flux")
+    state = get_pipeline_class("flux").from_pretrained(model, components=["transformer"]).pipe.transformer.state_dict()
+    kwargs = dict(steps=2, height=32, width=32, seed=3)
+    base = sample(model, None, "a red circle", str(tmp_path / "base.png"), **kwargs)
+    for name, scale in [("same", 1.0), ("trained", 1.5)]:
+        os.makedirs(tmp_path / name)
+        save_file({f"transformer.{k}": (v * scale).contiguous() for k, v in state.items()},
+                  str(tmp_path / name / FULL_WEIGHTS_FILE))
+    same = sample(model, str(tmp_path / "same"), "a red circle", str(tmp_path / "same.png"), **kwargs)
+    trained = sample(model, str(tmp_path / "trained"), "a red circle", str(tmp_path / "trained.png"), **kwargs)
+    assert (pixels(base) == pixels(same)).all()
+    assert np.abs(pixels(base) - pixels(trained)).mean() > 0.5
+
+
 # What cli.py does with add_sample_parser, in a fresh process as `raydiff sample` would run.
 CLI = """import argparse, sys
 from raydiff.launch.sample import add_sample_parser
