@@ -1,7 +1,7 @@
 """LoRA training step time, peak GPU memory and MFU for FLUX.1-dev-sized (12B) and Qwen-Image-sized (20B)
 transformers, built from their real configs with random bfloat16 weights.
 
-    python benchmarks/gpu.py [--models flux qwen_image] [--steps 5] [--warmup 2]
+    python benchmarks/gpu.py [--models flux qwen_image] [--steps 5] [--warmup 2] [--compile flux] [--fsdp]
 
 Per model: build the transformer on the `meta` device, cast to bfloat16 there, `to_empty` on the GPU and
 initialise it (no checkpoint download, no host-memory copy of 24-40 GB); freeze it, inject raydiff's
@@ -110,7 +110,7 @@ def make_inputs(family: str, config: dict, text_tokens: int, device, latent_side
     return inputs
 
 
-def bench_model(family: str, args, device, dtype) -> dict:
+def bench_model(family: str, args, device, dtype, compile_backend: str | None = None) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -132,6 +132,10 @@ def bench_model(family: str, args, device, dtype) -> dict:
     lora_lib.inject_lora(dit, target_modules=targets, rank=args.rank, alpha=None)
     dit.enable_gradient_checkpointing()
     dit.train()
+    if compile_backend:  # raydiff's train.compile: each block compiled in place (regional)
+        from raydiff.training.module import speed_up
+
+        speed_up(dit, None, compile_backend)
     params = [p for p in dit.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
     pipe = training_pipeline(family, dit, device)
@@ -153,9 +157,11 @@ def bench_model(family: str, args, device, dtype) -> dict:
         if cuda:
             torch.cuda.synchronize()
 
+    warm = time.perf_counter()
     for i in range(args.warmup):
         step(i)
     sync()
+    warmup_s = time.perf_counter() - warm  # with compile: the compilation
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
@@ -167,6 +173,12 @@ def bench_model(family: str, args, device, dtype) -> dict:
     peak_alloc = torch.cuda.max_memory_allocated() if cuda else 0
     peak_reserved = torch.cuda.max_memory_reserved() if cuda else 0
 
+    if compile_backend:  # FLOPs are the eager run's; compiled graphs hide their ops from the counter
+        result = {"family": family, "compile": compile_backend, "warmup_s": round(warmup_s, 1),
+                  "step_s_median": round(statistics.median(times), 4), "step_s_all": [round(t, 4) for t in times],
+                  "peak_allocated_gib": round(peak_alloc / 2**30, 2), "losses_finite": all(map(math.isfinite, losses))}
+        del dit, optimizer, params, pipe, inputs
+        return result
     # FLOPs: one forward alone (no grad), then one whole step, which also counts the recompute.
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
@@ -184,7 +196,7 @@ def bench_model(family: str, args, device, dtype) -> dict:
         "base_params_b": round(base_params / 1e9, 3), "lora_params_m": round(sum(p.numel() for p in params) / 1e6, 3),
         "lora_targets": targets, "lora_rank": args.rank, "image_tokens": (latent_side // 2) ** 2,
         "text_tokens": text_tokens, "batch_size": 1, "dtype": str(dtype).removeprefix("torch."),
-        "gradient_checkpointing": True, "build_s": round(build_s, 2),
+        "gradient_checkpointing": True, "build_s": round(build_s, 2), "warmup_s": round(warmup_s, 1),
         "step_s_median": round(step_s, 4), "step_s_all": [round(t, 4) for t in times],
         "peak_allocated_gib": round(peak_alloc / 2**30, 2), "peak_reserved_gib": round(peak_reserved / 2**30, 2),
         "forward_tflops": round(forward_flops / 1e12, 2), "step_model_tflops": round(model_flops / 1e12, 2),
@@ -200,6 +212,84 @@ def bench_model(family: str, args, device, dtype) -> dict:
     return result
 
 
+FSDP_BLOCKS = {"num_layers": 4, "num_single_layers": 8}  # FLUX width, a third of its depth: 2.56B params
+
+
+def bench_fsdp(args, device) -> dict:
+    """Full fine-tuning through raydiff's FSDP2 path (`ray.strategy: fsdp`) on one process: fp32 master
+    weights sharded block by block (world 1 here; the same code shards across GPUs), bf16 compute,
+    gradient checkpointing, AdamW; then the consolidated checkpoint gather. A FLUX-width model of
+    FSDP_BLOCKS depth: the whole 12B would need ~190 GB for fp32 weights, gradients and Adam state."""
+    import os
+    import socket
+
+    import torch
+    import torch.distributed as dist
+
+    from raydiff.training import fsdp
+    from raydiff.training.loss import flow_matching_loss
+
+    cuda = device.type == "cuda"
+    config = dict((SMOKE_MODELS if args.smoke else MODELS)["flux"], **({} if args.smoke else FSDP_BLOCKS))
+    latent_side = 16 if args.smoke else 128
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
+        dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    dit = build_transformer("flux", config, device, torch.float32)
+    dit.enable_gradient_checkpointing()
+    dit.train()
+    holder = torch.nn.Module()
+    holder.models = torch.nn.ModuleDict({"transformer": dit})  # what shard_module expects of a training module
+    fsdp.shard_module(holder, ["transformer"], "no" if args.smoke else "bf16")
+    params = list(dit.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
+    pipe = training_pipeline("flux", dit, device)
+    inputs = make_inputs("flux", config, args.text_tokens or TEXT_TOKENS["flux"], device, latent_side)
+    build_s = time.perf_counter() - start
+
+    def step(i: int) -> float:
+        g = torch.Generator().manual_seed(i)
+        noise = torch.randn(inputs["latents"].shape, generator=g).to(device)
+        loss = flow_matching_loss(pipe, inputs, torch.rand(1, generator=g), noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for i in range(args.warmup):
+        step(i)
+    sync()
+    times, losses = [], []
+    for i in range(args.steps):
+        t0 = time.perf_counter()
+        losses.append(step(args.warmup + i))
+        sync()
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() if cuda else 0
+    t0 = time.perf_counter()
+    full = fsdp.full_state_dict(holder, ["transformer"])
+    gather_s = time.perf_counter() - t0
+    result = {"family": "flux", "mode": "full fine-tuning, ray.strategy fsdp (FSDP2, world 1)",
+              "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
+              "params_b": round(sum(p.numel() for p in full.values()) / 1e9, 3),
+              "master_dtype": "float32", "compute_dtype": "float32" if args.smoke else "bfloat16",
+              "image_tokens": (latent_side // 2) ** 2, "batch_size": 1, "build_s": round(build_s, 2),
+              "step_s_median": round(statistics.median(times), 4), "step_s_all": [round(t, 4) for t in times],
+              "peak_allocated_gib": round(peak / 2**30, 2), "consolidate_s": round(gather_s, 2),
+              "consolidated_on_cpu": all(v.device.type == "cpu" for v in full.values()),
+              "losses_finite": all(math.isfinite(x) for x in losses)}
+    del full, dit, holder, optimizer, params, pipe, inputs
+    dist.destroy_process_group()
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["flux", "qwen_image"])
@@ -207,6 +297,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--text-tokens", type=int, default=None, help="prompt tokens (default: per family)")
+    parser.add_argument("--compile", nargs="*", choices=sorted(MODELS), default=[],
+                        help="also time these LoRA runs with train.compile (regional torch.compile, inductor)")
+    parser.add_argument("--fsdp", action="store_true", help="also time full fine-tuning through ray.strategy fsdp")
     parser.add_argument("--smoke", action="store_true", help="toy configs on the CPU, to test this script")
     args = parser.parse_args()
 
@@ -226,15 +319,21 @@ def main() -> None:
               "torch": torch.__version__, "cuda": torch.version.cuda, "smoke": args.smoke, "anchor": ANCHOR,
               "models": {}}
     start = time.perf_counter()
-    for family in args.models:
+    cases = [(family, lambda f=family: bench_model(f, args, device, dtype)) for family in args.models]
+    cases += [(f"{family}_compiled", lambda f=family: bench_model(f, args, device, dtype, "inductor"))
+              for family in args.compile]
+    if args.fsdp:
+        cases.append(("flux_fsdp_full", lambda: bench_fsdp(args, device)))
+    for name, run in cases:
         try:
-            result["models"][family] = bench_model(family, args, device, dtype)
-        except torch.OutOfMemoryError as err:  # report and go on to the next model
-            result["models"][family] = {"error": f"out of memory: {str(err).splitlines()[0]}"}
+            result["models"][name] = run()
+        except torch.OutOfMemoryError as err:  # report and go on to the next case
+            result["models"][name] = {"error": f"out of memory: {str(err).splitlines()[0]}"}
         # Outside the except block, so the traceback no longer holds the failed model's tensors.
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        print(f"[gpu] {name}: {json.dumps(result['models'][name])}", file=sys.stderr, flush=True)
     result["wall_s"] = round(time.perf_counter() - start, 1)
     print(json.dumps(result), flush=True)
 
