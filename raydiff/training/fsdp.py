@@ -60,13 +60,19 @@ def shard_module(module, trainable_names: Sequence[str], mixed_precision: str = 
     """
     assert dist.is_initialized(), "shard_module needs a process group (Ray Train or init_process_group)"
     policy = mixed_precision_policy(mixed_precision)
+    # Only the model casts its inputs; its blocks take activations already in the compute dtype and
+    # side inputs (RoPE tables) as the model made them. FSDP2 before torch 2.13 skipped that cast when
+    # checkpointing recomputed a block, so the recompute saw fp32 where the forward had bf16 and
+    # checkpointing refused (FLUX on an H200, torch 2.11).
+    block_policy = MixedPrecisionPolicy(param_dtype=policy.param_dtype, reduce_dtype=policy.reduce_dtype,
+                                        cast_forward_inputs=False)
     mesh = None
     for name in trainable_names:
         model = module.models[name]
         if mesh is None:  # the models' device, not torch's default accelerator: CPU runs on a GPU box work too
             mesh = init_device_mesh(next(model.parameters()).device.type, (dist.get_world_size(),))
         for block in transformer_blocks(model):
-            fully_shard(block, mesh=mesh, mp_policy=policy)
+            fully_shard(block, mesh=mesh, mp_policy=block_policy)
         fully_shard(model, mesh=mesh, mp_policy=policy)
     return module
 

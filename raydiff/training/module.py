@@ -112,6 +112,10 @@ def speed_up(dit: torch.nn.Module, attention_backend: str | None, compile_backen
     grow with depth and a step never recompiles (shapes are fixed per bucket)."""
     if attention_backend:
         dit.set_attention_backend(attention_backend)
+    elif torch.cuda.is_available():
+        # SDPA without its cuDNN kernel (flash / memory-efficient remain): cuDNN's attention backward
+        # failed with an illegal memory access for FLUX at 4608 tokens in bf16 (H200, torch 2.11).
+        torch.backends.cuda.enable_cudnn_sdp(False)
     if compile_backend:
         for blocks in dit.children():
             if isinstance(blocks, torch.nn.ModuleList):
