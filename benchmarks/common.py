@@ -253,11 +253,14 @@ def workdir(name: str, override: str | None = None) -> str:
 
 class InstrumentedFactory:
     """A `module_factory` for `launch_training_task` that builds the same module `raydiff train` builds
-    (`PipelineTrainingModule(cfg)`) and, inside the worker, times every wait on the Ray Data iterator.
+    (`PipelineTrainingModule(cfg, device, training_components(cfg))`) and, inside the worker, times
+    every wait on the Ray Data iterator.
 
     Each rank appends one JSON line per batch to `{out}.rank{r}.jsonl`: `wait_s` (blocked in the
-    iterator's `next()`), `t` (perf_counter when the batch arrived) and `cpu` (the worker process's CPU
-    seconds so far, every thread: Ray's included), so consecutive records bound whole steps.
+    iterator's `next()`), `t` (perf_counter when the batch arrived), `cpu` (the worker process's CPU
+    seconds so far, every thread: Ray's included), so consecutive records bound whole steps, and
+    `maxrss` (the worker's peak resident memory so far, bytes). The header line holds the resident
+    memory once the module is built (`model_rss`) and which pipeline components it loaded.
     Optionally pins torch to `threads` intra-op threads first.
     """
 
@@ -274,11 +277,18 @@ class InstrumentedFactory:
 
         if self.threads:
             torch.set_num_threads(self.threads)
+        import resource
+
+        from raydiff.data.encode import training_components
+
+        cfg = parse_config(self.raw_config)
+        module = PipelineTrainingModule(cfg, device, training_components(cfg))
         rank = ray.train.get_context().get_world_rank()
         path = f"{self.out}.rank{rank}.jsonl"
         with open(path, "w") as f:
             f.write(json.dumps({"torch_threads": torch.get_num_threads(),
-                                "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}) + "\n")
+                                "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+                                "model_rss": current_rss_bytes(), "loaded": sorted(module.models.keys())}) + "\n")
         original = ray.data.iterator.DataIterator.iter_batches
 
         def timed_iter_batches(self_, *args, **kwargs):
@@ -291,12 +301,13 @@ class InstrumentedFactory:
                     except StopIteration:
                         return
                     now = time.perf_counter()
-                    f.write(json.dumps({"t": now, "cpu": time.process_time(), "wait_s": now - start}) + "\n")
+                    f.write(json.dumps({"t": now, "cpu": time.process_time(), "wait_s": now - start,
+                                        "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}) + "\n")
                     f.flush()
                     yield batch
 
         ray.data.iterator.DataIterator.iter_batches = timed_iter_batches
-        return PipelineTrainingModule(parse_config(self.raw_config), device=device)
+        return module
 
 
 def read_instrumented(out: str, rank: int = 0) -> tuple[dict, list[dict]]:
