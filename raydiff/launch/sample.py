@@ -11,8 +11,6 @@ import os
 
 import torch
 
-from raydiff.training.checkpoint import FULL_WEIGHTS_FILE
-
 ADAPTER = "raydiff"
 
 
@@ -27,6 +25,7 @@ def sample(model: str, lora: str | None, prompt: str, out: str, *, family: str =
     starting noise comes from a CPU generator seeded with `seed`, as in validation samples.
     """
     from raydiff.pipelines.base import DTYPES, get_pipeline_class
+    from raydiff.training.checkpoint import FULL_WEIGHTS_FILE
     from raydiff.training.validation import ValidationSettings, sample_images
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

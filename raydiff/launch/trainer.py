@@ -17,7 +17,20 @@ from raydiff.data.dataset import train_and_eval_rows
 from raydiff.data.decode import skip_counter
 from raydiff.data.preprocess import build_eval_dataset, build_train_data
 from raydiff.launch.storage import check_storage, storage_filesystem
-from raydiff.training.loop import train_loop_per_worker
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """raydiff.training.loop.train_loop_per_worker, imported in the worker (the driver never imports
+    diffusers, transformers or peft) once the worker's data feed has started, so the pipeline's
+    start-up overlaps those imports and the model load."""
+    from raydiff.config import parse_config
+    from raydiff.training.feed import EpochFeed
+
+    feed = EpochFeed(parse_config(loop_config["config"]), loop_config["steps_per_epoch"],
+                     loop_config.get("packed", False), fresh=ray.train.get_checkpoint() is None)
+    from raydiff.training.loop import train_loop_per_worker as loop
+
+    loop(loop_config, feed)
 
 
 def init_ray(cfg: RaydiffConfig) -> None:

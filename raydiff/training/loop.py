@@ -1,5 +1,6 @@
 """The per-worker training loop that Ray Train runs on every rank.
 
+    data     this rank's feed (raydiff.training.feed), started before the model so they load together
     setup    build the training module in this worker, AdamW over its trainable params, LR schedule
     resume   load the latest checkpoint Ray hands back (weights, optimizer, schedule, position)
     loop     for each batch: loss -> backward -> (every accum) clip, step, schedule -> log -> checkpoint
@@ -33,17 +34,13 @@ from raydiff.data.encode import training_components
 from raydiff.data.plan import CaptionDropout
 from raydiff.training import fsdp
 from raydiff.training.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+from raydiff.training.feed import EpochFeed, step_seed
 from raydiff.training.evaluation import EvalSettings, evaluate
 from raydiff.training.reporting import RunLogger, plot_losses
 from raydiff.training.validation import ValidationSettings, sample_base_images, write_validation
 from raydiff.training.module import DiffusionTrainingModule, PipelineTrainingModule
 
 ModuleFactory = Callable[[torch.device], DiffusionTrainingModule]
-
-
-def step_seed(seed: int, step: int, micro: int, rank: int, world: int) -> int:
-    """A distinct, reproducible seed for each (step, micro-batch, rank): resume needs no RNG state."""
-    return (seed * 1_000_003 + (step * 4096 + micro) * world + rank) % (2**63)
 
 
 def mixed_precision(cfg: RaydiffConfig, device: torch.device):
@@ -105,7 +102,9 @@ def skipped_samples(counter_name: str | None) -> int:
     return ray.get(ray.get_actor(counter_name).count.remote())
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
+def train_loop_per_worker(loop_config: dict, feed: EpochFeed | None = None) -> None:
+    """Train on this rank. `feed`: the training data, already started (raydiff.launch.trainer starts
+    it before importing this module); built here otherwise."""
     quiet_libraries()
     cfg = parse_config(loop_config["config"])
     factory: ModuleFactory | None = loop_config.get("module_factory")
@@ -118,6 +117,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     total_steps = steps_per_epoch * t.num_epochs if t.max_steps is None else min(t.max_steps, steps_per_epoch * t.num_epochs)
     assert steps_per_epoch > 0, "each worker needs at least one optimizer step per epoch"
+    accum, config_yaml = t.gradient_accumulation_steps, dump_config(cfg)
+
+    # [0] data: this rank's split; a fresh run is already decoding its first batches
+    feed = feed or EpochFeed(cfg, steps_per_epoch, packed, fresh=ray.train.get_checkpoint() is None)
+    micro_per_epoch = feed.micro_per_epoch
 
     # [1] model, optimizer, schedule — built here, in the worker, never pickled from the driver.
     # With data.preprocess stream/cache the batches arrive encoded: load only the DiT (and what trains).
@@ -141,7 +145,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     state.workers = worker_placement(rank, world, module)
     model = module if sharded else ray.train.torch.prepare_model(
         module, parallel_strategy_kwargs={"find_unused_parameters": False})
-    shard = ray.train.get_dataset_shard("train")
     # FSDP forwards are collective, so there every rank scores the whole (small) eval set.
     eval_set = (EvalSet(ray.train.get_dataset_shard("eval"), cfg, device, *((0, 1) if sharded else (rank, world)))
                 if cfg.eval.enabled else None)
@@ -152,11 +155,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # [3] train
     precision, offload, scaler = mixed_precision(cfg, device)
-    accum, config_yaml = t.gradient_accumulation_steps, dump_config(cfg)
-    micro_per_epoch = steps_per_epoch * accum
-    rows_per_batch = 1 if packed else t.batch_size
-    # Decoded samples (or bucket batches) held for the local shuffle; capped: they sit in host memory.
-    shuffle_buffer = min(micro_per_epoch * rows_per_batch, 256) if cfg.data.shuffle else None
     dropout = (CaptionDropout(cfg.data.caption_dropout, t.seed, loop_config.get("empty_prompt"))
                if cfg.data.caption_dropout > 0 else None)
     window = LogWindow()
@@ -167,12 +165,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             break
         skip = state.batches_in_epoch  # resume mid-epoch: do not re-train batches already seen
         optimizer.zero_grad(set_to_none=True)
-        # The split is deterministic (preserve_order), so a per-(epoch, rank) seeded local shuffle gives
-        # each epoch a new order that a resumed run reproduces exactly.
-        batches = shard.iter_batches(batch_size=rows_per_batch, batch_format="numpy", drop_last=True,
-                                     prefetch_batches=2, local_shuffle_buffer_size=shuffle_buffer,
-                                     local_shuffle_seed=step_seed(t.seed, epoch, 0, rank, world))
-        for micro, batch in enumerate(batches):
+        for micro, batch in enumerate(feed.epoch(epoch)):
             # Skip what a resumed run already trained, and the remainder past the planned steps
             # (consumed, not abandoned: every rank must drain the split before the next epoch).
             if micro < skip or micro >= micro_per_epoch:
