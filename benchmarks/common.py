@@ -254,7 +254,7 @@ def workdir(name: str, override: str | None = None) -> str:
 class InstrumentedFactory:
     """A `module_factory` for `launch_training_task` that builds the same module `raydiff train` builds
     (`PipelineTrainingModule(cfg, device, training_components(cfg))`) and, inside the worker, times
-    every wait on the Ray Data iterator.
+    every wait for a batch (the worker's feed: Ray Data's iterator, read ahead from the first batch on).
 
     Each rank appends one JSON line per batch to `{out}.rank{r}.jsonl`: `wait_s` (blocked in the
     iterator's `next()`), `t` (perf_counter when the batch arrived), `cpu` (the worker process's CPU
@@ -268,7 +268,6 @@ class InstrumentedFactory:
         self.raw_config, self.out, self.threads = raw_config, out, threads
 
     def __call__(self, device):
-        import ray.data.iterator
         import ray.train
         import torch
 
@@ -289,9 +288,11 @@ class InstrumentedFactory:
             f.write(json.dumps({"torch_threads": torch.get_num_threads(),
                                 "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                                 "model_rss": current_rss_bytes(), "loaded": sorted(module.models.keys())}) + "\n")
-        original = ray.data.iterator.DataIterator.iter_batches
+        from raydiff.training.feed import EpochFeed
 
-        def timed_iter_batches(self_, *args, **kwargs):
+        original = EpochFeed.epoch  # what the loop iterates (the feed was built before this factory ran)
+
+        def timed_epoch(self_, *args, **kwargs):
             it = iter(original(self_, *args, **kwargs))
             with open(path, "a") as f:
                 while True:
@@ -306,7 +307,7 @@ class InstrumentedFactory:
                     f.flush()
                     yield batch
 
-        ray.data.iterator.DataIterator.iter_batches = timed_iter_batches
+        EpochFeed.epoch = timed_epoch
         return module
 
 

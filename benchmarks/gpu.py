@@ -110,6 +110,28 @@ def make_inputs(family: str, config: dict, text_tokens: int, device, latent_side
     return inputs
 
 
+def time_steps(step, args, cuda: bool, reset_peak: bool) -> tuple[float, list[float], list[float]]:
+    """(warm-up seconds, each timed step's seconds, losses): `args.warmup` untimed steps, then
+    `args.steps` timed ones, each ended by a device sync."""
+    import torch
+
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    start = time.perf_counter()
+    for i in range(args.warmup):
+        step(i)
+    sync()
+    warmup_s = time.perf_counter() - start
+    if cuda and reset_peak:
+        torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for i in range(args.steps):
+        t0 = time.perf_counter()
+        losses.append(step(args.warmup + i))
+        sync()
+        times.append(time.perf_counter() - t0)
+    return warmup_s, times, losses
+
+
 def bench_model(family: str, args, device, dtype, compile_backend: str | None = None) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -153,23 +175,7 @@ def bench_model(family: str, args, device, dtype, compile_backend: str | None = 
         optimizer.zero_grad(set_to_none=True)
         return loss.item()  # a host sync, as the training loop's logging has every step
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
-    warm = time.perf_counter()
-    for i in range(args.warmup):
-        step(i)
-    sync()
-    warmup_s = time.perf_counter() - warm  # with compile: the compilation
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
-    for i in range(args.steps):
-        t0 = time.perf_counter()
-        losses.append(step(args.warmup + i))
-        sync()
-        times.append(time.perf_counter() - t0)
+    warmup_s, times, losses = time_steps(step, args, cuda, reset_peak=True)  # warm-up: with compile, compiling
     peak_alloc = torch.cuda.max_memory_allocated() if cuda else 0
     peak_reserved = torch.cuda.max_memory_reserved() if cuda else 0
 
@@ -265,16 +271,7 @@ def bench_fsdp(args, device) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    for i in range(args.warmup):
-        step(i)
-    sync()
-    times, losses = [], []
-    for i in range(args.steps):
-        t0 = time.perf_counter()
-        losses.append(step(args.warmup + i))
-        sync()
-        times.append(time.perf_counter() - t0)
+    _, times, losses = time_steps(step, args, cuda, reset_peak=False)  # the peak includes Adam's first allocation
     peak = torch.cuda.max_memory_allocated() if cuda else 0
     t0 = time.perf_counter()
     full = fsdp.full_state_dict(holder, ["transformer"])

@@ -12,6 +12,7 @@ the checkpoint. Log lines come from rank 0 every `log_steps`; reports only with 
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
@@ -96,6 +97,14 @@ def worker_placement(rank: int, world: int, module: DiffusionTrainingModule) -> 
     return everyone
 
 
+def quiet_ray_reports() -> None:
+    """Ray Train v2 logs each report at INFO ("Reporting training result ...") through a logger named
+    by its file's path, which Ray's LoggingConfig does not reach: one noisy line per checkpoint."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def skipped_samples(counter_name: str | None) -> int:
     if not counter_name:
         return 0
@@ -106,6 +115,7 @@ def train_loop_per_worker(loop_config: dict, feed: EpochFeed | None = None) -> N
     """Train on this rank. `feed`: the training data, already started (raydiff.launch.trainer starts
     it before importing this module); built here otherwise."""
     quiet_libraries()
+    quiet_ray_reports()
     cfg = parse_config(loop_config["config"])
     factory: ModuleFactory | None = loop_config.get("module_factory")
     steps_per_epoch: int = loop_config["steps_per_epoch"]

@@ -43,6 +43,7 @@ def test_family_trains_from_its_tiny_example(family, ray_session, tiny_model, tm
     meta = write_clips(data) if family == "wan" else write_shapes_dataset(str(data), n=8)
     cfg = load_config(example, [f"model.path={tiny_model(family)}", f"data.base_path={data}",
                                 f"data.metadata_path={meta}", f"ray.storage_path={tmp_path / 'runs'}",
+                                f"data.cache_dir={tmp_path / 'cache'}",  # qwen_image's example trains from a cache
                                 "train.max_steps=2", "ray.num_workers=1"])
     result = launch_training_task(cfg)
     ckpt = result.checkpoint.path
@@ -50,3 +51,6 @@ def test_family_trains_from_its_tiny_example(family, ray_session, tiny_model, tm
                                         "trainer_state.json", "training_state.pt"]
     state = json.loads(Path(ckpt, "trainer_state.json").read_text())
     assert state["global_step"] == 2 and all(np.isfinite(h["loss"]) for h in state["log_history"])
+    if cfg.data.preprocess == "cache":
+        assert state["workers"][0]["models"] == ["transformer"]
+        assert json.loads(Path(tmp_path, "cache", "manifest.json").read_text())["complete"]

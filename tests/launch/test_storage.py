@@ -154,3 +154,22 @@ def test_ray_training_checkpoints_to_s3_and_resumes_from_it(ray_session, make_co
 def read_state(endpoint: str, checkpoint_key: str) -> dict:
     body = client(endpoint).get_object(Bucket=BUCKET, Key=f"{checkpoint_key}/trainer_state.json")["Body"]
     return json.loads(body.read())
+
+
+def test_preprocess_cache_layout_on_s3(s3_endpoint, aws_env, monkeypatch):
+    """data.cache_dir: s3://... goes through pyarrow's S3 filesystem, which takes an S3-compatible
+    server from AWS_ENDPOINT_URL: manifests and shards are written whole, read back, cleared."""
+    import pyarrow as pa
+
+    from raydiff.data.cache_io import CacheLayout
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    layout = CacheLayout(f"s3://{BUCKET}/cache/run")
+    assert layout.read_manifest() is None
+    layout.write_manifest({"complete": False})
+    layout.write_table(layout.shard(0), pa.table({"_row": [0, 1]}))
+    assert layout.read_manifest() == {"complete": False} and layout.exists(layout.shard(0))
+    files = lambda: sorted(k for k in keys(s3_endpoint, "cache/") if not k.endswith("/"))  # noqa: E731 (not dir markers)
+    assert files() == ["cache/run/manifest.json", "cache/run/shards/shard-000000.parquet"]
+    layout.clear()
+    assert files() == []
