@@ -12,7 +12,7 @@ import ray.train
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from raydiff.config import ConfigError, RaydiffConfig, to_dict
+from raydiff.config import RaydiffConfig, to_dict
 from raydiff.data.dataset import train_and_eval_rows
 from raydiff.data.decode import skip_counter
 from raydiff.data.preprocess import build_eval_dataset, build_train_data

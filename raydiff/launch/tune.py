@@ -16,7 +16,6 @@ import csv
 import io
 import json
 import math
-import os
 from typing import Any, Callable
 
 import pyarrow.fs as pafs

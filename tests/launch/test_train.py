@@ -107,7 +107,7 @@ def test_cli_train_with_overrides_and_a_corrupt_image_fails_clearly(tiny_model, 
     """`raydiff train` on its own local Ray: a truncated image stops the run with row and file named."""
     from raydiff.data.shapes import write_shapes_dataset
 
-    meta = write_shapes_dataset(str(tmp_path / "data"), n=4)
+    write_shapes_dataset(str(tmp_path / "data"), n=4)
     (tmp_path / "data" / "0002.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
     config = {"model": {"path": tiny_model("flux"), "max_sequence_length": 16},
               "data": {"base_path": "data", "metadata_path": "data/metadata.csv", "height": 32, "width": 32,

@@ -1,6 +1,5 @@
 """What a person looks at after a run: validation samples and grid, loss.png, TensorBoard events."""
 
-import glob
 from pathlib import Path
 
 import numpy as np
