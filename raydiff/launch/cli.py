@@ -140,7 +140,10 @@ def user_error(err: BaseException) -> str | None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    quiet_libraries()
+    if args.command not in ("train", "tune", "preprocess"):
+        # These load models in this process. train/tune/preprocess load them only in Ray workers, which
+        # quiet themselves: importing diffusers and transformers here would only delay their start.
+        quiet_libraries()
     try:
         args.func(args)
     except Exception as err:  # noqa: BLE001 - re-raised unless it is a user error
