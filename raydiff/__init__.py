@@ -1,4 +1,4 @@
-"""raydiff: fine-tune diffusion transformers (FLUX.1, Qwen-Image, SD3, Wan) with LoRA on Ray."""
+"""raydiff: fine-tune diffusion transformers (FLUX.1, Qwen-Image, SD3, Wan) with LoRA or fully, on Ray."""
 
 from raydiff.config import RaydiffConfig, load_config
 

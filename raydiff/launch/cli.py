@@ -64,7 +64,7 @@ def cmd_export(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from raydiff.pipelines.base import FAMILY_MODULES
 
-    parser = argparse.ArgumentParser(prog="raydiff", description="Fine-tune diffusion transformers with LoRA on Ray.")
+    parser = argparse.ArgumentParser(prog="raydiff", description="Fine-tune diffusion transformers (LoRA or full) on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train from a YAML config (joins RAY_ADDRESS if set, else starts a local Ray)")
