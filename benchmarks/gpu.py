@@ -221,7 +221,7 @@ def bench_model(family: str, args, device, dtype, compile_backend: str | None = 
 FSDP_BLOCKS = {"num_layers": 4, "num_single_layers": 8}  # FLUX width, a third of its depth: 2.56B params
 
 
-def bench_fsdp(args, device) -> dict:
+def bench_fsdp(args, device, compile_backend: str | None = None) -> dict:
     """Full fine-tuning through raydiff's FSDP2 path (`ray.strategy: fsdp`) on one process: fp32 master
     weights sharded block by block (world 1 here; the same code shards across GPUs), bf16 compute,
     gradient checkpointing, AdamW; then the consolidated checkpoint gather. A FLUX-width model of
@@ -251,7 +251,7 @@ def bench_fsdp(args, device) -> dict:
     dit.train()
     from raydiff.training.module import speed_up
 
-    speed_up(dit, None, None)
+    speed_up(dit, None, compile_backend)  # as PipelineTrainingModule does: compile blocks, then shard them
     holder = torch.nn.Module()
     holder.models = torch.nn.ModuleDict({"transformer": dit})  # what shard_module expects of a training module
     fsdp.shard_module(holder, ["transformer"], "bf16")
@@ -277,6 +277,7 @@ def bench_fsdp(args, device) -> dict:
     full = fsdp.full_state_dict(holder, ["transformer"])
     gather_s = time.perf_counter() - t0
     result = {"family": "flux", "mode": "full fine-tuning, ray.strategy fsdp (FSDP2, world 1)",
+              "compile": compile_backend,
               "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
               "params_b": round(sum(p.numel() for p in full.values()) / 1e9, 3),
               "master_dtype": "float32", "compute_dtype": "bfloat16",
@@ -292,7 +293,7 @@ def bench_fsdp(args, device) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["flux", "qwen_image"])
+    parser.add_argument("--models", nargs="*", choices=sorted(MODELS), default=["flux", "qwen_image"])
     parser.add_argument("--steps", type=int, default=5, help="timed steps per model")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rank", type=int, default=16)
@@ -300,6 +301,7 @@ def main() -> None:
     parser.add_argument("--compile", nargs="*", choices=sorted(MODELS), default=[],
                         help="also time these LoRA runs with train.compile (regional torch.compile, inductor)")
     parser.add_argument("--fsdp", action="store_true", help="also time full fine-tuning through ray.strategy fsdp")
+    parser.add_argument("--fsdp-compile", action="store_true", help="the same with train.compile")
     parser.add_argument("--smoke", action="store_true", help="toy configs on the CPU, to test this script")
     args = parser.parse_args()
 
@@ -322,6 +324,8 @@ def main() -> None:
     cases = [(family, lambda f=family: bench_model(f, args, device, dtype)) for family in args.models]
     if args.fsdp:
         cases.append(("flux_fsdp_full", lambda: bench_fsdp(args, device)))
+    if args.fsdp_compile:
+        cases.append(("flux_fsdp_full_compiled", lambda: bench_fsdp(args, device, "inductor")))
     cases += [(f"{family}_compiled", lambda f=family: bench_model(f, args, device, dtype, "inductor"))
               for family in args.compile]
     for name, run in cases:
