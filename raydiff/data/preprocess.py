@@ -52,11 +52,6 @@ class TrainData:
     empty_prompt: dict[str, np.ndarray] | None = None
 
 
-def build_train_dataset(cfg: RaydiffConfig, rows: list[dict], seed: int, counter_name: str | None = None):
-    """The training `ray.data.Dataset` for `cfg.data.preprocess` (see `build_train_data`)."""
-    return build_train_data(cfg, rows, seed, counter_name).dataset
-
-
 def build_train_data(cfg: RaydiffConfig, rows: list[dict], seed: int, counter_name: str | None = None) -> TrainData:
     """`rows` from `read_rows` (repeated) -> the dataset for the configured mode. The three modes give
     the same samples in the same order (`_key`, raydiff.data.plan) and, with buckets, the same batches.
