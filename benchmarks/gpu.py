@@ -6,8 +6,8 @@ transformers, built from their real configs with random bfloat16 weights.
 Per model: build the transformer on the `meta` device, cast to bfloat16 there, `to_empty` on the GPU and
 initialise it (no checkpoint download, no host-memory copy of 24-40 GB); freeze it, inject raydiff's
 LoRA (rank 16 on the family's default attention projections, fp32 adapters), enable gradient
-checkpointing, and time raydiff's own step: `model_fn` (packing, position ids, timestep scaling) inside
-`flow_matching_loss`, backward, clipping, AdamW. One 1024 x 1024 image (128 x 128 x 16 latents ->
+checkpointing, and time raydiff's own step (`Stepper`): `model_fn` (packing, position ids, timestep
+scaling) inside `FlowMatchSFTLoss`, backward, clipping, AdamW. One 1024 x 1024 image (128 x 128 x 16 latents ->
 4096 tokens), batch 1, prompt embeddings of `--text-tokens` (512 for FLUX, which always pads T5 to
 512; 128 for Qwen-Image, whose prompts are not padded).
 
@@ -86,11 +86,29 @@ def build_transformer(family: str, config: dict, device, dtype):
     return dit
 
 
-def training_pipeline(family: str, dit, device):
-    """raydiff's family pipeline around a bare transformer (training needs only `pipe.transformer`)."""
-    from raydiff.pipelines.base import get_pipeline_class
+def training_module(family: str, dit, device):
+    """raydiff's training module around a bare transformer. The inputs of `make_inputs` carry every unit's
+    outputs, so its forward is the family's `model_fn` inside `FlowMatchSFTLoss`, as a worker's in
+    stream or cache mode."""
+    from raydiff.registry import get_pipeline_class
+    from raydiff.training.module import DiffusionTrainingModule
 
-    return get_pipeline_class(family)(SimpleNamespace(transformer=dit), device)
+    pipe = get_pipeline_class(family)(SimpleNamespace(transformer=dit, components={"transformer": dit}), device)
+    module = DiffusionTrainingModule()
+    module.register_pipe(pipe)
+    return module
+
+
+def stepper_for(module, lr: float, device, sharded=()):
+    """raydiff's `Stepper` (clipping at 1.0, AdamW, no LR schedule change) for `module`."""
+
+    from raydiff.config import parse_config
+    from raydiff.training.step import Stepper, build_optimizer
+
+    cfg = parse_config({"model": {"path": "unused"}, "data": {"metadata_path": "unused.csv"},
+                        "train": {"learning_rate": lr, "max_grad_norm": 1.0}})
+    optimizer, scheduler = build_optimizer(cfg, [p for p in module.parameters() if p.requires_grad], 10**9)
+    return Stepper(cfg, module, optimizer, scheduler, device, sharded=sharded)
 
 
 def make_inputs(family: str, config: dict, text_tokens: int, device, latent_side: int) -> dict:
@@ -102,6 +120,7 @@ def make_inputs(family: str, config: dict, text_tokens: int, device, latent_side
     embeds = torch.randn(1, text_tokens, config["joint_attention_dim"], device=device, generator=g)
     if family == "flux":
         inputs.update(prompt_embeds=embeds, text_ids=torch.zeros(text_tokens, 3, device=device),
+                      height=latent_side * 8, width=latent_side * 8,
                       pooled_prompt_embeds=torch.randn(1, config["pooled_projection_dim"], device=device, generator=g),
                       guidance=torch.ones(1, device=device))
     else:
@@ -136,9 +155,8 @@ def bench_model(family: str, args, device, dtype, compile_backend: str | None = 
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from raydiff.pipelines.base import get_pipeline_class
+    from raydiff.registry import get_pipeline_class
     from raydiff.training import lora as lora_lib
-    from raydiff.training.loss import flow_matching_loss
 
     cuda = device.type == "cuda"
     config = (SMOKE_MODELS if args.smoke else MODELS)[family]
@@ -159,21 +177,13 @@ def bench_model(family: str, args, device, dtype, compile_backend: str | None = 
 
     speed_up(dit, None, compile_backend)
     params = [p for p in dit.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
-    pipe = training_pipeline(family, dit, device)
+    module = training_module(family, dit, device)
+    stepper = stepper_for(module, 1e-4, device)
     inputs = make_inputs(family, config, text_tokens, device, latent_side)
     build_s = time.perf_counter() - start
 
-    def step(i: int) -> float:
-        g = torch.Generator().manual_seed(i)
-        sigma = torch.rand(1, generator=g)
-        noise = torch.randn(inputs["latents"].shape, generator=g).to(device)
-        loss = flow_matching_loss(pipe, inputs, sigma, noise)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()  # a host sync, as the training loop's logging has every step
+    def step(i: int, stepper=stepper, inputs=inputs) -> float:
+        return stepper.step([inputs], i).loss  # .item() inside: a host sync, as the loop logs every step
 
     warmup_s, times, losses = time_steps(step, args, cuda, reset_peak=True)  # warm-up: with compile, compiling
     peak_alloc = torch.cuda.max_memory_allocated() if cuda else 0
@@ -183,12 +193,12 @@ def bench_model(family: str, args, device, dtype, compile_backend: str | None = 
         result = {"family": family, "compile": compile_backend, "warmup_s": round(warmup_s, 1),
                   "step_s_median": round(statistics.median(times), 4), "step_s_all": [round(t, 4) for t in times],
                   "peak_allocated_gib": round(peak_alloc / 2**30, 2), "losses_finite": all(map(math.isfinite, losses))}
-        del dit, optimizer, params, pipe, inputs
+        del dit, stepper, params, module, inputs, step
         return result
     # FLOPs: one forward alone (no grad), then one whole step, which also counts the recompute.
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        flow_matching_loss(pipe, inputs, torch.full((1,), 0.5), torch.zeros_like(inputs["latents"]))
+        module(inputs, generator=torch.Generator().manual_seed(0))
     forward_flops = counter.get_total_flops()
     counter = FlopCounterMode(display=False)
     with counter:
@@ -211,7 +221,7 @@ def bench_model(family: str, args, device, dtype, compile_backend: str | None = 
         "hfu": round(step_flops / step_s / peak, 4) if peak else None,
         "losses_finite": all(math.isfinite(x) for x in losses),
     }
-    del dit, optimizer, params, pipe, inputs
+    del dit, stepper, params, module, inputs, step
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
@@ -233,7 +243,6 @@ def bench_fsdp(args, device, compile_backend: str | None = None) -> dict:
     import torch.distributed as dist
 
     from raydiff.training import fsdp
-    from raydiff.training.loss import flow_matching_loss
 
     cuda = device.type == "cuda"
     config = dict((SMOKE_MODELS if args.smoke else MODELS)["flux"], **({} if args.smoke else FSDP_BLOCKS))
@@ -252,29 +261,20 @@ def bench_fsdp(args, device, compile_backend: str | None = None) -> dict:
     from raydiff.training.module import speed_up
 
     speed_up(dit, None, compile_backend)  # as PipelineTrainingModule does: compile blocks, then shard them
-    holder = torch.nn.Module()
-    holder.models = torch.nn.ModuleDict({"transformer": dit})  # what shard_module expects of a training module
-    fsdp.shard_module(holder, ["transformer"], "bf16")
-    params = list(dit.parameters())
-    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
-    pipe = training_pipeline("flux", dit, device)
+    dit.requires_grad_(True)
+    module = training_module("flux", dit, device)
+    fsdp.shard_module(module, ["transformer"], "bf16")
+    stepper = stepper_for(module, 1e-5, device, sharded=["transformer"])  # after sharding: DTensor params
     inputs = make_inputs("flux", config, args.text_tokens or TEXT_TOKENS["flux"], device, latent_side)
     build_s = time.perf_counter() - start
 
-    def step(i: int) -> float:
-        g = torch.Generator().manual_seed(i)
-        noise = torch.randn(inputs["latents"].shape, generator=g).to(device)
-        loss = flow_matching_loss(pipe, inputs, torch.rand(1, generator=g), noise)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+    def step(i: int, stepper=stepper, inputs=inputs) -> float:
+        return stepper.step([inputs], i).loss
 
     _, times, losses = time_steps(step, args, cuda, reset_peak=False)  # the peak includes Adam's first allocation
     peak = torch.cuda.max_memory_allocated() if cuda else 0
     t0 = time.perf_counter()
-    full = fsdp.full_state_dict(holder, ["transformer"])
+    full = fsdp.full_state_dict(module, ["transformer"])
     gather_s = time.perf_counter() - t0
     result = {"family": "flux", "mode": "full fine-tuning, ray.strategy fsdp (FSDP2, world 1)",
               "compile": compile_backend,
@@ -286,7 +286,7 @@ def bench_fsdp(args, device, compile_backend: str | None = None) -> dict:
               "peak_allocated_gib": round(peak / 2**30, 2), "consolidate_s": round(gather_s, 2),
               "consolidated_on_cpu": all(v.device.type == "cpu" for v in full.values()),
               "losses_finite": all(math.isfinite(x) for x in losses)}
-    del full, dit, holder, optimizer, params, pipe, inputs
+    del full, dit, module, stepper, inputs, step
     dist.destroy_process_group()
     return result
 

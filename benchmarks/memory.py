@@ -25,7 +25,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import common  # noqa: E402
+import fixtures  # noqa: E402
+import measure  # noqa: E402
 
 MIB = 2**20
 
@@ -43,41 +44,35 @@ def reset_peak() -> None:
 def one(tokens: int, checkpointing: bool, dtype: str, work: str) -> dict:
     """Measure one configuration in this process."""
     import gc
-    import math
 
     import torch
 
     from raydiff.config import parse_config
     from raydiff.console import quiet_libraries
-    from raydiff.training.loop import build_optimizer, step_seed
     from raydiff.training.module import PipelineTrainingModule
+    from raydiff.training.step import Stepper, build_optimizer
 
     quiet_libraries()
     torch.set_num_threads(os.cpu_count() or 1)
     model = os.path.join(work, "model")
     data = os.path.join(work, f"data-{tokens}")
-    raw = common.bench_config(model, data, os.path.join(work, "runs"), "memory", tokens=tokens, steps=2,
+    raw = fixtures.bench_config(model, data, os.path.join(work, "runs"), "memory", tokens=tokens, steps=2,
                               gradient_checkpointing=checkpointing, dtype=dtype)
     cfg = parse_config(raw)
-    batch = common.predecoded_batches(cfg, 1)[0]
+    batch = fixtures.predecoded_batches(cfg, 1)[0]
     torch.manual_seed(0)
     module = PipelineTrainingModule(cfg, device="cpu")
-    params = module.trainable_parameters()
-    optimizer, scheduler = build_optimizer(cfg, params, 2)
+    optimizer, scheduler = build_optimizer(cfg, module.trainable_parameters(), 2)
+    stepper = Stepper(cfg, module, optimizer, scheduler, torch.device("cpu"))
 
     def step(i: int) -> float:
         start = time.perf_counter()
-        loss = module(batch, generator=torch.Generator().manual_seed(step_seed(0, i, 0, 0, 1)))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm or math.inf)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        stepper.step([batch], i)
         return time.perf_counter() - start
 
     step(0)
     gc.collect()
-    before = common.current_rss_bytes()
+    before = measure.current_rss_bytes()
     reset_peak()
     seconds = step(1)
     peak = vm_hwm_bytes()
@@ -100,16 +95,16 @@ def main() -> None:
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--one", nargs=3, metavar=("TOKENS", "CHECKPOINTING", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    work = common.workdir("memory", args.workdir)
+    work = fixtures.workdir("memory", args.workdir)
     if args.one:
         tokens, ckpt, dtype = args.one
         print(json.dumps(one(int(tokens), ckpt == "on", dtype, work)), flush=True)
         return
 
-    common.reserve_stdout()
-    common.write_bench_flux(os.path.join(work, "model"))
+    measure.reserve_stdout()
+    fixtures.write_bench_flux(os.path.join(work, "model"))
     for tokens in args.tokens:
-        common.write_images(os.path.join(work, f"data-{tokens}"), n=2, side=common.image_side(tokens))
+        fixtures.write_images(os.path.join(work, f"data-{tokens}"), n=2, side=fixtures.image_side(tokens))
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1"}
     rows = []
     for tokens in args.tokens:
@@ -121,7 +116,8 @@ def main() -> None:
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
 
     def find(tokens, ckpt, dtype):
-        return next(r for r in rows if (r["tokens"], r["gradient_checkpointing"], r["base_dtype"]) == (tokens, ckpt, dtype))
+        key = (tokens, ckpt, dtype)
+        return next(r for r in rows if (r["tokens"], r["gradient_checkpointing"], r["base_dtype"]) == key)
 
     cuts = {}
     for tokens in args.tokens:
@@ -136,9 +132,9 @@ def main() -> None:
         "model": "FLUX architecture, 2 double + 4 single blocks, 4 heads x 64, LoRA r16 attn, batch 1",
         "torch_threads": os.cpu_count(), "runs": rows, "checkpointing": cuts,
         "goal_activation_cut_4096": 0.4,
-        "machine": common.machine(),
+        "machine": measure.machine(),
     }
-    common.emit(result)
+    measure.emit(result)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@
    batches in this process, with the thread count a 1-CPU Ray Train worker gets (1).
 2. `raydiff train` (1 worker, 2 steps) as a user runs it: seconds from the command's start to its
    first optimizer step's log line.
-3. raydiff (1 worker) on the same images through `launch_training_task`, logged every step; its module
-   factory builds the module `raydiff train` builds and records the worker's CPU time per step.
+3. raydiff (1 worker) on the same images through `launch_training_task`, logged every step; the log's
+   wall-clock `time` of each step bounds the window in which a sampler measures the worker's CPU.
 4. The bare loop again, so both sides see the box in a similar state.
 5. `raydiff demo` in a fresh directory, timed end to end.
 
@@ -31,7 +31,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import common  # noqa: E402
+import fixtures  # noqa: E402
+import measure  # noqa: E402
 
 THREADS = 1  # Ray sets OMP_NUM_THREADS to a worker's CPUs; ray.cpus_per_worker defaults to 1
 # Start-up phases, by the first output line of each (seconds since the command started).
@@ -45,38 +46,37 @@ def bare(cfg, steps: int, warmup: int) -> tuple[list[float], list[float]]:
     import torch
 
     torch.set_num_threads(THREADS)
-    batches = common.predecoded_batches(cfg, min(steps + warmup, 16))
-    wall, cpu = common.bare_loop(cfg, batches, steps + warmup)
+    batches = fixtures.predecoded_batches(cfg, min(steps + warmup, 16))
+    wall, cpu = fixtures.bare_loop(cfg, batches, steps + warmup)
     return wall[warmup:], cpu[warmup:]
 
 
-def instrumented_raydiff(cfg, raw: dict, work: str, warmup: int) -> tuple[list[float], list[float], dict]:
-    """(wall, CPU) seconds of each timed step of a 1-worker raydiff run, and where the machine's CPU
-    went during those steps (per process of the local Ray, per thread of the worker)."""
+def raydiff_run(cfg, warmup: int) -> tuple[list[float], float, dict]:
+    """Wall seconds of each timed step of a 1-worker raydiff run, the worker's CPU seconds per step,
+    and where the machine's CPU went during those steps (per process of the local Ray, per thread of
+    the worker)."""
     import ray
 
     from raydiff.launch.trainer import launch_training_task
 
-    common.ship_with_ray()
-    out = os.path.join(work, "steps")
-    with common.ProcessSampler() as sampler:
-        launch_training_task(cfg, module_factory=common.InstrumentedFactory(raw, out))
+    with measure.ProcessSampler() as sampler:
+        launch_training_task(cfg)
     ray.shutdown()
-    history = common.latest_trainer_state(cfg.ray.storage_path, cfg.ray.name)["log_history"]
-    wall = common.step_seconds_from_history(history, batch_size=1, world=1)
+    state = measure.latest_trainer_state(cfg.ray.storage_path, cfg.ray.name)
+    history = state["log_history"]
+    wall = measure.step_seconds_from_history(history, batch_size=1, world=1)
     total = cfg.train.max_steps
     assert len(wall) == total, f"expected {total} logged steps, got {len(wall)}"
-    header, records = common.read_instrumented(out)
-    assert header["torch_threads"] == THREADS, header
-    # CPU between consecutive batch arrivals = one whole step; the last step has no closing arrival.
-    cpu = [b["cpu"] - a["cpu"] for a, b in zip(records[:total], records[1:total])]
-    profile = sampler.cpu_between(records[warmup]["t"], records[total - 1]["t"])
-    return wall[warmup:], cpu[warmup:], profile
+    assert state["workers"][0]["torch_threads"] == THREADS, state["workers"]
+    # Log line k is written at the end of step k, so (history[warmup], history[total - 1]) spans the
+    # timed steps but the first.
+    profile = sampler.cpu_between(history[warmup]["time"], history[total - 1]["time"])
+    return wall[warmup:], measure.worker_cpu_per_step(profile, total - 1 - warmup), profile
 
 
 def summary(timed: list[float]) -> dict:
     """Steady-state numbers of the timed (post-warm-up) step times."""
-    return {"steps_timed": len(timed), "steps_per_s": round(common.steady_steps_per_second(timed, 0), 4),
+    return {"steps_timed": len(timed), "steps_per_s": round(measure.steady_steps_per_second(timed, 0), 4),
             "median_step_s": round(statistics.median(timed), 4), "min_step_s": round(min(timed), 4),
             "max_step_s": round(max(timed), 4)}
 
@@ -93,32 +93,31 @@ def main() -> None:
     from raydiff.console import quiet_libraries
 
     quiet_libraries()
-    common.reserve_stdout()
-    work = common.workdir("overhead", args.workdir)
-    model = common.write_bench_flux(os.path.join(work, "model"))
+    measure.reserve_stdout()
+    work = fixtures.workdir("overhead", args.workdir)
+    model = fixtures.write_bench_flux(os.path.join(work, "model"))
     data = os.path.join(work, "data")
     total = args.steps + args.warmup
-    common.write_images(data, n=total, side=common.image_side(1024))
+    fixtures.write_images(data, n=total, side=fixtures.image_side(1024))
     runs = os.path.join(work, "runs")
     shutil.rmtree(runs, ignore_errors=True)
-    raw = common.bench_config(model, data, runs, "overhead", tokens=1024, steps=total)
-    cfg = parse_config(raw)
-    load_before = common.loadavg()
+    cfg = parse_config(fixtures.bench_config(model, data, runs, "overhead", tokens=1024, steps=total))
+    load_before = measure.loadavg()
 
     bare_first = bare(cfg, args.steps, args.warmup)
 
-    startup_raw = common.bench_config(model, data, runs, "overhead-startup", tokens=1024, steps=2)
-    config_path = common.write_yaml(startup_raw, os.path.join(work, "overhead-startup.yaml"))
-    with common.ProcessSampler(interval=0.25) as sampler:
-        run = common.run_command([*common.raydiff_cli(), "train", config_path], STARTUP_MARKS, timeout=600)
+    startup_raw = fixtures.bench_config(model, data, runs, "overhead-startup", tokens=1024, steps=2)
+    config_path = fixtures.write_yaml(startup_raw, os.path.join(work, "overhead-startup.yaml"))
+    with measure.ProcessSampler(interval=0.25) as sampler:
+        run = measure.run_command([*measure.raydiff_cli(), "train", config_path], STARTUP_MARKS, timeout=600)
     assert run["returncode"] == 0, "\n".join(run["tail"])
     startup_cpu = sampler.cpu_between(run["started_at"], run["started_at"] + run["marks"]["first_step"])
 
-    ray_wall, ray_cpu, profile = instrumented_raydiff(cfg, raw, work, args.warmup)
+    ray_wall, ray_cpu, profile = raydiff_run(cfg, args.warmup)
     bare_second = bare(cfg, args.steps, args.warmup)
 
     raydiff_s = summary(ray_wall)
-    raydiff_s["cpu_s_per_step"] = round(statistics.mean(ray_cpu), 4)
+    raydiff_s["cpu_s_per_step"] = ray_cpu
     bare_s = summary(bare_first[0] + bare_second[0])
     bare_s["steps_per_s_each_run"] = [summary(bare_first[0])["steps_per_s"], summary(bare_second[0])["steps_per_s"]]
     bare_s["cpu_s_per_step"] = round(statistics.mean(bare_first[1] + bare_second[1]), 4)
@@ -137,14 +136,14 @@ def main() -> None:
     }
     if not args.skip_demo:
         demo_dir = os.path.join(work, f"demo-{time.strftime('%H%M%S')}")
-        demo = common.run_command([*common.raydiff_cli(), "demo", "--dir", demo_dir], STARTUP_MARKS, timeout=600)
+        demo = measure.run_command([*measure.raydiff_cli(), "demo", "--dir", demo_dir], STARTUP_MARKS, timeout=600)
         assert demo["returncode"] == 0, "\n".join(demo["tail"])
         result["demo"] = {"wall_s": demo["wall_s"], "marks_s": demo["marks"],
                           "steps": 8, "workers": 2}
         shutil.rmtree(demo_dir, ignore_errors=True)
-    result["loadavg_before"], result["loadavg_after"] = load_before, common.loadavg()
-    result["machine"] = common.machine()
-    common.emit(result)
+    result["loadavg_before"], result["loadavg_after"] = load_before, measure.loadavg()
+    result["machine"] = measure.machine()
+    measure.emit(result)
 
 
 if __name__ == "__main__":

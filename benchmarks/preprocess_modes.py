@@ -5,10 +5,10 @@
 The model is FLUX-architecture with encoders big enough to matter on a CPU: an 8-layer T5 (d_model
 768), a 3-level VAE, and a 2 + 4 block DiT; 64 x 64 images, 64 text tokens, LoRA r16.
 For each `data.preprocess` mode the same model trains for `--steps` steps through `raydiff train`
-(`launch_training_task`: Ray Train, the mode's Ray Data pipeline, raydiff's per-worker loop), with the
-module factory of benchmarks/common.py, which builds the module `raydiff train` builds and records
-every batch's arrival and the worker's memory. Cache mode's one-off encoding (`raydiff preprocess`)
-is timed separately.
+(`launch_training_task`: Ray Train, the mode's Ray Data pipeline, raydiff's per-worker loop); the
+worker's memory and the models it loaded come from the run's own log (`peak_memory_gib` per step,
+`workers` in trainer_state.json). Cache mode's one-off encoding (`raydiff preprocess`) is timed
+separately.
 
 Prints one JSON object: per mode steady-state steps/s (after `--warmup` steps), the worker's peak
 RSS and its RSS once the module is built, the components it loaded, the first step's loss (equal
@@ -26,9 +26,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import common  # noqa: E402
+import fixtures  # noqa: E402
+import measure  # noqa: E402
 
-MIB = 2**20
 # Encoders sized so that encoding is most of an inline step (as with big text encoders and small DiT
 # steps): cache mode can then gain at most 1 / (1 - encode share).
 T5_WIDTH, TEXT_TOKENS = 768, 64
@@ -70,7 +70,7 @@ def run_mode(mode: str, args, work: str, model: str, data_dir: str) -> dict:
     from raydiff.config import parse_config
     from raydiff.launch.trainer import launch_training_task
 
-    raw = common.bench_config(model, data_dir, os.path.join(work, "runs"), f"modes-{mode}-{int(time.time())}",
+    raw = fixtures.bench_config(model, data_dir, os.path.join(work, "runs"), f"modes-{mode}-{int(time.time())}",
                               tokens=256, steps=args.steps, workers=args.workers, batch_size=args.batch_size,
                               repeat=4)
     raw["data"].update({"preprocess": mode, "cache_dir": os.path.join(work, "cache"), "encoder_num_cpus": 0.5,
@@ -80,25 +80,24 @@ def run_mode(mode: str, args, work: str, model: str, data_dir: str) -> dict:
     cfg = parse_config(raw)
     result = {"mode": mode}
     if mode == "cache":  # the one-off encoding, timed apart from training
-        from raydiff.data.preprocess import preprocess
+        from raydiff.data.cache import preprocess
 
         shutil.rmtree(cfg.data.cache_dir, ignore_errors=True)
         start = time.perf_counter()
         preprocess(cfg)
         result["preprocess_s"] = round(time.perf_counter() - start, 2)
-    out = os.path.join(work, f"{mode}-steps")
     start = time.perf_counter()
-    launch_training_task(cfg, module_factory=common.InstrumentedFactory(raw, out))
+    launch_training_task(cfg)
     wall = time.perf_counter() - start
-    header, records = common.read_instrumented(out)
-    history = common.latest_trainer_state(cfg.ray.storage_path, cfg.ray.name)["log_history"]
-    step_s = common.step_seconds_from_history(history, batch_size=args.batch_size, world=args.workers)
+    state = measure.latest_trainer_state(cfg.ray.storage_path, cfg.ray.name)
+    history, worker = state["log_history"], state["workers"][0]
+    step_s = measure.step_seconds_from_history(history, batch_size=args.batch_size, world=args.workers)
     result.update({
-        "steps_per_s": round(common.steady_steps_per_second(step_s, args.warmup), 3),
+        "steps_per_s": round(measure.steady_steps_per_second(step_s, args.warmup), 3),
         "first_step_s": round(step_s[0], 2), "fit_wall_s": round(wall, 1),
-        "worker_peak_rss_mib": round(max(r["maxrss"] for r in records) / MIB, 1),
-        "worker_model_rss_mib": round(header["model_rss"] / MIB, 1), "worker_loaded": header["loaded"],
-        "first_loss": round(history[0]["loss"], 6), "loadavg": common.loadavg()})
+        "worker_peak_rss_mib": round(max(h["peak_memory_gib"] for h in history if "peak_memory_gib" in h) * 1024, 1),
+        "worker_model_rss_mib": round(worker["rss_gib"] * 1024, 1), "worker_loaded": worker["models"],
+        "first_loss": round(history[0]["loss"], 6), "loadavg": measure.loadavg()})
     return result
 
 
@@ -117,22 +116,21 @@ def main() -> None:
     from raydiff.console import quiet_libraries
 
     quiet_libraries()
-    work = common.workdir("preprocess_modes", args.workdir)
+    work = fixtures.workdir("preprocess_modes", args.workdir)
     model = write_model(os.path.join(work, "model"))
     data_dir = os.path.join(work, "data")
-    common.write_images(data_dir, n=16, side=64)
-    common.ship_with_ray()  # workers do not have benchmarks/ on their path (__main__ ships by value)
+    fixtures.write_images(data_dir, n=16, side=64)
     ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
     runs = [run_mode(mode, args, work, model, data_dir) for mode in args.modes]
     speed = {r["mode"]: r["steps_per_s"] for r in runs}
     ratios = {f"{mode}_over_inline": round(speed[mode] / speed["inline"], 2)
               for mode in ("stream", "cache") if mode in speed and "inline" in speed}
-    common.emit({"benchmark": "preprocess_modes",
+    measure.emit({"benchmark": "preprocess_modes",
                  "model": f"FLUX arch: T5 8x{T5_WIDTH}, CLIP 4x256, VAE (32,64,128), DiT 2+4 blocks 4x64; 64x64 px, "
                           f"{TEXT_TOKENS} text tokens",
                  "steps": args.steps, "warmup": args.warmup, "workers": args.workers, "batch_size": args.batch_size,
-                 "runs": runs, "speedup": ratios, "machine": common.machine()})
+                 "runs": runs, "speedup": ratios, "machine": measure.machine()})
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
     python benchmarks/scaling.py [--steps 15] [--warmup 3]
 
 Trains the benchmark DiT (1024 image tokens, batch 1 per worker, LoRA rank 16, DDP over gloo for 2
-workers) with `launch_training_task` in one local Ray, first with 1 worker and then with 2; the
-module factory calls torch.set_num_threads(1) in each worker. Throughput is global samples per
+workers) with `launch_training_task` in one local Ray, first with 1 worker and then with 2; each worker
+asks for 1 CPU (`ray.cpus_per_worker`), so Ray gives it 1 torch thread (checked in trainer_state.json).
+Throughput is global samples per
 second over the steady-state steps of rank 0's log history.
 
 Prints one JSON object with both throughputs and the speed-up (goal >= 1.8).
@@ -20,35 +21,30 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import common  # noqa: E402
+import fixtures  # noqa: E402
+import measure  # noqa: E402
 
 
-def throughput(cfg, raw: dict, runs: str, out: str, warmup: int) -> dict:
+def throughput(cfg, runs: str, warmup: int) -> dict:
     from raydiff.launch.trainer import launch_training_task
 
-    with common.ProcessSampler() as sampler:
-        launch_training_task(cfg, module_factory=common.InstrumentedFactory(raw, out, threads=1))
-    history = common.latest_trainer_state(runs, cfg.ray.name)["log_history"]
-    workers = cfg.ray.num_workers
-    steps = common.step_seconds_from_history(history, batch_size=cfg.train.batch_size, world=workers)[warmup:]
-    threads, cpu, waits, window = [], [], [], None
+    with measure.ProcessSampler() as sampler:
+        launch_training_task(cfg)
+    state = measure.latest_trainer_state(runs, cfg.ray.name)
+    history, workers = state["log_history"], cfg.ray.num_workers
+    steps = measure.step_seconds_from_history(history, batch_size=cfg.train.batch_size, world=workers)[warmup:]
     total = cfg.train.max_steps
-    for rank in range(workers):
-        header, records = common.read_instrumented(out, rank)
-        threads.append(header["torch_threads"])
-        steady = records[warmup:total]
-        span = steady[-1]["t"] - steady[0]["t"]
-        # CPU seconds of the worker process per step: what the step costs when it is not kept waiting.
-        cpu.append(round((steady[-1]["cpu"] - steady[0]["cpu"]) / (len(steady) - 1), 4))
-        waits.append(round(sum(r["wait_s"] for r in steady[1:]) / span, 4))
-        window = window or (steady[0]["t"], steady[-1]["t"])
+    # Log line k is written at the end of step k: (history[warmup], history[total - 1]) spans timed steps.
+    start, end = history[warmup]["time"], history[total - 1]["time"]
+    profile = sampler.cpu_between(start, end)
+    waits = sum(h["data_wait_s"] for h in history[warmup + 1:total])
     samples = cfg.train.batch_size * workers
-    return {"workers": workers, "torch_threads_per_worker": threads, "cpu_s_per_step_per_worker": cpu,
-            "data_wait_fraction_per_worker": waits, "steps_timed": len(steps),
+    return {"workers": workers, "torch_threads_per_worker": [w["torch_threads"] for w in state["workers"]],
+            "cpu_s_per_step_per_worker": measure.worker_cpu_per_step(profile, total - 1 - warmup, workers),
+            "data_wait_fraction_rank0": round(waits / (end - start), 4), "steps_timed": len(steps),
             "samples_per_s": round(samples * len(steps) / sum(steps), 4),
             "samples_per_s_median_step": round(samples / statistics.median(steps), 4),
-            "median_step_s": round(statistics.median(steps), 4),
-            "steady_state_cpu_s": sampler.cpu_between(*window)}
+            "median_step_s": round(statistics.median(steps), 4), "steady_state_cpu_s": profile}
 
 
 def main() -> None:
@@ -62,34 +58,33 @@ def main() -> None:
     from raydiff.console import quiet_libraries
 
     quiet_libraries()
-    common.reserve_stdout()
-    common.ship_with_ray()
-    work = common.workdir("scaling", args.workdir)
-    model = common.write_bench_flux(os.path.join(work, "model"))
+    measure.reserve_stdout()
+    work = fixtures.workdir("scaling", args.workdir)
+    model = fixtures.write_bench_flux(os.path.join(work, "model"))
     data = os.path.join(work, "data")
     total = args.steps + args.warmup
-    common.write_images(data, n=32, side=common.image_side(1024))
+    fixtures.write_images(data, n=32, side=fixtures.image_side(1024))
     runs = os.path.join(work, "runs")
     shutil.rmtree(runs, ignore_errors=True)
-    load_before = common.loadavg()
+    load_before = measure.loadavg()
 
     results = {}
     for workers in (1, 2):
-        raw = common.bench_config(model, data, runs, f"scaling-{workers}", tokens=1024, steps=total, workers=workers,
-                                  repeat=-(-total * workers // 32))
-        results[workers] = throughput(parse_config(raw), raw, runs, os.path.join(work, f"steps-{workers}"),
-                                      args.warmup)
+        raw = fixtures.bench_config(model, data, runs, f"scaling-{workers}", tokens=1024, steps=total,
+                                    workers=workers, repeat=-(-total * workers // 32))
+        results[workers] = throughput(parse_config(raw), runs, args.warmup)
     result = {
         "benchmark": "scaling",
         "model": "FLUX architecture, 2 double + 4 single blocks, 4 heads x 64, 1024 image tokens, LoRA r16 attn",
         "batch_size_per_worker": 1, "one_worker": results[1], "two_workers": results[2],
         "speedup": round(results[2]["samples_per_s"] / results[1]["samples_per_s"], 4),
-        "speedup_median_step": round(results[2]["samples_per_s_median_step"] / results[1]["samples_per_s_median_step"], 4),
+        "speedup_median_step": round(
+            results[2]["samples_per_s_median_step"] / results[1]["samples_per_s_median_step"], 4),
         "goal_speedup": 1.8,
-        "loadavg_before": load_before, "loadavg_after": common.loadavg(),
-        "machine": common.machine(),
+        "loadavg_before": load_before, "loadavg_after": measure.loadavg(),
+        "machine": measure.machine(),
     }
-    common.emit(result)
+    measure.emit(result)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-FAMILIES = ("flux", "qwen_image", "sd3", "wan")
+from raydiff import registry
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # torch dtypes a frozen base may load in
 
 
 class _Section(BaseModel):
@@ -22,14 +24,26 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    family: Literal["flux", "qwen_image", "sd3", "wan"] = "flux"
+    family: str = Field("flux", description="a name in raydiff.registry (flux, qwen_image, sd3, wan, or registered)")
     path: str = Field(..., description="diffusers-format pipeline directory (model_index.json) or a hub id")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal[DTYPE_NAMES] = "float32"
     revision: str | None = None
     trust_remote_code: bool = False
     # FLUX.1-dev distils guidance into an embedding; 1.0 during training (sd-scripts, finetrainers).
     guidance: float = 1.0
     max_sequence_length: int | None = Field(None, ge=1, description="text tokens; null = family default")
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, family: str) -> str:
+        names = registry.family_names()
+        if family not in names:
+            import difflib
+
+            close = difflib.get_close_matches(family, names, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"unknown model family {family!r}; {hint}known: {', '.join(names)}")
+        return family
 
 
 class DataConfig(_Section):
@@ -69,13 +83,14 @@ class DataConfig(_Section):
             raise ValueError("data.preprocess: cache needs data.cache_dir")
         for side in (self.height, self.width):
             if side is not None and side % self.division_factor:
-                raise ValueError(f"data.height/width must be multiples of data.division_factor ({self.division_factor})")
+                raise ValueError(f"data.height/width must be multiples of data.division_factor "
+                                 f"({self.division_factor})")
         return self
 
 
 class LoraConfig(_Section):
     base_model: str = "transformer"
-    target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
+    target_modules: list[str] | None = Field(None, description="module names; null = the family's default targets")
     rank: int = Field(8, ge=1)
     alpha: float | None = Field(None, gt=0, description="null = rank (scale 1.0)")
     init_from: str | None = Field(None, description="a LoRA file or checkpoint dir to continue from")
@@ -97,7 +112,7 @@ class TrainConfig(_Section):
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast; LoRA params and Adam state stay fp32
     compile: bool = False  # torch.compile each transformer block (regional: compiles once per block type)
     compile_backend: str = "inductor"  # torch.compile backend ("aot_eager" skips code generation)
-    attention_backend: str | None = Field(None, description="diffusers attention backend, e.g. flash, sage; null = SDPA")
+    attention_backend: str | None = Field(None, description="diffusers attention backend (flash, sage); null = SDPA")
     trainable_models: list[str] = []
     max_bad_steps: int = Field(5, ge=1, description="stop after this many consecutive non-finite steps")
     seed: int = 0
@@ -140,7 +155,8 @@ class ValidationConfig(_Section):
     """Sample images with the current LoRA into each checkpoint (rank 0; see README for the memory cost)."""
 
     prompts: list[str] = []
-    every_steps: int | None = Field(None, ge=1, description="sample at checkpoints whose step is a multiple; null = every checkpoint")
+    every_steps: int | None = Field(
+        None, ge=1, description="sample at checkpoints whose step is a multiple; null = every checkpoint")
     seed: int = 0
     steps: int = Field(20, ge=1)
     guidance: float = 3.5
@@ -174,7 +190,8 @@ class RayConfig(_Section):
 class LogConfig(_Section):
     """What rank 0 reports (raydiff/training/reporting.py). Named LogConfig: ray.train has a LoggingConfig."""
 
-    tensorboard: bool = Field(False, description="scalars and validation images in <run>/tensorboard (needs tensorboardX)")
+    tensorboard: bool = Field(
+        False, description="scalars and validation images in <run>/tensorboard (needs tensorboardX)")
     plot: bool = Field(True, description="loss.png in the run directory when matplotlib is installed")
     progress_bar: Literal["auto", "on", "off"] = Field(
         "auto", description="auto: a tqdm bar when stdout is a terminal, plain log lines otherwise")
@@ -303,7 +320,7 @@ class RaydiffConfig(_Section):
                                  f"multiple of eval.every_steps ({every}) so that every report carries eval_loss")
         return self
 
-    def resolved_paths(self, root: str | os.PathLike = ".") -> "RaydiffConfig":
+    def resolved_paths(self, root: str | os.PathLike = ".") -> RaydiffConfig:
         """Paths made absolute against `root` (the YAML's directory is not used: paths are relative
         to where the command runs, as with every other CLI tool)."""
         cfg = self.model_copy(deep=True)
@@ -348,7 +365,8 @@ def _did_you_mean(loc: tuple) -> str:
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
         ann = getattr(field, "annotation", None) if field else None
-        ann = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        ann = next((a for a in getattr(ann, "__args__", (ann,))
+                    if isinstance(a, type) and issubclass(a, BaseModel)), None)
         if ann is None:
             return ""
         model = ann
@@ -384,7 +402,8 @@ def parse_config(raw: dict) -> RaydiffConfig:
         raise ConfigError(_format_errors(err)) from None
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] = (), raw: dict | None = None) -> RaydiffConfig:
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = (),
+                raw: dict | None = None) -> RaydiffConfig:
     """Read a YAML config (or a dict), apply overrides, validate, and resolve relative paths."""
     if raw is None:
         try:
@@ -404,3 +423,15 @@ def dump_config(cfg: RaydiffConfig) -> str:
 
 def to_dict(cfg: RaydiffConfig) -> dict[str, Any]:
     return cfg.model_dump(mode="json")
+
+
+def to_remote(cfg: RaydiffConfig) -> dict[str, Any]:
+    """The config as Ray's processes (workers, encoder actors) receive it, with any families registered
+    in this process (a registration does not reach other processes by itself)."""
+    return {"config": to_dict(cfg), "families": registry.registered_families()}
+
+
+def from_remote(payload: dict[str, Any]) -> RaydiffConfig:
+    """The inverse of `to_remote`, in the receiving process."""
+    registry.adopt_families(payload["families"])
+    return parse_config(payload["config"])

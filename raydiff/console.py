@@ -26,3 +26,15 @@ def quiet_libraries() -> None:
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+
+
+def quiet_ray_train_reports() -> None:
+    """Silence Ray Train v2's INFO line per `ray.train.report` ("Reporting training result ..."), one
+    per checkpoint. Ray logs it through a logger named by its source file's path, which Ray's own
+    `LoggingConfig` does not reach, so the only handle is that file's `__file__`: a private module,
+    imported here alone."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)

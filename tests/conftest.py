@@ -12,7 +12,7 @@ import pytest
 from raydiff.config import parse_config
 from raydiff.console import quiet_libraries
 from raydiff.data.shapes import write_shapes_dataset
-from raydiff.pipelines.base import get_pipeline_class
+from raydiff.registry import get_pipeline_class
 
 quiet_libraries()
 

@@ -13,10 +13,10 @@ import os
 import torch
 
 from raydiff import load_config
+from raydiff.diffusion.loss import FlowMatchSFTLoss
 from raydiff.launch.trainer import launch_training_task
 from raydiff.pipelines.base import run_units
 from raydiff.pipelines.flux import FluxImagePipeline
-from raydiff.training.loss import FlowMatchSFTLoss
 from raydiff.training.module import DiffusionTrainingModule, switch_pipe_to_training_mode
 
 

@@ -98,6 +98,16 @@ def plan_batches(rows: list[dict], sizes: dict[int, tuple[int, int]], *, batch_s
     return [[r for _, r in b] for b in batches]
 
 
+def bucket_batches(rows: list[dict], sizes: dict[int, tuple[int, int]], *, batch_size: int,
+                   num_workers: int) -> list[list[dict]]:
+    """`plan_batches`, refusing a plan with no batch at all."""
+    batches = plan_batches(rows, sizes, batch_size=batch_size, num_workers=num_workers)
+    if not batches:
+        raise ValueError(f"no aspect-ratio bucket holds {batch_size} x {num_workers} samples "
+                         f"(train.batch_size x ray.num_workers); add data, data.repeat or lower them")
+    return batches
+
+
 def row_buckets(cfg: DataConfig, rows: list[dict]) -> tuple[dict[int, tuple[int, int]], list[BadSample]]:
     """{_row: bucket (h, w)} for every row whose first data file has a readable header, and the rows
     without one (raised as `SampleError` unless `data.skip_bad_samples`). Headers are read in threads."""

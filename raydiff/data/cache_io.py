@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,10 +17,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from raydiff.data.metadata import SampleError, is_url
+from raydiff.data.metadata import is_url
 from raydiff.data.plan import order_key
 
-_SKIPPED = b"raydiff.skipped"
+SKIPPED_KEY = b"raydiff.skipped"  # parquet metadata: the rows a shard's writer skipped
 
 
 class CacheLayout:
@@ -79,7 +78,7 @@ class CacheLayout:
             with self.fs.open_input_file(self.uri(self.shard(k))) as f:
                 meta = pq.read_metadata(f)
             counts.append(meta.num_rows)
-            skipped += json.loads((meta.metadata or {}).get(_SKIPPED, b"[]"))
+            skipped += json.loads((meta.metadata or {}).get(SKIPPED_KEY, b"[]"))
         return counts, skipped
 
     def index(self, shards: list[str]) -> list[tuple[int, list[int]]]:
@@ -109,7 +108,7 @@ def columns_to_table(cols: dict, skipped: list[dict] | None = None) -> pa.Table:
             arrays[f"{name}#shape"] = pa.array([list(v.shape) for v in values], pa.list_(pa.int32()))
             arrays[f"{name}#dtype"] = pa.array([v.dtype.str for v in values], pa.string())
     table = pa.table(arrays) if arrays else pa.table({"_row": pa.array([], pa.int64())})
-    return table.replace_schema_metadata({_SKIPPED: json.dumps(skipped or [])})
+    return table.replace_schema_metadata({SKIPPED_KEY: json.dumps(skipped or [])})
 
 
 def table_to_columns(table: pa.Table) -> dict[str, np.ndarray]:
@@ -171,69 +170,3 @@ class RepeatCached:
                 copy["_batch"], copy["_slot"] = slot
             out.append(copy)
         return out
-
-
-def pack_group(group: dict) -> dict:
-    """One bucket batch's rows (any order) -> one packed row, members in planned order."""
-    order = np.argsort(group["_slot"])
-    row = {"_packed": np.array([len(order)]), "_batch": group["_batch"][:1]}
-    for k, v in group.items():
-        if k in ("_batch", "_slot"):
-            continue
-        members = [v[i] for i in order]
-        packed = np.empty(1, dtype=object)
-        packed[0] = members if v.dtype == object and k == "prompt" else np.stack([np.asarray(m) for m in members])
-        row[k] = packed
-    return row
-
-
-# --- the writer -------------------------------------------------------------------------------
-
-class ShardWriter:
-    """Ray Data `map_batches` class for `preprocess`: each input row is one shard (its metadata rows
-    as JSON); the actor decodes them (threads), encodes them in batches of `data.encoder_batch_size`
-    and writes the shard. Returns one small status row per shard."""
-
-    def __init__(self, config: dict):
-        from raydiff.config import parse_config
-        from raydiff.console import quiet_libraries
-        from raydiff.data.encode import Encoder
-        from raydiff.data.plan import DecodeRow
-
-        quiet_libraries()
-        cfg = parse_config(config)
-        self.cfg, self.encoder = cfg, Encoder(cfg)
-        strict = cfg.data.model_copy(update={"skip_bad_samples": False})  # we record the reason ourselves
-        self.decode = DecodeRow(strict, cfg.train.seed)
-        self.layout = CacheLayout(cfg.data.cache_dir)
-        self.threads = ThreadPoolExecutor(max_workers=4)
-
-    def _decode(self, row: dict):
-        try:
-            return self.decode(row)
-        except SampleError as err:
-            if not self.cfg.data.skip_bad_samples:
-                raise
-            return err.bad
-
-    def __call__(self, batch: dict) -> dict:
-        media = self.cfg.data.data_file_keys[0]
-        for k, rows in zip(batch["shard"], batch["rows"]):
-            samples, skipped = [], []
-            for result in self.threads.map(self._decode, json.loads(rows)):
-                if isinstance(result, list):
-                    samples += result
-                else:
-                    skipped.append({"row": result.row, "file": result.file, "reason": result.reason})
-            parts = []
-            step = self.cfg.data.encoder_batch_size
-            for start in range(0, len(samples), step):
-                chunk = samples[start:start + step]
-                cols = {key: [s[key] for s in chunk] for key in chunk[0]}
-                cols["_size"] = [list(np.shape(s[media])[-3:-1]) for s in chunk]
-                cols = self.encoder.encode(cols)
-                parts.append(columns_to_table(cols))
-            table = pa.concat_tables(parts) if parts else columns_to_table({})
-            self.layout.write_table(self.layout.shard(int(k)), table.replace_schema_metadata(
-                {_SKIPPED: json.dumps(skipped)}))
-        return {"shard": np.asarray(batch["shard"])}

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from raydiff.data.encode import columns_to_inputs
+from raydiff.data.columns import columns_to_inputs
+from raydiff.data.packing import is_packed, unpack
 
 
 def collate(batch: dict, device: torch.device, data_file_keys=("image",), *, caption_dropout=None,
@@ -13,14 +14,13 @@ def collate(batch: dict, device: torch.device, data_file_keys=("image",), *, cap
     """A numpy batch from Ray Data -> model inputs: media as float (B, 3, H, W) or (B, 3, F, H, W)
     in [-1, 1], prompts as a list of str.
 
-    A bucket batch arrives as one packed row (`_packed`) and is unpacked first. Stream/cache batches
-    carry encoded columns instead of media (see raydiff.data.encode); they come back as the tensors
+    A bucket batch arrives as one packed row (raydiff.data.packing) and is unpacked first. Stream/cache
+    batches carry encoded columns instead of media (raydiff.data.columns); they come back as the tensors
     their units produced, so the training step skips those units. `caption_dropout`
     (`raydiff.data.plan.CaptionDropout`) swaps in the empty prompt for the samples it picks in `epoch`.
     """
-    if "_packed" in batch:
-        assert len(batch["_packed"]) == 1, "iterate packed (bucket) datasets with batch_size=1"
-        batch = {k: v[0] for k, v in batch.items()}
+    if is_packed(batch):
+        batch = unpack(batch)
     if caption_dropout is not None:
         batch = caption_dropout(batch, epoch)
     out = {"prompt": [str(p) for p in batch["prompt"]]}

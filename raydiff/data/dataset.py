@@ -1,61 +1,139 @@
-"""The training dataset as a Ray Data pipeline: metadata rows -> decoded, resized uint8 samples.
+"""The training and eval datasets as Ray Data pipelines, one builder per `data.preprocess` mode.
+
+    inline  rows -> decode                         workers run every unit
+    stream  rows -> decode -> encoder actor pool   workers load only the DiT
+    cache   parquet written once (raydiff.data.cache) -> read; workers load only the DiT
 
 Metadata is read (and paths checked) in the driver, so a typo fails before any worker starts.
-Decoding and resizing run in Ray Data tasks with their own CPU budget; training workers pull
-their shard with `ray.train.get_dataset_shard("train")` and only convert to tensors.
+Rows are ordered (and, with buckets, batched) in the driver by per-sample decisions that do not
+depend on the mode (raydiff.data.plan), so the three modes give the same samples in the same order.
 """
 
 from __future__ import annotations
 
-import logging
+import json
+from dataclasses import dataclass
 
+import numpy as np
 import ray
 
-from raydiff.config import DataConfig
-from raydiff.data.metadata import BadSample, SampleError, read_metadata
-from raydiff.data.plan import DecodeRow
-
-log = logging.getLogger(__name__)
-
-
-def read_rows(cfg: DataConfig, metadata_path: str | None = None, repeat: int | None = None
-              ) -> tuple[list[dict], list[BadSample]]:
-    """Metadata rows (repeated `cfg.repeat` times) and the rows refused before decoding.
-    With `skip_bad_samples: false` the first refused row raises `SampleError`."""
-    metadata_path = metadata_path or cfg.metadata_path
-    rows, bad = read_metadata(metadata_path, base_path=cfg.base_path, data_file_keys=cfg.data_file_keys,
-                              allow_outside_base=cfg.allow_outside_base)
-    if bad and not cfg.skip_bad_samples:
-        first, more = bad[0], len(bad) - 1
-        hint = f" ({more} more bad rows)" if more else ""
-        raise SampleError(BadSample(first.row, first.file, f"{first.reason}{hint}; data.skip_bad_samples: true skips them"))
-    for b in bad:
-        log.warning("skipping %s", b)
-    keep = ["prompt", "_row", *cfg.data_file_keys]
-    rows = [{k: r[k] for k in keep} for r in rows] * (cfg.repeat if repeat is None else repeat)
-    if not rows:
-        raise ValueError(f"{metadata_path}: no usable samples")
-    return rows, bad
+from raydiff.config import DataConfig, RaydiffConfig, to_remote
+from raydiff.data.buckets import bucket_batches, row_buckets
+from raydiff.data.cache import preprocess
+from raydiff.data.cache_io import CacheLayout, RepeatCached, decode_shard_batch, read_empty_prompt
+from raydiff.data.decode import DecodeRow
+from raydiff.data.encode import EncodeBatch, remote_empty_prompt
+from raydiff.data.packing import pack_group
+from raydiff.data.plan import order_rows
 
 
-def train_and_eval_rows(data: DataConfig, eval_cfg) -> tuple[list[dict], list[dict], list[BadSample]]:
-    """(training rows, eval rows, bad rows). Eval rows come from `eval.metadata_path`, or are the last
-    `eval.holdout` metadata rows, which then never reach training."""
-    if eval_cfg.metadata_path:
-        train, bad = read_rows(data)
-        held, bad_eval = read_rows(data, eval_cfg.metadata_path, repeat=1)
-        return train, held, bad + bad_eval
-    rows, bad = read_rows(data, repeat=1)
-    if eval_cfg.holdout >= len(rows):
-        raise ValueError(f"eval.holdout {eval_cfg.holdout} leaves no training rows out of {len(rows)}")
-    cut = len(rows) - eval_cfg.holdout
-    return rows[:cut] * data.repeat, rows[cut:], bad
+@dataclass
+class TrainData:
+    """What the trainer needs about the training dataset.
+
+    `packed`: rows are whole bucket batches (iterate with batch_size=1). `num_samples`: samples per
+    epoch before the split; `num_batches`: bucket batches per epoch (None unless packed).
+    `empty_prompt`: encoded empty prompt for caption dropout in stream/cache mode.
+    """
+
+    dataset: ray.data.Dataset
+    num_samples: int
+    packed: bool = False
+    num_batches: int | None = None
+    empty_prompt: dict[str, np.ndarray] | None = None
+
+
+def build_train_data(cfg: RaydiffConfig, rows: list[dict], seed: int, counter_name: str | None = None) -> TrainData:
+    """`rows` from `read_rows` (repeated) -> the dataset for the configured mode. `seed` is `train.seed`:
+    it orders the samples and picks the flips."""
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    if cfg.data.preprocess == "cache":
+        data = _cached_data(cfg, rows, seed)
+    else:
+        data = _decoded_data(cfg, rows, seed, counter_name)
+    # Ray's equal split deals bundles greedily to the emptiest worker, so which rank trains which
+    # sample depends on bundle sizes. Blocks of exactly one batch (strict) make it round-robin by
+    # batch in every mode and on every run: rank r trains batches r, r + W, r + 2W, ...
+    rows_per_block = 1 if data.packed else cfg.train.batch_size
+    data.dataset = data.dataset.repartition(target_num_rows_per_block=rows_per_block, strict=True)
+    return data
+
+
+def build_eval_dataset(cfg: RaydiffConfig, rows: list[dict], counter_name: str | None = None) -> ray.data.Dataset:
+    """The eval set in file order, decoded without flips; in stream/cache mode also encoded by an actor
+    pool, since those workers hold no encoders (eval sets are small: never cached)."""
+    d = cfg.data.model_copy(update={"random_flip": False})
+    ds = build_dataset(d, rows, seed=0, counter_name=counter_name)
+    return ds if d.preprocess == "inline" else _encoded(ds, cfg, d.encoder_batch_size, actors=1)
 
 
 def build_dataset(cfg: DataConfig, rows: list[dict], *, seed: int, counter_name: str | None = None) -> ray.data.Dataset:
-    """Rows (or bucket batches, see raydiff.data.plan) -> a lazy Ray Data pipeline of decoded samples
+    """Rows (or bucket batches) -> a lazy Ray Data pipeline of decoded samples
     {key: uint8 (H, W, 3) or (F, H, W, 3), prompt, _row, ...} in the order given; `seed` picks the flips."""
     # Blocks of ~64 rows: enough tasks to keep decoders busy, few enough that task overhead stays small.
     ray.data.DataContext.get_current().enable_progress_bars = False
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), max(8, len(rows) // 64))))
     return ds.flat_map(DecodeRow(cfg, seed, counter_name), num_cpus=cfg.num_cpus)
+
+
+def _encoded(ds: ray.data.Dataset, cfg: RaydiffConfig, batch_size: int, actors: int) -> ray.data.Dataset:
+    d = cfg.data
+    return ds.map_batches(EncodeBatch, fn_constructor_args=(to_remote(cfg),), batch_size=batch_size,
+                          compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=d.encoder_num_gpus,
+                          num_cpus=d.encoder_num_cpus)
+
+
+def _decoded_data(cfg: RaydiffConfig, rows: list[dict], seed: int, counter_name: str | None) -> TrainData:
+    """inline and stream: metadata rows ordered (and batched into buckets) in the driver, decoded in
+    Ray Data tasks, encoded by the actor pool in stream mode."""
+    d, t = cfg.data, cfg.train
+    ordered = order_rows(rows, seed, d.shuffle)
+    batches = None
+    if d.buckets:
+        sizes, _ = row_buckets(d, ordered)
+        batches = bucket_batches([r for r in ordered if r["_row"] in sizes], sizes, batch_size=t.batch_size,
+                                 num_workers=cfg.ray.num_workers)
+        items = [{"_batch": i, "_rows": json.dumps(b)} for i, b in enumerate(batches)]
+    else:
+        items = ordered
+    ds = build_dataset(d, items, seed=seed, counter_name=counter_name)
+    empty = None
+    if d.preprocess == "stream":
+        ds = _encoded(ds, cfg, 1 if batches else d.encoder_batch_size, actors=d.encoder_actors)
+        empty = remote_empty_prompt(cfg) if d.caption_dropout > 0 else None
+    if batches is None:
+        return TrainData(ds, len(items), empty_prompt=empty)
+    return TrainData(ds, len(batches) * t.batch_size, True, len(batches), empty)
+
+
+def _cached_data(cfg: RaydiffConfig, rows: list[dict], seed: int) -> TrainData:
+    """Train from the cache (building or refreshing it first when needed), repeated `data.repeat`
+    times, in `_key` order — or packed into the same bucket batches the other modes form."""
+    d, t = cfg.data, cfg.train
+    preprocess(cfg, rows)
+    layout = CacheLayout(d.cache_dir)
+    files = [layout.shard(k) for k, n in enumerate(layout.read_manifest()["shards"]) if n]
+    if not files:
+        raise ValueError(f"the cache {d.cache_dir} holds no samples")
+    cached = layout.index(files)  # [(_row, (h, w))] of every cached sample
+    repeated = [{"_row": r} for r, _ in cached] * d.repeat
+    ordered = order_rows(sorted(repeated, key=lambda r: r["_row"]), seed, d.shuffle)
+    ds = ray.data.read_parquet([layout.uri(f) for f in files], filesystem=layout.fs)
+    ds = ds.map_batches(decode_shard_batch, batch_format="pyarrow", zero_copy_batch=True)
+    empty = read_empty_prompt(layout) if d.caption_dropout > 0 else None
+    if not d.buckets:
+        # Sort into the order inline mode trains in. The driver knows every key, so it hands the sort
+        # its partition boundaries: no sampling pass, and ~4096 rows a partition instead of 200 partitions.
+        parts = max(2, min(200, len(ordered) // 4096))
+        bounds = [ordered[i * len(ordered) // parts]["_key"] for i in range(1, parts)]
+        ds = ds.flat_map(RepeatCached(d.repeat, seed, d.shuffle)).sort("_key", boundaries=bounds)
+        return TrainData(ds, len(ordered), empty_prompt=empty)
+    sizes = {r: tuple(size) for r, size in cached}
+    batches = bucket_batches(ordered, sizes, batch_size=t.batch_size, num_workers=cfg.ray.num_workers)
+    slots = {(r["_row"], r["_rep"]): (b, i) for b, batch in enumerate(batches) for i, r in enumerate(batch)}
+    # Two shuffles (group, then order the batches), each with about one partition per 64 batches.
+    parts = max(2, min(200, len(batches) // 64))
+    ds = ds.flat_map(RepeatCached(d.repeat, seed, d.shuffle, slots)).groupby("_batch", num_partitions=parts)
+    ds = ds.map_groups(pack_group, batch_format="numpy")
+    ds = ds.sort("_batch", boundaries=[i * len(batches) // parts for i in range(1, parts)])
+    return TrainData(ds, len(batches) * t.batch_size, True, len(batches), empty)

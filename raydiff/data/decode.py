@@ -1,10 +1,13 @@
-"""Ray Data stage functions: one metadata row -> one decoded, resized uint8 sample.
+"""The decode stage (Ray Data `flat_map`): one metadata row -> one decoded, resized, maybe flipped uint8
+sample; one planned bucket batch -> one packed row holding the batch.
 
-Kept free of torch so the decode tasks' worker processes start fast.
+Bad samples raise `SampleError` naming row and file, or with `data.skip_bad_samples` are dropped and
+counted by the run's `SkipCounter` actor. Kept free of torch so decode tasks start fast.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 
@@ -14,6 +17,8 @@ import ray
 from raydiff.config import DataConfig
 from raydiff.data.metadata import BadSample, SampleError
 from raydiff.data.operators import DecodeError, load_image, load_video, resize_image, resize_video, target_size
+from raydiff.data.packing import pack_samples
+from raydiff.data.plan import flipped
 
 log = logging.getLogger(__name__)
 VIDEO_KEYS = ("video",)
@@ -33,10 +38,21 @@ class SkipCounter:
         return len(self.reasons)
 
 
+def skip_counter_name(run_name: str) -> str:
+    return f"raydiff-skips-{run_name}"
+
+
 def skip_counter(run_name: str):
     """The run's counter, detached so it outlives the driver-side handle while Ray Data tasks (owned by
     the training workers) report into it; `launch_training_task` kills it when the run ends."""
-    return SkipCounter.options(name=f"raydiff-skips-{run_name}", get_if_exists=True, lifetime="detached").remote()
+    return SkipCounter.options(name=skip_counter_name(run_name), get_if_exists=True, lifetime="detached").remote()
+
+
+def skipped_samples(counter_name: str | None) -> int:
+    """Distinct rows the run's counter has seen skipped (0 without a counter)."""
+    if not counter_name:
+        return 0
+    return ray.get(ray.get_actor(counter_name).count.remote())
 
 
 @dataclass
@@ -74,3 +90,40 @@ class DecodeSample:
         size = target_size(*image.shape[:2], fixed=fixed, max_pixels=cfg.max_pixels,
                            division_factor=cfg.division_factor)
         return resize_image(image, size)
+
+
+@dataclass
+class DecodeRow:
+    """Ray Data `flat_map`: the decode stage with buckets and flips.
+
+    A plain row decodes as `DecodeSample` (to its bucket's `_size` when it has one), flipped if
+    `data.random_flip` picks it, keeping `_rep` and `_key`. A packed row (`_rows`: a JSON list of
+    rows, one bucket batch) becomes one row holding the whole batch: media (B, H, W, 3), prompt,
+    `_row`, `_rep` as lists and `_packed` = B.
+    """
+
+    cfg: DataConfig
+    seed: int = 0
+    counter_name: str | None = None
+
+    def __call__(self, row: dict) -> list[dict]:
+        if "_rows" not in row:
+            return self.decode(row)
+        samples = [s for member in json.loads(row["_rows"]) for s in self.decode(member)]
+        if not samples:  # dropping the row would leave this worker a batch short of the others
+            raise ValueError(f"every sample of bucket batch {row['_batch']} is bad")
+        return [pack_samples(samples, row["_batch"])]
+
+    def decode(self, row: dict) -> list[dict]:
+        cfg = self.cfg
+        if row.get("_size") is not None:
+            h, w = row["_size"]
+            cfg = cfg.model_copy(update={"height": int(h), "width": int(w)})
+        out = DecodeSample(cfg, self.counter_name)(row)
+        for sample in out:
+            sample.update({k: row[k] for k in ("_rep", "_key") if k in row})
+            if self.cfg.random_flip and flipped(self.seed, row["_row"]):
+                for key in self.cfg.data_file_keys:
+                    axis = 2 if key in VIDEO_KEYS else 1  # width of (F, H, W, 3) or (H, W, 3)
+                    sample[key] = np.ascontiguousarray(np.flip(sample[key], axis=axis))
+        return out

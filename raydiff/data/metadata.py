@@ -1,4 +1,4 @@
-"""Read a dataset's metadata file into plain row dicts.
+"""Read a dataset's metadata file into plain row dicts, and pick the rows a run trains and evaluates on.
 
 DiffSynth's `UnifiedDataset` metadata: `.json` (a list of objects), `.jsonl` or `.csv`
 (we add `.parquet`), minimal columns `image,prompt`. Only `data_file_keys` name files;
@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import os
 import posixpath
@@ -19,6 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from raydiff.config import DataConfig
+
+log = logging.getLogger(__name__)
 ESCAPE_REASON = "path escapes base_path; set data.allow_outside_base: true to allow"
 _BOM = b"\xef\xbb\xbf"  # Excel and Notepad prepend it to UTF-8 files
 _URL = re.compile(r"^(?!file://)[A-Za-z][A-Za-z0-9+.-]*://")  # file:// stays local: it can escape
@@ -236,6 +240,43 @@ def resolve_path(value: str, base_path: str, allow_outside_base: bool = False) -
     if os.path.commonpath([base_real, os.path.realpath(joined)]) != base_real:
         return None
     return joined
+
+
+# --- the rows a run trains on ----------------------------------------------------------------
+
+def read_rows(cfg: DataConfig, metadata_path: str | None = None, repeat: int | None = None
+              ) -> tuple[list[dict], list[BadSample]]:
+    """Metadata rows (repeated `cfg.repeat` times) and the rows refused before decoding.
+    With `skip_bad_samples: false` the first refused row raises `SampleError`."""
+    metadata_path = metadata_path or cfg.metadata_path
+    rows, bad = read_metadata(metadata_path, base_path=cfg.base_path, data_file_keys=cfg.data_file_keys,
+                              allow_outside_base=cfg.allow_outside_base)
+    if bad and not cfg.skip_bad_samples:
+        first, more = bad[0], len(bad) - 1
+        hint = f" ({more} more bad rows)" if more else ""
+        reason = f"{first.reason}{hint}; data.skip_bad_samples: true skips them"
+        raise SampleError(BadSample(first.row, first.file, reason))
+    for b in bad:
+        log.warning("skipping %s", b)
+    keep = ["prompt", "_row", *cfg.data_file_keys]
+    rows = [{k: r[k] for k in keep} for r in rows] * (cfg.repeat if repeat is None else repeat)
+    if not rows:
+        raise ValueError(f"{metadata_path}: no usable samples")
+    return rows, bad
+
+
+def train_and_eval_rows(data: DataConfig, eval_cfg) -> tuple[list[dict], list[dict], list[BadSample]]:
+    """(training rows, eval rows, bad rows). Eval rows come from `eval.metadata_path`, or are the last
+    `eval.holdout` metadata rows, which then never reach training."""
+    if eval_cfg.metadata_path:
+        train, bad = read_rows(data)
+        held, bad_eval = read_rows(data, eval_cfg.metadata_path, repeat=1)
+        return train, held, bad + bad_eval
+    rows, bad = read_rows(data, repeat=1)
+    if eval_cfg.holdout >= len(rows):
+        raise ValueError(f"eval.holdout {eval_cfg.holdout} leaves no training rows out of {len(rows)}")
+    cut = len(rows) - eval_cfg.holdout
+    return rows[:cut] * data.repeat, rows[cut:], bad
 
 
 def _has_surrogates(text: str) -> bool:

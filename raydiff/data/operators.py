@@ -164,7 +164,8 @@ def load_video(
         n = frames_for(len(names), num_frames)
         if n == 0:
             raise DecodeError("video has 0 decodable frames (no image files in the directory)")
-        frames = [load_image(os.path.join(path, name), max_pixels_before_decode=max_pixels_before_decode) for name in names[:n]]
+        frames = [load_image(os.path.join(path, name), max_pixels_before_decode=max_pixels_before_decode)
+                  for name in names[:n]]
         if len({f.shape for f in frames}) > 1:
             raise DecodeError(f"frames differ in size: {sorted({f.shape[:2] for f in frames})}")
         return np.stack(frames)
@@ -195,7 +196,8 @@ def _decode_video(path: str, num_frames: int, max_pixels: int) -> list[np.ndarra
             raise DecodeError("not a video: video stream has no decodable codec")
         w, h = stream.codec_context.width, stream.codec_context.height
         if w * h > max_pixels:
-            raise DecodeError(f"video is {w}x{h} = {w * h} pixels, over the limit of {max_pixels} (data.max_image_pixels)")
+            raise DecodeError(f"video is {w}x{h} = {w * h} pixels, over the limit of {max_pixels} "
+                              f"(data.max_image_pixels)")
         stream.thread_type = "AUTO"  # frame threads; we stop after num_frames anyway
         try:
             for frame in container.decode(stream):

@@ -10,13 +10,9 @@ shuffle that the driver (inline, stream) and a Ray Data sort (cache) reproduce a
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 
 import numpy as np
-
-from raydiff.config import DataConfig
-from raydiff.data.decode import VIDEO_KEYS, DecodeSample
 
 
 def sample_hash(*parts) -> int:
@@ -54,52 +50,6 @@ def order_rows(rows: list[dict], seed: int, shuffle: bool) -> list[dict]:
         rep = seen[r["_row"]] = seen.get(r["_row"], -1) + 1
         out.append({**r, "_rep": rep, "_key": order_key(seed, r["_row"], rep, shuffle)})
     return sorted(out, key=lambda r: r["_key"])
-
-
-@dataclass
-class DecodeRow:
-    """Ray Data `flat_map`: the decode stage with buckets and flips.
-
-    A plain row decodes as `DecodeSample` (to its bucket's `_size` when it has one), flipped if
-    `data.random_flip` picks it, keeping `_rep` and `_key`. A packed row (`_rows`: a JSON list of
-    rows, one bucket batch) becomes one row holding the whole batch: media (B, H, W, 3), prompt,
-    `_row`, `_rep` as lists and `_packed` = B.
-    """
-
-    cfg: DataConfig
-    seed: int = 0
-    counter_name: str | None = None
-
-    def __call__(self, row: dict) -> list[dict]:
-        if "_rows" not in row:
-            return self.decode(row)
-        samples = [s for member in json.loads(row["_rows"]) for s in self.decode(member)]
-        if not samples:  # dropping the row would leave this worker a batch short of the others
-            raise ValueError(f"every sample of bucket batch {row['_batch']} is bad")
-        return [pack(samples, self.cfg.data_file_keys, row["_batch"])]
-
-    def decode(self, row: dict) -> list[dict]:
-        cfg = self.cfg
-        if row.get("_size") is not None:
-            h, w = row["_size"]
-            cfg = cfg.model_copy(update={"height": int(h), "width": int(w)})
-        out = DecodeSample(cfg, self.counter_name)(row)
-        for sample in out:
-            sample.update({k: row[k] for k in ("_rep", "_key") if k in row})
-            if self.cfg.random_flip and flipped(self.seed, row["_row"]):
-                for key in self.cfg.data_file_keys:
-                    axis = 2 if key in VIDEO_KEYS else 1  # width of (F, H, W, 3) or (H, W, 3)
-                    sample[key] = np.ascontiguousarray(np.flip(sample[key], axis=axis))
-        return out
-
-
-def pack(samples: list[dict], media_keys, batch_id: int) -> dict:
-    """Per-sample rows of one bucket -> one row holding the batch (`collate` unpacks it)."""
-    out = {"_packed": len(samples), "_batch": batch_id}
-    for key in samples[0]:
-        values = [s[key] for s in samples]
-        out[key] = np.stack(values) if isinstance(values[0], np.ndarray) else values
-    return out
 
 
 @dataclass

@@ -23,7 +23,7 @@ def cmd_train(args) -> None:
 
 def cmd_preprocess(args) -> None:
     from raydiff.config import ConfigError, load_config
-    from raydiff.data.preprocess import preprocess
+    from raydiff.data.cache import preprocess
     from raydiff.launch.trainer import init_ray
 
     cfg = load_config(args.config, args.set)
@@ -48,7 +48,7 @@ def cmd_demo(args) -> None:
 
 
 def cmd_tiny_model(args) -> None:
-    from raydiff.pipelines.base import get_pipeline_class
+    from raydiff.registry import get_pipeline_class
 
     get_pipeline_class(args.family).write_tiny(args.dir, seed=args.seed)
     print(f"[raydiff] wrote a tiny random {args.family} pipeline to {os.path.abspath(args.dir)}")
@@ -61,29 +61,32 @@ def cmd_export(args) -> None:
     print(f"[raydiff] wrote {args.format} LoRA to {os.path.abspath(out)}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from raydiff.pipelines.base import FAMILY_MODULES
+def add_config_arguments(p: argparse.ArgumentParser, config_help: str) -> None:
+    """The positional CONFIG and the repeatable `--set` every config-driven command takes."""
+    p.add_argument("config", help=config_help)
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value; repeatable; values parse as YAML")
 
-    parser = argparse.ArgumentParser(prog="raydiff", description="Fine-tune diffusion transformers (LoRA or full) on Ray.")
+
+def build_parser() -> argparse.ArgumentParser:
+    from raydiff.registry import family_names
+    from raydiff.training.lora_formats import FORMATS
+
+    parser = argparse.ArgumentParser(prog="raydiff",
+                                     description="Fine-tune diffusion transformers (LoRA or full) on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train from a YAML config (joins RAY_ADDRESS if set, else starts a local Ray)")
-    p.add_argument("config", help="YAML config file (see README: Config reference)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value; repeatable; values parse as YAML")
+    add_config_arguments(p, "YAML config file (see README: Config reference)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("preprocess", help="encode the dataset once into data.cache_dir (parquet) for "
                                           "data.preprocess: cache; a complete, current cache is left alone")
-    p.add_argument("config", help="the YAML config you train with")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value; repeatable; values parse as YAML")
+    add_config_arguments(p, "the YAML config you train with")
     p.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("tune", help="search config values with Ray Tune (the `tune:` section), one run per trial")
-    p.add_argument("config", help="YAML config file with a `tune:` section (see README: Tune)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value; repeatable; values parse as YAML")
+    add_config_arguments(p, "YAML config file with a `tune:` section (see README: Tune)")
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("demo", help="write a tiny FLUX model and dataset, train a LoRA with 2 workers, no network")
@@ -93,16 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("tiny-model", help="write a tiny random diffusers-format pipeline (for tests and demos)")
-    p.add_argument("family", choices=sorted(FAMILY_MODULES))
+    p.add_argument("family", choices=family_names())
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny_model)
 
     p = sub.add_parser("export", help="convert a checkpoint's LoRA for other tools (ComfyUI, kohya, DiffSynth)")
     p.add_argument("checkpoint", help="a checkpoint directory or a .safetensors LoRA file")
-    p.add_argument("--format", required=True, choices=["diffusers", "comfyui", "kohya", "diffsynth"])
+    p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", required=True, help="output .safetensors file")
-    p.add_argument("--family", choices=sorted(FAMILY_MODULES),
+    p.add_argument("--family", choices=family_names(),
                    help="model family (default: read from the checkpoint's config.yaml)")
     p.set_defaults(func=cmd_export)
 
@@ -116,7 +119,6 @@ def user_error(err: BaseException) -> str | None:
     """The message of an error the user can fix, found through Ray's wrappers; None otherwise."""
     from raydiff.config import ConfigError
     from raydiff.data.metadata import MetadataError, SampleError
-
     from raydiff.launch.storage import StorageError
 
     fixable = (ConfigError, MetadataError, SampleError, StorageError, FileNotFoundError)

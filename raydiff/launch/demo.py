@@ -8,6 +8,7 @@ import time
 import yaml
 
 from raydiff.config import load_config
+from raydiff.console import say
 from raydiff.data.shapes import write_shapes_dataset
 from raydiff.launch.trainer import launch_training_task
 from raydiff.pipelines.flux import FluxImagePipeline
@@ -41,9 +42,9 @@ def run_demo(directory: str = "raydiff-demo", steps: int = 8, num_workers: int =
     config_path = os.path.join(directory, "demo.yaml")
     with open(config_path, "w") as f:
         yaml.safe_dump(raw, f, sort_keys=False)
-    print(f"[raydiff] demo: tiny FLUX in {model_dir}, config {config_path}", flush=True)
+    say(f"[raydiff] demo: tiny FLUX in {model_dir}, config {config_path}")
     result = launch_training_task(load_config(config_path))
-    print(f"[raydiff] demo finished in {time.perf_counter() - start:.1f} s; validation grid (base above, "
-          f"LoRA below): {os.path.join(result.checkpoint.path, 'samples', 'grid.png')}", flush=True)
-    print(result.checkpoint.path, flush=True)
+    say(f"[raydiff] demo finished in {time.perf_counter() - start:.1f} s; validation grid (base above, "
+          f"LoRA below): {os.path.join(result.checkpoint.path, 'samples', 'grid.png')}")
+    say(result.checkpoint.path)
     return result

@@ -11,6 +11,8 @@ import os
 
 import torch
 
+from raydiff.console import say
+
 ADAPTER = "raydiff"
 
 
@@ -24,13 +26,15 @@ def sample(model: str, lora: str | None, prompt: str, out: str, *, family: str =
     `device` defaults to CUDA when available; `dtype` to bfloat16 on CUDA and float32 on CPU. The
     starting noise comes from a CPU generator seeded with `seed`, as in validation samples.
     """
-    from raydiff.pipelines.base import DTYPES, get_pipeline_class
+    from raydiff.pipelines.base import DTYPES
+    from raydiff.registry import get_pipeline_class
     from raydiff.training.checkpoint import FULL_WEIGHTS_FILE
     from raydiff.training.validation import ValidationSettings, sample_images
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    pipe = get_pipeline_class(family).diffusers_class.from_pretrained(model, dtype=DTYPES[dtype])
+    family_cls = get_pipeline_class(family)
+    pipe = family_cls.diffusers_class.from_pretrained(model, dtype=DTYPES[dtype])
     if lora is not None and os.path.isfile(os.path.join(lora, FULL_WEIGHTS_FILE)):
         load_full_weights(pipe, os.path.join(lora, FULL_WEIGHTS_FILE))  # a full fine-tuning checkpoint
     elif lora is not None:
@@ -44,7 +48,7 @@ def sample(model: str, lora: str | None, prompt: str, out: str, *, family: str =
     pipe.to(device)
     settings = ValidationSettings(prompts=[prompt], seed=seed, steps=steps, guidance=guidance, height=height,
                                   width=width, num_frames=num_frames)
-    image = sample_images(pipe, settings)[0]
+    image = sample_images(family_cls, pipe, settings)[0]
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     image.save(out)
     return out
@@ -65,19 +69,21 @@ def cmd_sample(args) -> None:
     path = sample(args.model, args.lora, args.prompt, args.out, family=args.family, lora_scale=args.lora_scale,
                   steps=args.steps, guidance=args.guidance, height=args.height, width=args.width, seed=args.seed,
                   num_frames=args.num_frames, dtype=args.dtype, device=args.device)
-    print(f"[raydiff] wrote {os.path.abspath(path)}")
+    say(f"[raydiff] wrote {os.path.abspath(path)}")
 
 
 def add_sample_parser(subparsers) -> None:
     """Register `raydiff sample` on an argparse subparsers object (`func=cmd_sample`)."""
-    from raydiff.pipelines.base import DTYPES, FAMILY_MODULES
+    from raydiff.config import DTYPE_NAMES
+    from raydiff.registry import family_names
 
     p = subparsers.add_parser("sample", help="render one image from a model and a trained LoRA (diffusers)")
     p.add_argument("--model", required=True, help="diffusers-format model directory or hub id")
-    p.add_argument("--lora", default=None, help="checkpoint directory (LoRA or full fine-tuning) or LoRA .safetensors file (omit: base model)")
+    p.add_argument("--lora", default=None, help="checkpoint directory (LoRA or full fine-tuning) or LoRA "
+                                                ".safetensors file (omit: base model)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--out", required=True, help="PNG file to write")
-    p.add_argument("--family", default="flux", choices=sorted(FAMILY_MODULES))
+    p.add_argument("--family", default="flux", choices=family_names())
     p.add_argument("--lora-scale", type=float, default=1.0, help="multiplies the LoRA's effect (0 = base model)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=3.5, help="the pipeline's guidance_scale")
@@ -85,6 +91,6 @@ def add_sample_parser(subparsers) -> None:
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-frames", type=int, default=1, help="video families (4k + 1); the first frame is saved")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on CUDA, else float32")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="default: bfloat16 on CUDA, else float32")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.set_defaults(func=cmd_sample)

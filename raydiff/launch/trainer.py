@@ -5,29 +5,33 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import ray
 import ray.train
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from raydiff.config import RaydiffConfig, to_dict
-from raydiff.data.dataset import train_and_eval_rows
-from raydiff.data.decode import skip_counter
-from raydiff.data.preprocess import build_eval_dataset, build_train_data
+from raydiff.config import RaydiffConfig, to_remote
+from raydiff.console import say
+from raydiff.data.dataset import build_eval_dataset, build_train_data
+from raydiff.data.decode import skip_counter, skip_counter_name
+from raydiff.data.metadata import train_and_eval_rows
 from raydiff.launch.storage import check_storage, storage_filesystem
+from raydiff.training.loop_args import LoopArgs
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """raydiff.training.loop.train_loop_per_worker, imported in the worker (the driver never imports
     diffusers, transformers or peft) once the worker's data feed has started, so the pipeline's
     start-up overlaps those imports and the model load."""
-    from raydiff.config import parse_config
+    import ray.train.torch
+
     from raydiff.training.feed import EpochFeed
 
-    feed = EpochFeed(parse_config(loop_config["config"]), loop_config["steps_per_epoch"],
-                     loop_config.get("packed", False), fresh=ray.train.get_checkpoint() is None)
+    args: LoopArgs = loop_config["args"]
+    feed = EpochFeed(args.parse_config(), args, ray.train.torch.get_device(),
+                     fresh=ray.train.get_checkpoint() is None)
     from raydiff.training.loop import train_loop_per_worker as loop
 
     loop(loop_config, feed)
@@ -78,17 +82,23 @@ def steps_per_epoch(num_rows: int, cfg: RaydiffConfig) -> int:
     return steps
 
 
+def total_steps(cfg: RaydiffConfig, steps_per_epoch: int) -> int:
+    """Optimizer steps of the run: `train.num_epochs` epochs, or `train.max_steps` if that ends first."""
+    epochs = steps_per_epoch * cfg.train.num_epochs
+    return epochs if cfg.train.max_steps is None else min(cfg.train.max_steps, epochs)
+
+
 def build_trainer(cfg: RaydiffConfig, module_factory: Callable | None = None, **run_config_kwargs) -> TorchTrainer:
     """A TorchTrainer whose workers build the training module themselves (`module_factory(device)`,
     or the config-driven module) and stream decoded samples from a Ray Data pipeline."""
     rows, eval_rows, bad = train_and_eval_rows(cfg.data, cfg.eval)
     counter = None
     if cfg.data.skip_bad_samples:
-        counter = f"raydiff-skips-{cfg.ray.name}"
+        counter = skip_counter_name(cfg.ray.name)
         actor = skip_counter(cfg.ray.name)
         ray.get([actor.add.remote(b.row, b.reason) for b in bad])
     # inline: workers decode and encode; stream: an encoder actor pool feeds them latents; cache: the
-    # parquet cache (built first if missing or stale) does. See raydiff/data/preprocess.py.
+    # parquet cache (built first if missing or stale) does. See raydiff/data/dataset.py.
     train = build_train_data(cfg, rows, seed=cfg.train.seed, counter_name=counter)
     datasets = {"train": train.dataset}
     if eval_rows:  # unsplit: every rank sees the same ordered eval set and scores its share of it
@@ -104,12 +114,13 @@ def build_trainer(cfg: RaydiffConfig, module_factory: Callable | None = None, **
     resources = {"CPU": cfg.ray.cpus_per_worker}
     if cfg.ray.use_gpu:
         resources["GPU"] = cfg.ray.gpus_per_worker
+    epoch_steps = steps_per_epoch(train.num_samples, cfg)
+    args = LoopArgs(to_remote(cfg), epoch_steps, total_steps(cfg, epoch_steps), packed=train.packed,
+                    empty_prompt=train.empty_prompt, skip_counter=counter, run_dir=run_dir(cfg),
+                    is_tty=sys.stdout.isatty(), module_factory=module_factory)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": to_dict(cfg), "module_factory": module_factory,
-                           "steps_per_epoch": steps_per_epoch(train.num_samples, cfg), "skip_counter": counter,
-                           "packed": train.packed, "empty_prompt": train.empty_prompt,
-                           "run_dir": run_dir(cfg), "is_tty": sys.stdout.isatty()},
+        train_loop_config={"args": args},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker=resources,
                                      placement_strategy=cfg.ray.placement_strategy),
@@ -134,5 +145,5 @@ def launch_training_task(cfg: RaydiffConfig, module_factory: Callable | None = N
         if cfg.data.skip_bad_samples:
             ray.kill(skip_counter(cfg.ray.name))
     if result.checkpoint is not None:
-        print(f"[raydiff] final checkpoint: {result.checkpoint.path}", flush=True)
+        say(f"[raydiff] final checkpoint: {result.checkpoint.path}")
     return result

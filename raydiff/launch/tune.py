@@ -16,7 +16,8 @@ import csv
 import io
 import json
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pyarrow.fs as pafs
 import ray
@@ -30,9 +31,10 @@ from ray.tune.search.sample import Domain, Integer
 from raydiff.config import ConfigError, RaydiffConfig, apply_overrides, config_key_error, parse_config, to_dict
 from raydiff.config import TuneConfig as TuneSettings
 from raydiff.console import say
-from raydiff.data.dataset import train_and_eval_rows
+from raydiff.data.decode import skip_counter_name
+from raydiff.data.metadata import train_and_eval_rows
 from raydiff.launch.storage import storage_filesystem
-from raydiff.launch.trainer import build_trainer, init_ray, steps_per_epoch
+from raydiff.launch.trainer import build_trainer, init_ray, steps_per_epoch, total_steps
 
 
 def _domain(key: str, name: str, args: list, grid: bool):
@@ -191,7 +193,7 @@ def trial_rows(grid: ray.tune.ResultGrid, config: RaydiffConfig, keys: list[str]
             cfg = trial_config(config, sampled, _trial_id(result))
             plan = json.dumps([to_dict(cfg)[s] for s in ("data", "eval", "train")] + [cfg.ray.num_workers])
             if plan not in planned:
-                planned[plan] = total_steps(cfg)
+                planned[plan] = planned_steps(cfg)
             status = "completed" if last_step >= planned[plan] else "stopped"
         rows.append({
             "trial_id": _trial_id(result),
@@ -206,11 +208,10 @@ def trial_rows(grid: ray.tune.ResultGrid, config: RaydiffConfig, keys: list[str]
     return sorted(rows, key=lambda r: r["trial_id"])
 
 
-def total_steps(cfg: RaydiffConfig) -> int:
-    """The optimizer steps a run of `cfg` plans (as the loop computes them; reads the metadata)."""
+def planned_steps(cfg: RaydiffConfig) -> int:
+    """The optimizer steps a run of `cfg` plans (as the trainer computes them; reads the metadata)."""
     rows, _, _ = train_and_eval_rows(cfg.data, cfg.eval)
-    epoch_steps = steps_per_epoch(len(rows), cfg) * cfg.train.num_epochs
-    return epoch_steps if cfg.train.max_steps is None else min(cfg.train.max_steps, epoch_steps)
+    return total_steps(cfg, steps_per_epoch(len(rows), cfg))
 
 
 def report_trials(config: RaydiffConfig, rows: list[dict], settings: TuneSettings) -> None:
@@ -272,6 +273,6 @@ def _kill_skip_counters(config: RaydiffConfig, grid: ray.tune.ResultGrid) -> Non
     for result in grid:
         name = f"{config.ray.name}-{_trial_id(result)}"
         try:
-            ray.kill(ray.get_actor(f"raydiff-skips-{name}"))
+            ray.kill(ray.get_actor(skip_counter_name(name)))
         except ValueError:  # already gone
             pass

@@ -1,10 +1,10 @@
-"""What every model family provides, and the few helpers they share.
+"""What every model family provides, and the mechanics they share.
 
-A family is one file with one class that satisfies `TrainingPipeline`: its components (a
-diffusers pipeline object holds them), its ordered units, its `model_fn`, its timestep
-schedule, its LoRA key prefix (`dit_name`) and the diffusers pipeline class used for
-sampling and LoRA loading. Training reuses the units and `model_fn` so training and
-inference cannot drift apart (DiffSynth-Studio's first principle).
+A family is one file with one class deriving from `FamilyPipeline`: its components (a diffusers
+pipeline object holds them), its ordered units, its `model_fn`, its timestep schedule and its
+quirks as class attributes. Training reuses the units and `model_fn` so training and inference
+cannot drift apart (DiffSynth-Studio's first principle). Families are found by name through
+`raydiff.registry`.
 
 Tensor conventions shared by all families:
   image   (B, 3, H, W) or video (B, 3, F, H, W), float in [-1, 1]
@@ -15,15 +15,23 @@ Tensor conventions shared by all families:
 
 from __future__ import annotations
 
-import importlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Protocol, Sequence
+from typing import Any, ClassVar, Protocol
 
 import torch
 
-from raydiff.training.flow_matching import FlowSchedule
+from raydiff.config import DTYPE_NAMES
+from raydiff.diffusion.flow_matching import FlowSchedule
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
+_MIXED_PRECISION = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+def autocast_dtype(mixed_precision: str) -> torch.dtype | None:
+    """`train.mixed_precision` (`no` | `bf16` | `fp16`) -> the autocast dtype, None for `no`."""
+    name = _MIXED_PRECISION.get(mixed_precision)
+    return DTYPES[name] if name else None
 
 
 @dataclass(frozen=True)
@@ -50,45 +58,109 @@ class PipelineUnit:
 
 
 class TrainingPipeline(Protocol):
-    family: ClassVar[str]
-    diffusers_class: ClassVar[type]  # sampling, save_lora_weights / load_lora_weights
-    dit_name: ClassVar[str]  # the denoiser's component name; also the LoRA key prefix
-    component_names: ClassVar[tuple[str, ...]]  # what `from_pretrained(components=...)` may skip
-    schedule: ClassVar[FlowSchedule]  # training timestep defaults
-    default_lora_targets: ClassVar[list[str]]
+    """What the loss, the training module and the data layer use of a family."""
+
+    family: str
+    dit_name: str
+    component_names: tuple[str, ...]
+    schedule: FlowSchedule
+    shared_outputs: frozenset[str]
     units: list[PipelineUnit]
     pipe: Any  # the diffusers pipeline holding the components
     device: torch.device
 
+    def model_fn(self, latents: torch.Tensor, sigma: torch.Tensor, **conditions) -> torch.Tensor: ...
+
+    def image_seq_len(self, latents: torch.Tensor) -> int: ...
+
+
+class FamilyPipeline:
+    """A model family: a diffusers pipeline wrapped with training units and `model_fn`.
+
+    Subclasses set the class attributes and write `make_units` and `model_fn`; this base holds what is
+    truly the same across families (loading, 2x2 packing, the image sequence length).
+    """
+
+    family: ClassVar[str]
+    diffusers_class: ClassVar[type]  # sampling, save_lora_weights / load_lora_weights
+    dit_name: ClassVar[str] = "transformer"  # the denoiser's component name; also the LoRA key prefix
+    component_names: ClassVar[tuple[str, ...]]  # what `from_pretrained(components=...)` may skip
+    schedule: ClassVar[FlowSchedule]  # training timestep defaults
+    default_lora_targets: ClassVar[list[str]]  # `lora.target_modules` when the config leaves it unset
+    default_max_sequence_length: ClassVar[int] = 512  # text tokens; the diffusers pipeline's default
+    # Unit outputs without a batch axis whose first dimension could pass for one (FLUX's text ids).
+    shared_outputs: ClassVar[frozenset[str]] = frozenset()
+    # LoRA export: {original module name: (diffusers parts, each part's width multiple or None)} for
+    # `comfyui`/`kohya` naming (raydiff.training.lora_formats); None = diffusers format only.
+    lora_original_names: ClassVar[dict | None] = None
+    comfyui_lora_suffixes: ClassVar[tuple[str, str]] = ("lora_A", "lora_B")
+    patch_size: ClassVar[int] = 2  # latent pixels per token side
+
+    def __init__(self, pipe, device, *, guidance: float = 1.0, max_sequence_length: int | None = None):
+        self.pipe, self.device = pipe, torch.device(device)
+        self.guidance = guidance  # a distilled-guidance embedding's input (FLUX.1-dev); others ignore it
+        self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
+        self.units = self.make_units()
+
     @classmethod
-    def from_pretrained(cls, path: str, *, dtype: torch.dtype, device, components: Sequence[str] | None = None,
-                        **options) -> "TrainingPipeline": ...
+    def from_pretrained(cls, path: str, *, dtype: torch.dtype = torch.float32, device="cpu",
+                        components: Sequence[str] | None = None, revision: str | None = None,
+                        trust_remote_code: bool = False, **options) -> FamilyPipeline:
+        """Load `cls.diffusers_class` from a diffusers-format directory or hub id. Components left out
+        of `components` are skipped (None), so a DiT-only trainer never constructs the VAE or text
+        encoders."""
+        skip = {} if components is None else {c: None for c in cls.component_names if c not in components}
+        kwargs = dict(dtype=dtype, revision=revision, **skip)
+        if trust_remote_code:  # only ever when the user's config says so
+            kwargs["trust_remote_code"] = True
+        pipe = cls.diffusers_class.from_pretrained(path, **kwargs)
+        return cls(pipe.to(device), device, **options)
+
+    def make_units(self) -> list[PipelineUnit]:
+        raise NotImplementedError
 
     def model_fn(self, latents: torch.Tensor, sigma: torch.Tensor, **conditions) -> torch.Tensor:
         """Denoiser prediction (velocity), same shape as `latents`, float32."""
+        raise NotImplementedError
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.pipe.vae_scale_factor
 
     def image_seq_len(self, latents: torch.Tensor) -> int:
-        """Tokens the denoiser sees for these latents (resolution-dependent shift)."""
+        """Tokens the denoiser sees for these latents (the resolution-dependent shift's L)."""
+        return (latents.shape[-2] // self.patch_size) * (latents.shape[-1] // self.patch_size)
+
+    @classmethod
+    def sampling_kwargs(cls, pipe, guidance: float) -> dict:
+        """Keyword arguments that make the diffusers pipeline `pipe` sample with this guidance strength."""
+        return {"guidance_scale": guidance}
 
     @staticmethod
     def write_tiny(path: str, seed: int = 0) -> None:
         """Write a complete tiny random diffusers-format pipeline to `path`, offline."""
+        raise NotImplementedError
 
 
-FAMILY_MODULES = {
-    "flux": "raydiff.pipelines.flux:FluxImagePipeline",
-    "qwen_image": "raydiff.pipelines.qwen_image:QwenImagePipeline",
-    "sd3": "raydiff.pipelines.sd3:SD3ImagePipeline",
-    "wan": "raydiff.pipelines.wan:WanVideoPipeline",
-}
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h/2 * w/2, 4C): 2x2 latent patches as tokens (FLUX, Qwen-Image)."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
 
 
-def get_pipeline_class(family: str) -> type:
-    try:
-        module, name = FAMILY_MODULES[family].split(":")
-    except KeyError:
-        raise ValueError(f"unknown model family {family!r}; known: {', '.join(FAMILY_MODULES)}") from None
-    return getattr(importlib.import_module(module), name)
+def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, h/2 * w/2, 4C) -> (B, C, h, w), the inverse of `pack_latents`."""
+    b, _, d = tokens.shape
+    x = tokens.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, d // 4, h, w)
+
+
+def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of a DiT: every entry of its `ModuleList` children (`transformer_blocks`,
+    `single_transformer_blocks`, `blocks` in diffusers' DiTs). FSDP wraps them one by one and
+    regional compilation compiles each block type once."""
+    return [block for child in model.children() if isinstance(child, torch.nn.ModuleList) for block in child]
 
 
 def run_units(pipe: TrainingPipeline, inputs: dict, units: Sequence[PipelineUnit] | None = None) -> dict:
@@ -111,26 +183,3 @@ def split_units(pipe: TrainingPipeline, trainable: Sequence[str]) -> tuple[list[
         else:
             encode.append(unit)
     return encode, step
-
-
-def load_diffusers_pipeline(diffusers_class: type, path: str, *, dtype: torch.dtype, components: Sequence[str] | None,
-                            all_components: Sequence[str], revision: str | None = None,
-                            trust_remote_code: bool = False):
-    """Load a diffusers-format directory or hub id; components not in `components` are skipped (None),
-    so a DiT-only trainer never constructs the VAE or text encoders."""
-    skip = {} if components is None else {c: None for c in all_components if c not in components}
-    kwargs = dict(dtype=dtype, revision=revision, **skip)
-    if trust_remote_code:  # only ever when the user's config says so
-        kwargs["trust_remote_code"] = True
-    return diffusers_class.from_pretrained(path, **kwargs)
-
-
-def from_pretrained(cls, path: str, *, dtype: torch.dtype = torch.float32, device="cpu",
-                    components: Sequence[str] | None = None, revision: str | None = None,
-                    trust_remote_code: bool = False, **options):
-    """The families' shared `from_pretrained` (bound as a classmethod): load `cls.diffusers_class` with
-    the components named in `cls.component_names`, move it to `device`, wrap it in `cls`."""
-    pipe = load_diffusers_pipeline(cls.diffusers_class, path, dtype=dtype, components=components,
-                                   all_components=cls.component_names, revision=revision,
-                                   trust_remote_code=trust_remote_code)
-    return cls(pipe.to(device), device, **options)

@@ -9,24 +9,8 @@ from __future__ import annotations
 import torch
 from diffusers import QwenImagePipeline as DiffusersQwenImagePipeline
 
-from raydiff.pipelines.base import PipelineUnit, from_pretrained
-from raydiff.training.flow_matching import DynamicShift, FlowSchedule
-
-COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer")
-
-
-def pack_latents(latents: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) -> (B, h/2 * w/2, 4C): the DiT sees 2x2 latent patches as tokens."""
-    b, c, h, w = latents.shape
-    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(B, h/2 * w/2, 4C) -> (B, C, h, w), the inverse of `pack_latents`."""
-    b, _, d = tokens.shape
-    x = tokens.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, d // 4, h, w)
+from raydiff.diffusion.flow_matching import DynamicShift, FlowSchedule
+from raydiff.pipelines.base import FamilyPipeline, PipelineUnit, pack_latents, unpack_latents
 
 
 def latent_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,7 +22,7 @@ def latent_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 # --- units -----------------------------------------------------------------------------------
 
-def _prompt_embedder(p: "QwenImagePipeline", inputs: dict) -> dict:
+def _prompt_embedder(p: QwenImagePipeline, inputs: dict) -> dict:
     # The public encode_prompt applies the chat template and drops its 34 system-prompt tokens,
     # exactly as sampling does. Prompts of different lengths come back right-padded with a mask.
     embeds, mask = p.pipe.encode_prompt(prompt=list(inputs["prompt"]), device=p.device,
@@ -48,7 +32,7 @@ def _prompt_embedder(p: "QwenImagePipeline", inputs: dict) -> dict:
     return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
 
 
-def _input_image_embedder(p: "QwenImagePipeline", inputs: dict) -> dict:
+def _input_image_embedder(p: QwenImagePipeline, inputs: dict) -> dict:
     vae = p.pipe.vae
     h, w = inputs["image"].shape[-2:]
     factor = p.vae_scale_factor * 2  # VAE downsampling x 2x2 packing
@@ -61,32 +45,31 @@ def _input_image_embedder(p: "QwenImagePipeline", inputs: dict) -> dict:
     return {"latents": (latents - mean) / std}  # the inverse of the pipeline's decode-time `x * std + mean`
 
 
-class QwenImagePipeline:
+# Qwen-Image's original (ComfyUI) module names are diffusers' own.
+_BLOCK = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+          "attn.add_v_proj", "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj",
+          "txt_mlp.net.2", "img_mod.1", "txt_mod.1")
+_TOP = ("img_in", "txt_in", "proj_out", "norm_out.linear", "time_text_embed.timestep_embedder.linear_1",
+        "time_text_embed.timestep_embedder.linear_2")
+ORIGINAL_NAMES = {m: ((m,), None) for m in ["transformer_blocks.{i}." + b for b in _BLOCK] + list(_TOP)}
+
+
+class QwenImagePipeline(FamilyPipeline):
     family = "qwen_image"
     diffusers_class = DiffusersQwenImagePipeline
-    dit_name = "transformer"
-    component_names = COMPONENTS
+    component_names = ("transformer", "vae", "text_encoder", "tokenizer")
     # DiffSynth's training grid; the dynamic shift matches the released scheduler_config.json.
     schedule = FlowSchedule(mu=0.8, shift_terminal=0.02, dynamic=DynamicShift(256, 8192, 0.5, 0.9))
     default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
                             "to_add_out"]
+    lora_original_names = ORIGINAL_NAMES
 
-    def __init__(self, pipe: DiffusersQwenImagePipeline, device, *, guidance: float = 1.0,
-                 max_sequence_length: int | None = None):
-        # `guidance` is ignored: Qwen-Image has no distilled-guidance embedding.
-        self.pipe, self.device = pipe, torch.device(device)
-        self.max_sequence_length = max_sequence_length or 512  # diffusers' sampling default
-        self.units = [
+    def make_units(self) -> list[PipelineUnit]:
+        return [
             PipelineUnit("prompt_embedder", _prompt_embedder, ("prompt",), ("prompt_embeds", "prompt_embeds_mask"),
                          ("text_encoder",)),
             PipelineUnit("input_image_embedder", _input_image_embedder, ("image",), ("latents",), ("vae",)),
         ]
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return self.pipe.vae_scale_factor
-
-    from_pretrained = classmethod(from_pretrained)
 
     def model_fn(self, latents, sigma, *, prompt_embeds, prompt_embeds_mask=None, **_):
         dit = self.pipe.transformer
@@ -104,8 +87,12 @@ class QwenImagePipeline:
         )[0]
         return unpack_latents(pred, h, w).float()
 
-    def image_seq_len(self, latents: torch.Tensor) -> int:
-        return (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
+    @classmethod
+    def sampling_kwargs(cls, pipe, guidance: float) -> dict:
+        if pipe.transformer.config.guidance_embeds:
+            return {"guidance_scale": guidance}
+        # Qwen-Image's guidance_scale only feeds a distilled embedding; real CFG needs a negative prompt.
+        return {"true_cfg_scale": guidance, "negative_prompt": " "} if guidance > 1 else {"true_cfg_scale": 1.0}
 
     @staticmethod
     def write_tiny(path: str, seed: int = 0) -> None:
@@ -162,7 +149,7 @@ def tiny_qwen_tokenizer():
 
 
 def tiny_qwen_vl(seed: int, tokenizer):
-    """design.md §4's tiny Qwen2.5-VL; special-token ids taken from `tokenizer` so the two agree."""
+    """A tiny Qwen2.5-VL (docs/tiny_models.md); special-token ids taken from `tokenizer` so the two agree."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     ids = dict(zip(_SPECIAL, tokenizer.convert_tokens_to_ids(_SPECIAL)))

@@ -5,17 +5,12 @@ from __future__ import annotations
 import torch
 from diffusers import StableDiffusion3Pipeline
 
-from raydiff.pipelines.base import PipelineUnit, from_pretrained
-from raydiff.training.flow_matching import FlowSchedule
-
-# The optional IP-adapter parts (image_encoder, feature_extractor) are never trained or loaded.
-COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
-              "tokenizer_3")
-
+from raydiff.diffusion.flow_matching import FlowSchedule
+from raydiff.pipelines.base import FamilyPipeline, PipelineUnit
 
 # --- units -----------------------------------------------------------------------------------
 
-def _shape_check(p: "SD3ImagePipeline", inputs: dict) -> dict:
+def _shape_check(p: SD3ImagePipeline, inputs: dict) -> dict:
     h, w = inputs["image"].shape[-2:]
     factor = p.vae_scale_factor * p.patch_size
     if h % factor or w % factor:
@@ -23,7 +18,7 @@ def _shape_check(p: "SD3ImagePipeline", inputs: dict) -> dict:
     return {"height": h, "width": w}
 
 
-def _prompt_embedder(p: "SD3ImagePipeline", inputs: dict) -> dict:
+def _prompt_embedder(p: SD3ImagePipeline, inputs: dict) -> dict:
     # The pipeline's public encoder, so training sees exactly what sampling feeds the DiT:
     # [CLIP-L ‖ CLIP-G hidden states, zero-padded to T5 width] ++ T5 tokens, and pooled CLIP-L ‖ CLIP-G.
     prompt_embeds, _, pooled, _ = p.pipe.encode_prompt(
@@ -32,7 +27,7 @@ def _prompt_embedder(p: "SD3ImagePipeline", inputs: dict) -> dict:
     return {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
 
 
-def _input_image_embedder(p: "SD3ImagePipeline", inputs: dict) -> dict:
+def _input_image_embedder(p: SD3ImagePipeline, inputs: dict) -> dict:
     vae = p.pipe.vae
     image = inputs["image"].to(p.device, vae.dtype)
     # The distribution's mode, not a sample: deterministic, so cached and inline latents agree.
@@ -42,22 +37,21 @@ def _input_image_embedder(p: "SD3ImagePipeline", inputs: dict) -> dict:
     return {"latents": latents.float()}
 
 
-class SD3ImagePipeline:
+class SD3ImagePipeline(FamilyPipeline):
     family = "sd3"
     diffusers_class = StableDiffusion3Pipeline
-    dit_name = "transformer"
-    component_names = COMPONENTS
-    # SD3/3.5 train with a static shift of 3 over DiffSynth's 1000-step grid (design.md §1); no dynamic shift.
+    # The optional IP-adapter parts (image_encoder, feature_extractor) are never trained or loaded.
+    component_names = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer",
+                       "tokenizer_2", "tokenizer_3")
+    # SD3/3.5 train with a static shift of 3 over DiffSynth's 1000-step grid (docs/flow_matching.md).
     schedule = FlowSchedule(shift=3.0)
     # Joint attention on both streams: image (to_*) and text (add_*_proj, to_add_out), as most SD3.5 recipes do.
     default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
-    def __init__(self, pipe: StableDiffusion3Pipeline, device, *, guidance: float = 1.0,
-                 max_sequence_length: int | None = None):
-        # `guidance` is accepted for a uniform constructor: SD3 has no distilled guidance embedding.
-        self.pipe, self.device = pipe, torch.device(device)
-        self.max_sequence_length = max_sequence_length or 256  # StableDiffusion3Pipeline's default
-        self.units = [
+    default_max_sequence_length = 256  # StableDiffusion3Pipeline's default
+
+    def make_units(self) -> list[PipelineUnit]:
+        return [
             PipelineUnit("shape_check", _shape_check, ("image",), ("height", "width")),
             PipelineUnit("prompt_embedder", _prompt_embedder, ("prompt",), ("prompt_embeds", "pooled_prompt_embeds"),
                          ("text_encoder", "text_encoder_2", "text_encoder_3")),
@@ -65,14 +59,8 @@ class SD3ImagePipeline:
         ]
 
     @property
-    def vae_scale_factor(self) -> int:
-        return self.pipe.vae_scale_factor
-
-    @property
     def patch_size(self) -> int:
         return self.pipe.patch_size  # the DiT's, or 2 (SD3's) when the DiT is not loaded
-
-    from_pretrained = classmethod(from_pretrained)
 
     def model_fn(self, latents, sigma, *, prompt_embeds, pooled_prompt_embeds, **_):
         dit = self.pipe.transformer
@@ -86,12 +74,9 @@ class SD3ImagePipeline:
         )[0]
         return pred.float()
 
-    def image_seq_len(self, latents: torch.Tensor) -> int:
-        return (latents.shape[-2] // self.patch_size) * (latents.shape[-1] // self.patch_size)
-
     @staticmethod
     def write_tiny(path: str, seed: int = 0) -> None:
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+        from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
         from raydiff.pipelines import tiny_parts
 
@@ -104,11 +89,7 @@ class SD3ImagePipeline:
             sample_size=32, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
             caption_projection_dim=32, joint_attention_dim=64, pooled_projection_dim=64, out_channels=4,
             qk_norm="rms_norm", dual_attention_layers=(0,))
-        # Two levels: 2x spatial downsampling, like the real 8x VAE in miniature; SD3's own shift/scale.
-        vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                            up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
-                            norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False,
-                            shift_factor=0.0609, scaling_factor=1.5305, sample_size=32)
+        vae = tiny_parts.autoencoder_kl(scaling_factor=1.5305)  # SD3's own scale
         scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
         pipe = StableDiffusion3Pipeline(
             scheduler=scheduler, vae=vae, transformer=transformer,

@@ -1,6 +1,6 @@
 """Tiny random text encoders and tokenizers built offline, shared by the families' `write_tiny`.
 
-Real architectures with toy sizes (design.md §4): they load through the same diffusers /
+Real architectures with toy sizes (docs/tiny_models.md): they load through the same diffusers /
 transformers code as the real checkpoints, so tests exercise the real loading path.
 """
 
@@ -30,6 +30,16 @@ def t5_tokenizer():
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0)] + [(c, -2.0) for c in _CHARS]
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+def autoencoder_kl(scaling_factor: float):
+    """FLUX/SD3's VAE with two levels: 2x spatial downsampling, like the real 8x VAE in miniature."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                         norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False,
+                         shift_factor=0.0609, scaling_factor=scaling_factor, sample_size=32)
 
 
 def clip_text_model(seed: int, hidden: int = 32, projection: bool = False):

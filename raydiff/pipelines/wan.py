@@ -5,10 +5,8 @@ from __future__ import annotations
 import torch
 from diffusers import WanPipeline
 
-from raydiff.pipelines.base import PipelineUnit, from_pretrained
-from raydiff.training.flow_matching import FlowSchedule
-
-COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer")
+from raydiff.diffusion.flow_matching import FlowSchedule
+from raydiff.pipelines.base import FamilyPipeline, PipelineUnit
 
 
 def normalize_latents(latents: torch.Tensor, mean, std) -> torch.Tensor:
@@ -22,7 +20,7 @@ def normalize_latents(latents: torch.Tensor, mean, std) -> torch.Tensor:
 
 # --- units -----------------------------------------------------------------------------------
 
-def _shape_check(p: "WanVideoPipeline", inputs: dict) -> dict:
+def _shape_check(p: WanVideoPipeline, inputs: dict) -> dict:
     video = inputs["video"]
     if video.ndim != 5:
         raise ValueError(f"Wan expects video (B, 3, F, H, W); got shape {tuple(video.shape)} (an image is F=1)")
@@ -33,14 +31,14 @@ def _shape_check(p: "WanVideoPipeline", inputs: dict) -> dict:
     return {"num_frames": f, "height": h, "width": w}
 
 
-def _prompt_embedder(p: "WanVideoPipeline", inputs: dict) -> dict:
+def _prompt_embedder(p: WanVideoPipeline, inputs: dict) -> dict:
     # No negative prompt: training runs at cfg_scale 1. Padding positions are zeroed, as at inference.
     prompt_embeds, _ = p.pipe.encode_prompt(prompt=list(inputs["prompt"]), do_classifier_free_guidance=False,
                                             max_sequence_length=p.max_sequence_length, device=p.device)
     return {"prompt_embeds": prompt_embeds}
 
 
-def _input_video_embedder(p: "WanVideoPipeline", inputs: dict) -> dict:
+def _input_video_embedder(p: WanVideoPipeline, inputs: dict) -> dict:
     vae = p.pipe.vae
     video = inputs["video"].to(p.device, vae.dtype)
     # The distribution's mode, not a sample: deterministic, so cached and inline latents agree.
@@ -48,26 +46,20 @@ def _input_video_embedder(p: "WanVideoPipeline", inputs: dict) -> dict:
     return {"latents": normalize_latents(latents, vae.config.latents_mean, vae.config.latents_std)}
 
 
-class WanVideoPipeline:
+class WanVideoPipeline(FamilyPipeline):
     family = "wan"
     diffusers_class = WanPipeline
-    dit_name = "transformer"
-    component_names = COMPONENTS
+    component_names = ("transformer", "vae", "text_encoder", "tokenizer")
     schedule = FlowSchedule(shift=5.0)  # DiffSynth: linspace(1, 0, 1001)[:-1], static shift 5
     # Attention (self attn1 and cross attn2) and the MLP: what DiffSynth / musubi Wan LoRAs train.
     default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
 
-    def __init__(self, pipe: WanPipeline, device, *, guidance: float = 1.0, max_sequence_length: int | None = None):
-        # `guidance` is a FLUX option; accepted so every family takes the same kwargs.
-        self.pipe, self.device = pipe, torch.device(device)
-        self.max_sequence_length = max_sequence_length or 512  # WanPipeline.__call__'s default
-        self.units = [
+    def make_units(self) -> list[PipelineUnit]:
+        return [
             PipelineUnit("shape_check", _shape_check, ("video",), ("num_frames", "height", "width")),
             PipelineUnit("prompt_embedder", _prompt_embedder, ("prompt",), ("prompt_embeds",), ("text_encoder",)),
             PipelineUnit("input_video_embedder", _input_video_embedder, ("video",), ("latents",), ("vae",)),
         ]
-
-    from_pretrained = classmethod(from_pretrained)
 
     def model_fn(self, latents, sigma, *, prompt_embeds, **_):
         """latents (B, 16, f, h, w), sigma (B,) -> velocity (B, 16, f, h, w) float32."""

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from raydiff.training import lora as lora_lib
 from raydiff.training.fsdp import load_full_state
+from raydiff.training.step import StepResult
 
 STATE_FILE = "training_state.pt"
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -39,10 +40,25 @@ class TrainerState:
     log_history: list[dict] = field(default_factory=list)
     workers: list[dict] = field(default_factory=list)  # rank -> node id and host of the latest attempt
 
+    def advance(self, result: StepResult, micro_batches: int, micro_per_epoch: int) -> None:
+        """After an optimizer step over `micro_batches` (skipped or not): the step count and the position
+        in the epoch, which is complete once its last micro-batch is trained."""
+        self.global_step += not result.skipped
+        self.batches_in_epoch += micro_batches
+        if self.batches_in_epoch >= micro_per_epoch:
+            self.epoch, self.batches_in_epoch = self.epoch + 1, 0
+
+    def end_epoch(self, epoch: int) -> None:
+        self.epoch, self.batches_in_epoch = epoch + 1, 0
+
     @classmethod
-    def read(cls, directory: str) -> "TrainerState":
+    def read(cls, directory: str) -> TrainerState:
         with open(os.path.join(directory, TRAINER_STATE_FILE)) as f:
             return cls(**json.load(f))
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step:06d}"
 
 
 def save_checkpoint(directory: str, module, optimizer, scheduler, state: TrainerState, config_yaml: str,

@@ -10,14 +10,17 @@ the training weighting is an optimisation choice and must not change what a Tune
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
+import numpy as np
+import ray.train
 import torch
 
-from raydiff.pipelines.base import run_units
-from raydiff.training.flow_matching import sigma_quantiles
-from raydiff.training.loss import flow_matching_loss, shift_kwargs
+from raydiff.config import RaydiffConfig
+from raydiff.data.collate import collate
+from raydiff.diffusion.flow_matching import sigma_quantiles
+from raydiff.diffusion.loss import flow_matching_loss, shift_kwargs
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,7 @@ def eval_loss_sums(module, batch: dict, sample_ids: Sequence[int], settings: Eva
     module.eval()
     try:
         pipe = module.pipe
-        inputs = run_units(pipe, batch, module.units_to_run(batch))
+        inputs = module.run_units(batch)
         x0 = inputs["latents"]
         b = x0.shape[0]
         assert len(sample_ids) == b, f"{len(sample_ids)} sample ids for a batch of {b}"
@@ -100,3 +103,36 @@ def evaluate(module, batches: Iterable[tuple[dict, list[int]]], settings: EvalSe
         t, c = eval_loss_sums(module, batch, ids, settings, loss_cfg)
         total, count = total + t, count + c
     return reduce_eval(total, count, world, device)
+
+
+class EvalSet:
+    """This rank's share of the eval set (positions p with p % world == rank), decoded (in stream/cache
+    mode also encoded) once and kept on the host; `loss` is the deterministic eval loss reduced across
+    ranks. Batches hold samples of one size (eval sets of mixed sizes need no buckets)."""
+
+    def __init__(self, rows: Iterable[dict], cfg: RaydiffConfig, device, rank: int, world: int):
+        self.cfg, self.device, self.world = cfg, device, world
+        mine = [row for p, row in enumerate(rows) if p % world == rank]
+        size, sized = cfg.eval.batch_size, {}
+        for row in mine:
+            sized.setdefault(np.shape(row.get(cfg.data.data_file_keys[0], row.get("latents"))), []).append(row)
+        self.batches = [rows[i:i + size] for rows in sized.values() for i in range(0, len(rows), size)]
+        self.settings = EvalSettings(num_sigmas=cfg.eval.num_sigmas, seed=cfg.eval.seed)
+
+    @classmethod
+    def for_rank(cls, cfg: RaydiffConfig, device, rank: int, world: int, whole: bool = False) -> EvalSet:
+        """From Ray Train's unsplit `eval` dataset. `whole`: every rank scores all of it (FSDP, whose
+        forwards are collective)."""
+        rows = ray.train.get_dataset_shard("eval").iter_rows()
+        return cls(rows, cfg, device, *((0, 1) if whole else (rank, world)))
+
+    def loss(self, module) -> float:
+        keys = self.cfg.data.data_file_keys
+
+        def batches():
+            for rows in self.batches:
+                columns = {k: [r[k] for r in rows] for k in rows[0]}
+                columns.update({k: np.stack(columns[k]) for k in keys if k in columns})
+                yield collate(columns, self.device, keys), [int(r["_row"]) for r in rows]
+
+        return evaluate(module, batches(), self.settings, self.cfg.loss, self.world, self.device)

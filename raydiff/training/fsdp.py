@@ -11,8 +11,8 @@ Build the optimizer after `shard_module`: sharding replaces each parameter with 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import contextmanager
-from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -28,6 +28,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_map_only
 
+from raydiff.pipelines.base import autocast_dtype, repeated_blocks
+
 # Gathering: full tensors straight to CPU, on rank 0 only (no rank holds a second full copy on device).
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
 # Loading: rank 0 holds the full dicts; each tensor is broadcast and every rank keeps its own shard.
@@ -37,16 +39,10 @@ _SCATTER = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
 def mixed_precision_policy(mixed_precision: str) -> MixedPrecisionPolicy:
     """FSDP's mixed precision for `train.mixed_precision`: bf16/fp16 parameters are all-gathered for
     compute, gradients are reduced in fp32 and the sharded master weights and Adam state stay fp32."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    dtype = autocast_dtype(mixed_precision)
     if dtype is None:
         return MixedPrecisionPolicy()
     return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-
-
-def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated blocks of a model: every entry of its `ModuleList` children
-    (`transformer_blocks`, `single_transformer_blocks`, `blocks` in diffusers' DiTs)."""
-    return [block for child in model.children() if isinstance(child, torch.nn.ModuleList) for block in child]
 
 
 def shard_module(module, trainable_names: Sequence[str], mixed_precision: str = "no"):
@@ -71,7 +67,7 @@ def shard_module(module, trainable_names: Sequence[str], mixed_precision: str = 
         model = module.models[name]
         if mesh is None:  # the models' device, not torch's default accelerator: CPU runs on a GPU box work too
             mesh = init_device_mesh(next(model.parameters()).device.type, (dist.get_world_size(),))
-        for block in transformer_blocks(model):
+        for block in repeated_blocks(model):
             fully_shard(block, mesh=mesh, mp_policy=block_policy)
         fully_shard(model, mesh=mesh, mp_policy=policy)
     return module

@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
+from raydiff.training.lora_formats import LORA_FILE, import_lora
+
+__all__ = ["LORA_FILE", "adapter_metadata", "inject_lora", "load_lora_into", "lora_state_dict", "save_lora"]
 
 
 def inject_lora(model: torch.nn.Module, *, target_modules: list[str], rank: int, alpha: float | None) -> LoraConfig:
@@ -19,7 +21,8 @@ def inject_lora(model: torch.nn.Module, *, target_modules: list[str], rank: int,
     try:
         model.add_adapter(config)
     except ValueError as err:  # peft: "Target modules ... not found in the base model"
-        raise ValueError(f"lora.target_modules {target_modules} match no module of {type(model).__name__}: {err}") from None
+        raise ValueError(f"lora.target_modules {target_modules} match no module of {type(model).__name__}: "
+                         f"{err}") from None
     for name, p in model.named_parameters():
         if "lora_" in name:
             p.data = p.data.float()
@@ -48,8 +51,6 @@ def load_lora_into(model: torch.nn.Module, path: str, prefix: str, *, family: st
     """Load a LoRA file or checkpoint directory into an injected adapter, strictly. Any format of
     `lora_formats.FORMATS` is accepted; with `config`, a file trained at another alpha is rescaled so
     it computes the same update under this adapter's alpha / rank."""
-    from raydiff.training.lora_formats import import_lora
-
     sd, info = import_lora(path, family=family)
     sd = {k[len(prefix) + 1:]: v for k, v in sd.items() if k.startswith(prefix + ".")}
     if config is not None and info.get("lora_alpha") and info.get("r"):

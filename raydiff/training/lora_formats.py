@@ -12,7 +12,8 @@ On disk, for m = "transformer_blocks.0.attn.to_q" and o its name in the family's
 FLUX's original (BFL) names fuse projections: double_blocks.N.img_attn.qkv = to_q|to_k|to_v and
 single_blocks.N.linear1 = to_q|to_k|to_v|proj_mlp. A fused LoRA stacks the parts' A (rank n*r) and puts
 their B on a block diagonal, so it is exactly the sum of the parts; alpha x n keeps alpha / r.
-Untrained parts are zeros. Qwen-Image's original names are diffusers'.
+Untrained parts are zeros. Each family holds its table of original names (`lora_original_names`) and
+its ComfyUI suffixes (`comfyui_lora_suffixes`); Qwen-Image's original names are diffusers'.
 
 ComfyUI reads lora_A and lora_down alike; FLUX uses lora_down because diffusers' FLUX loader only
 converts `diffusion_model.` keys on its kohya path, which it enters on `.lora_down.weight`. Only
@@ -28,47 +29,20 @@ import json
 import os
 import re
 import shutil
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from raydiff.training.lora import LORA_FILE
+from raydiff.registry import family_names, get_pipeline_class
 
 FORMATS = ("diffusers", "comfyui", "kohya", "diffsynth")
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name, which load_lora_weights looks for
 PREFIX = "transformer"  # every family's dit_name, the diffusers key prefix
 METADATA_KEY = "lora_adapter_metadata"
 
-_D, _S = "transformer_blocks.{i}.", "single_transformer_blocks.{i}."
-# original name -> (its diffusers parts, each part's out-features / in-features when there are several)
-_FLUX = {
-    "double_blocks.{i}.img_attn.qkv": ((_D + "attn.to_q", _D + "attn.to_k", _D + "attn.to_v"), (1, 1, 1)),
-    "double_blocks.{i}.txt_attn.qkv": ((_D + "attn.add_q_proj", _D + "attn.add_k_proj", _D + "attn.add_v_proj"),
-                                       (1, 1, 1)),
-    "double_blocks.{i}.img_attn.proj": ((_D + "attn.to_out.0",), None),
-    "double_blocks.{i}.txt_attn.proj": ((_D + "attn.to_add_out",), None),
-    "double_blocks.{i}.img_mlp.0": ((_D + "ff.net.0.proj",), None),
-    "double_blocks.{i}.img_mlp.2": ((_D + "ff.net.2",), None),
-    "double_blocks.{i}.txt_mlp.0": ((_D + "ff_context.net.0.proj",), None),
-    "double_blocks.{i}.txt_mlp.2": ((_D + "ff_context.net.2",), None),
-    "double_blocks.{i}.img_mod.lin": ((_D + "norm1.linear",), None),
-    "double_blocks.{i}.txt_mod.lin": ((_D + "norm1_context.linear",), None),
-    "single_blocks.{i}.linear1": ((_S + "attn.to_q", _S + "attn.to_k", _S + "attn.to_v", _S + "proj_mlp"),
-                                  (1, 1, 1, 4)),  # FLUX's MLP is 4x wide
-    "single_blocks.{i}.linear2": ((_S + "proj_out",), None),
-    "single_blocks.{i}.modulation.lin": ((_S + "norm.linear",), None),
-}
-_QWEN_BLOCK = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
-               "attn.add_v_proj", "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj",
-               "txt_mlp.net.2", "img_mod.1", "txt_mod.1")
-_QWEN_TOP = ("img_in", "txt_in", "proj_out", "norm_out.linear", "time_text_embed.timestep_embedder.linear_1",
-             "time_text_embed.timestep_embedder.linear_2")
-_QWEN = {m: ((m,), None) for m in [_D + b for b in _QWEN_BLOCK] + list(_QWEN_TOP)}
-# Families whose original names are known here; diffusers-format export works for every family.
-ORIGINAL_NAMES = {"flux": _FLUX, "qwen_image": _QWEN}
-_COMFY_SUFFIXES = {"flux": ("lora_down", "lora_up"), "qwen_image": ("lora_A", "lora_B")}
 _KEY = re.compile(r"(?P<name>.+?)\.(?:(?P<kind>lora_A|lora_B|lora_down|lora_up)(?:\.default)?\.weight|alpha)")
 
 
@@ -86,7 +60,7 @@ def detect_format(keys: Iterable[str]) -> str:
     raise ValueError(f"not a LoRA in any of {FORMATS}: keys like {keys[:3]}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pattern(template: str, sep: str) -> re.Pattern:
     return re.compile(re.escape(template.replace(".", sep)).replace(r"\{i\}", r"(\d+)"))
 
@@ -96,10 +70,13 @@ def _fill(template: str, match: re.Match) -> str:
 
 
 def _table(family: str | None, fmt: str) -> dict:
-    if family not in ORIGINAL_NAMES:
-        raise ValueError(f"{fmt} LoRA names are known for families {sorted(ORIGINAL_NAMES)}; got {family!r}"
+    """The family's original module names, for the formats that use them."""
+    table = get_pipeline_class(family).lora_original_names if family in family_names() else None
+    if table is None:
+        known = sorted(f for f in family_names() if get_pipeline_class(f).lora_original_names is not None)
+        raise ValueError(f"{fmt} LoRA names are known for families {known}; got {family!r}"
                          + (" (pass family=...)" if family is None else ""))
-    return ORIGINAL_NAMES[family]
+    return table
 
 
 def _original_of(table: dict, module: str) -> tuple[str, tuple[str, ...], tuple | None]:
@@ -171,7 +148,7 @@ def to_format(state_dict: dict[str, torch.Tensor], fmt: str, *, family: str | No
         return {k: v for m, (a, b) in modules.items() for k, v in (
             (f"{m}.lora_A.default.weight", a), (f"{m}.lora_B.default.weight", b * (alpha / a.shape[0])))}
     groups = {orig: (parts, mults) for orig, parts, mults in (_original_of(table, m) for m in modules)}
-    down_key, up_key = ("lora_down", "lora_up") if fmt == "kohya" else _COMFY_SUFFIXES[family]
+    down_key, up_key = ("lora_down", "lora_up") if fmt == "kohya" else get_pipeline_class(family).comfyui_lora_suffixes
     out = {}
     for orig, (parts, mults) in groups.items():
         down, up, a = _fuse([modules.get(p) for p in parts], mults, alpha)

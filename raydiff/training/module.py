@@ -3,14 +3,15 @@ whose `forward(data)` runs the pipeline's units and returns `FlowMatchSFTLoss`."
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
 from raydiff.config import LossConfig, RaydiffConfig
-from raydiff.pipelines.base import DTYPES, get_pipeline_class, run_units
+from raydiff.diffusion.loss import FlowMatchSFTLoss
+from raydiff.pipelines.base import DTYPES, repeated_blocks, run_units, split_units
+from raydiff.registry import get_pipeline_class
 from raydiff.training import lora as lora_lib
-from raydiff.training.loss import FlowMatchSFTLoss
 
 
 def _components(pipe) -> dict[str, torch.nn.Module]:
@@ -18,11 +19,12 @@ def _components(pipe) -> dict[str, torch.nn.Module]:
 
 
 def switch_pipe_to_training_mode(pipe, *, trainable_models: Sequence[str] = (), lora_base_model: str | None = None,
-                                 lora_target_modules: Sequence[str] = (), lora_rank: int = 8,
+                                 lora_target_modules: Sequence[str] | None = None, lora_rank: int = 8,
                                  lora_alpha: float | None = None, lora_checkpoint: str | None = None,
                                  gradient_checkpointing: bool = True):
     """Freeze everything, then make `trainable_models` fully trainable (fp32) and/or inject a LoRA into
-    `lora_base_model`. Returns the peft `LoraConfig` (or None)."""
+    `lora_base_model` (`lora_target_modules` None: the family's `default_lora_targets`). Returns the peft
+    `LoraConfig` (or None)."""
     models = _components(pipe)
     for name in [*trainable_models, *([lora_base_model] if lora_base_model else [])]:
         if name not in models:
@@ -34,8 +36,8 @@ def switch_pipe_to_training_mode(pipe, *, trainable_models: Sequence[str] = (), 
     lora_config = None
     if lora_base_model:
         base = models[lora_base_model]
-        lora_config = lora_lib.inject_lora(base, target_modules=list(lora_target_modules), rank=lora_rank,
-                                           alpha=lora_alpha)
+        targets = pipe.default_lora_targets if lora_target_modules is None else lora_target_modules
+        lora_config = lora_lib.inject_lora(base, target_modules=list(targets), rank=lora_rank, alpha=lora_alpha)
         base.train()
         if lora_checkpoint:
             lora_lib.load_lora_into(base, lora_checkpoint, lora_base_model, family=pipe.family, config=lora_config)
@@ -47,7 +49,8 @@ def switch_pipe_to_training_mode(pipe, *, trainable_models: Sequence[str] = (), 
 
 
 class DiffusionTrainingModule(torch.nn.Module):
-    """Holds `self.pipe`; subclasses load it in `__init__` and compute the loss in `forward(data)`.
+    """Holds `self.pipe`; subclasses load it in `__init__` (and may compute the loss their own way in
+    `forward(data)`).
 
     The pipeline's models are registered as submodules so `.to(device)` and DDP see them; only
     parameters with requires_grad (LoRA or `trainable_models`) are optimized and saved.
@@ -76,8 +79,21 @@ class DiffusionTrainingModule(torch.nn.Module):
         """Units whose outputs the batch does not already carry (stream/cache batches carry latents)."""
         return [u for u in self.pipe.units if not set(u.output_params) <= data.keys()]
 
+    def run_units(self, data: dict) -> dict:
+        """The pipeline's units on a batch. Units of frozen models run without autograd: they keep no
+        activations for a backward pass, and compute exactly what stream/cache encoders compute."""
+        if getattr(self, "_unit_split", None) is None:  # trainability is settled once the module is built
+            trainable = [name for name, m in self.models.items() if any(p.requires_grad for p in m.parameters())]
+            self._unit_split = split_units(self.pipe, trainable)
+        frozen, step = self._unit_split
+        todo = self.units_to_run(data)
+        with torch.no_grad():
+            inputs = run_units(self.pipe, data, [u for u in frozen if u in todo])
+        return run_units(self.pipe, inputs, [u for u in step if u in todo])
+
     def forward(self, data: dict, generator: torch.Generator | None = None) -> torch.Tensor:
-        raise NotImplementedError
+        """The pipeline's units on the batch, then `FlowMatchSFTLoss` over its `model_fn`."""
+        return FlowMatchSFTLoss(self.pipe, self.run_units(data), self.loss_config, generator or torch.Generator())
 
 
 class PipelineTrainingModule(DiffusionTrainingModule):
@@ -94,16 +110,13 @@ class PipelineTrainingModule(DiffusionTrainingModule):
         self.lora_base_model = cfg.lora.base_model if cfg.lora else None
         self.lora_config = switch_pipe_to_training_mode(
             pipe, trainable_models=cfg.train.trainable_models, lora_base_model=self.lora_base_model,
-            lora_target_modules=cfg.lora.target_modules if cfg.lora else (), lora_rank=cfg.lora.rank if cfg.lora else 0,
+            lora_target_modules=cfg.lora.target_modules if cfg.lora else None,
+            lora_rank=cfg.lora.rank if cfg.lora else 0,
             lora_alpha=cfg.lora.alpha if cfg.lora else None, lora_checkpoint=cfg.lora.init_from if cfg.lora else None,
             gradient_checkpointing=cfg.train.gradient_checkpointing)
         self.register_pipe(pipe)
         speed_up(getattr(pipe.pipe, pipe.dit_name), cfg.train.attention_backend,
                  cfg.train.compile_backend if cfg.train.compile else None)
-
-    def forward(self, data: dict, generator: torch.Generator | None = None) -> torch.Tensor:
-        inputs = run_units(self.pipe, data, self.units_to_run(data))
-        return FlowMatchSFTLoss(self.pipe, inputs, self.loss_config, generator or torch.Generator())
 
 
 def speed_up(dit: torch.nn.Module, attention_backend: str | None, compile_backend: str | None) -> None:
@@ -117,7 +130,5 @@ def speed_up(dit: torch.nn.Module, attention_backend: str | None, compile_backen
         # failed with an illegal memory access for FLUX at 4608 tokens in bf16 (H200, torch 2.11).
         torch.backends.cuda.enable_cudnn_sdp(False)
     if compile_backend:
-        for blocks in dit.children():
-            if isinstance(blocks, torch.nn.ModuleList):
-                for block in blocks:
-                    block.compile(backend=compile_backend)
+        for block in repeated_blocks(dit):
+            block.compile(backend=compile_backend)

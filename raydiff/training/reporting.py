@@ -166,3 +166,14 @@ def plot_losses(log_history: list[dict], path: str, smoothing: float = 0.9) -> s
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, format="png")
     return path
+
+
+def peak_memory_gib(device) -> float:
+    """This process's peak memory so far: allocated CUDA memory on a GPU, resident memory on a CPU."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB

@@ -23,9 +23,9 @@ from PIL import Image
 class ValidationSettings:
     """What to sample; mirrors the `validation:` config section.
 
-    `guidance` is the family pipeline's `guidance_scale`: FLUX.1-dev's distilled guidance
-    embedding, classifier-free guidance for SD3 and Wan (doubles the batch), and for Qwen-Image
-    true CFG with an empty negative prompt (or the distilled embedding if the model has one).
+    `guidance` is the family pipeline's guidance strength (the family's `sampling_kwargs`): FLUX.1-dev's
+    distilled guidance embedding, classifier-free guidance for SD3 and Wan (doubles the batch), and for
+    Qwen-Image true CFG with an empty negative prompt (or the distilled embedding if the model has one).
     `num_frames` is for video families (4k + 1); only the first frame is kept.
     """
 
@@ -42,19 +42,11 @@ class ValidationSettings:
 _OPTIONAL = {"image_encoder", "feature_extractor", "transformer_2"}
 
 
-def _guidance_kwargs(diffusers_pipe, guidance: float) -> dict:
-    from diffusers import QwenImagePipeline
-
-    if isinstance(diffusers_pipe, QwenImagePipeline) and not diffusers_pipe.transformer.config.guidance_embeds:
-        # Qwen-Image's guidance_scale only feeds a distilled embedding; real CFG needs a negative prompt.
-        return {"true_cfg_scale": guidance, "negative_prompt": " "} if guidance > 1 else {"true_cfg_scale": 1.0}
-    return {"guidance_scale": guidance}
-
-
-def sample_images(diffusers_pipe, settings: ValidationSettings, *, device=None,
+def sample_images(family, diffusers_pipe, settings: ValidationSettings, *, device=None,
                   max_sequence_length: int | None = None) -> list[Image.Image]:
-    """One image per prompt at batch 1, generator seeded with `settings.seed + i` on `device`
-    (None = CPU, so images do not depend on the accelerator). Video pipelines give their first frame.
+    """One image per prompt at batch 1 from `diffusers_pipe` (of the family class `family`), generator
+    seeded with `settings.seed + i` on `device` (None = CPU, so images do not depend on the accelerator).
+    Video pipelines give their first frame.
     `max_sequence_length`: text tokens (None = the pipeline's default); pass the training value so
     prompts are encoded as in training."""
     missing = [name for name, c in diffusers_pipe.components.items() if c is None and name not in _OPTIONAL]
@@ -71,7 +63,7 @@ def sample_images(diffusers_pipe, settings: ValidationSettings, *, device=None,
             generator = torch.Generator(device or "cpu").manual_seed(settings.seed + i)
             out = diffusers_pipe(prompt=prompt, num_inference_steps=settings.steps, height=settings.height,
                                  width=settings.width, generator=generator, output_type="pil",
-                                 **_guidance_kwargs(diffusers_pipe, settings.guidance), **extra)
+                                 **family.sampling_kwargs(diffusers_pipe, settings.guidance), **extra)
             images.append(out.frames[0][0] if hasattr(out, "frames") else out.images[0])
     return images
 
@@ -110,7 +102,7 @@ def _modules(training_pipe) -> list[torch.nn.Module]:
 def _sample(training_pipe, settings: ValidationSettings) -> list[Image.Image]:
     # Prompts encoded with the training's text length, so samples show what training conditioned on.
     tokens = getattr(training_pipe, "max_sequence_length", None)
-    return sample_images(training_pipe.pipe, settings, max_sequence_length=tokens)
+    return sample_images(type(training_pipe), training_pipe.pipe, settings, max_sequence_length=tokens)
 
 
 def sample_base_images(training_pipe, settings: ValidationSettings) -> list[Image.Image]:

@@ -7,16 +7,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_preprocess import batches_of  # noqa: E402  (pytest puts tests/data on sys.path)
 
 from raydiff.data.buckets import assign_bucket, bucket_sizes, media_size, plan_batches
 from raydiff.data.collate import collate
-from raydiff.data.dataset import read_rows
+from raydiff.data.dataset import build_train_data
 from raydiff.data.encode import training_components
-from raydiff.data.preprocess import build_train_data
+from raydiff.data.metadata import read_rows
 from raydiff.data.shapes import write_shapes_dataset
 from raydiff.training.module import PipelineTrainingModule
-
-from test_preprocess import batches_of  # noqa: E402  (pytest puts tests/data on sys.path)
 
 
 def test_bucket_sizes_fit_the_area_the_factor_and_the_ratio_range():

@@ -7,9 +7,9 @@ import pytest
 
 from raydiff.config import DataConfig
 from raydiff.data.collate import collate
-from raydiff.data.dataset import build_dataset, read_rows
+from raydiff.data.dataset import build_dataset
 from raydiff.data.decode import skip_counter
-from raydiff.data.metadata import SampleError
+from raydiff.data.metadata import SampleError, read_rows
 from raydiff.data.shapes import write_shapes_dataset
 
 

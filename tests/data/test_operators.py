@@ -218,7 +218,8 @@ def test_resize_video():
 # ---- video -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n, num_frames, expected", [(11, 9, 9), (11, 8, 5), (3, 9, 1), (0, 9, 0), (13, 100, 13), (4, 4, 1)])
+@pytest.mark.parametrize("n, num_frames, expected",
+                         [(11, 9, 9), (11, 8, 5), (3, 9, 1), (0, 9, 0), (13, 100, 13), (4, 4, 1)])
 def test_frames_for(n, num_frames, expected):
     assert frames_for(n, num_frames) == expected
 

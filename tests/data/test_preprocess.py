@@ -11,14 +11,18 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from raydiff.config import to_remote
+from raydiff.data.cache import preprocess
 from raydiff.data.cache_io import CacheLayout, columns_to_table, table_to_columns
 from raydiff.data.collate import collate
-from raydiff.data.dataset import read_rows
-from raydiff.data.encode import Encoder, columns_to_inputs, encode_empty_prompt, to_columns, training_components
-from raydiff.data.plan import CaptionDropout, DecodeRow, caption_dropped, flipped
-from raydiff.data.preprocess import build_eval_dataset, build_train_data, preprocess
+from raydiff.data.columns import columns_to_inputs, to_columns
+from raydiff.data.dataset import build_eval_dataset, build_train_data
+from raydiff.data.decode import DecodeRow
+from raydiff.data.encode import Encoder, encode_empty_prompt, training_components
+from raydiff.data.metadata import read_rows
+from raydiff.data.plan import CaptionDropout, caption_dropped, flipped
+from raydiff.pipelines.flux import FluxImagePipeline
 from raydiff.training.module import PipelineTrainingModule
-from raydiff.config import to_dict
 
 
 def mode_config(make_config, tmp_path, mode, train=None, **data):
@@ -56,7 +60,7 @@ def test_encoded_columns_round_trip_through_parquet_without_pickle():
     outputs = {"latents": torch.randn(3, 4, 2, 2), "prompt_embeds": torch.randn(3, 5, 8).bfloat16(),
                "mask": torch.ones(3, 5, dtype=torch.long), "text_ids": torch.zeros(3, 3),  # (L=3, 3): no batch axis
                "height": 32, "guidance": None}
-    cols = to_columns(outputs, 3)
+    cols = to_columns(outputs, 3, FluxImagePipeline.shared_outputs)  # FLUX's text_ids have no batch axis
     assert sorted(cols) == ["guidance:none", "height:shared", "latents", "mask", "prompt_embeds:bf16",
                             "text_ids:shared"]
     table = columns_to_table({**cols, "prompt": ["a", "b", "c"], "_row": [0, 1, 2]})
@@ -153,7 +157,7 @@ def test_cache_is_written_once_resumes_and_rebuilds_when_inputs_change(ray_sessi
 
 def test_caption_dropout_swaps_in_the_empty_prompt_per_seed_epoch_and_sample(make_config):
     cfg = make_config(data={"preprocess": "stream"})
-    empty = encode_empty_prompt(to_dict(cfg))
+    empty = encode_empty_prompt(to_remote(cfg))
     assert set(empty) == {"prompt_embeds", "pooled_prompt_embeds", "text_ids:shared"}
     n = 64
     batch = {"prompt": [f"p{i}" for i in range(n)], "_row": np.arange(n), "_rep": np.zeros(n, np.int64),

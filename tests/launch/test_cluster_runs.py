@@ -85,7 +85,7 @@ class LocalRay:
                 raise RuntimeError(f"`ray start {' '.join(args)}` did not come up:\n{log.read_text()[-5000:]}")
             time.sleep(0.2)
 
-    def start_head(self, num_cpus: int) -> "LocalRay":
+    def start_head(self, num_cpus: int) -> LocalRay:
         self._start(["--head", f"--port={self.gcs_port}", "--dashboard-host", "127.0.0.1",
                      "--dashboard-port", str(self.dashboard_port), "--num-cpus", str(num_cpus)])
         return self

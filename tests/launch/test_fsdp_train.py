@@ -9,7 +9,7 @@ from safetensors.numpy import load_file
 
 from raydiff.config import ConfigError, parse_config, to_dict
 from raydiff.launch.trainer import launch_training_task
-from raydiff.pipelines.base import get_pipeline_class
+from raydiff.registry import get_pipeline_class
 
 pytestmark = pytest.mark.slow
 

@@ -59,7 +59,8 @@ def test_inline_stream_and_cache_train_the_same_lora(ray_session, make_config, m
             # stream/cache: the training workers never construct the VAE or the text encoders
             assert loaded >= encoders if mode == "inline" else not loaded & encoders, (mode, loaded)
     losses = {mode: [h["loss"] for h in state["log_history"] if "loss" in h] for mode, (state, _) in runs.items()}
-    evals = {mode: [h["eval_loss"] for h in state["log_history"] if "eval_loss" in h] for mode, (state, _) in runs.items()}
+    evals = {mode: [h["eval_loss"] for h in state["log_history"] if "eval_loss" in h]
+             for mode, (state, _) in runs.items()}
     assert len(losses["inline"]) == 2 and len(evals["inline"]) == 1
     assert losses["inline"][0] != losses["inline"][1]  # step 2 sees the trained LoRA
     for mode in ("stream", "cache"):

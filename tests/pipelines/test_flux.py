@@ -4,8 +4,8 @@ import diffusers
 import pytest
 import torch
 
-from raydiff.pipelines.base import run_units, split_units
-from raydiff.pipelines.flux import FluxImagePipeline, pack_latents, unpack_latents
+from raydiff.pipelines.base import pack_latents, run_units, split_units, unpack_latents
+from raydiff.pipelines.flux import FluxImagePipeline
 from raydiff.training.lora import save_lora
 from raydiff.training.module import switch_pipe_to_training_mode
 
@@ -102,7 +102,8 @@ def test_lora_loads_into_diffusers_without_key_warnings(flux_dir, tmp_path, lora
     pipe = diffusers.FluxPipeline.from_pretrained(flux_dir)
     latents, sigma = torch.randn(1, 4, 16, 16), torch.tensor([0.7])
     with torch.no_grad():
-        cond = run_units(FluxImagePipeline(pipe, "cpu"), {"prompt": ["a red circle"], "image": torch.zeros(1, 3, 32, 32)})
+        cond = run_units(FluxImagePipeline(pipe, "cpu"),
+                         {"prompt": ["a red circle"], "image": torch.zeros(1, 3, 32, 32)})
         cond = {k: v for k, v in cond.items() if k not in ("latents", "image", "prompt")}
         base = FluxImagePipeline(pipe, "cpu").model_fn(latents, sigma, **cond)
         assert lora_key_warnings(lambda: pipe.load_lora_weights(str(tmp_path))) == []

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from raydiff.config import load_config, parse_config
-from raydiff.pipelines.base import get_pipeline_class, run_units
+from raydiff.pipelines.base import run_units
 from raydiff.pipelines.qwen_image import QwenImagePipeline
+from raydiff.registry import get_pipeline_class
 from raydiff.training.lora import save_lora
 from raydiff.training.module import PipelineTrainingModule
 

@@ -11,8 +11,9 @@ from diffusers import StableDiffusion3Pipeline
 from peft import get_peft_model_state_dict
 
 from raydiff.config import load_config, parse_config
-from raydiff.pipelines.base import get_pipeline_class, run_units
+from raydiff.pipelines.base import run_units
 from raydiff.pipelines.sd3 import SD3ImagePipeline
+from raydiff.registry import get_pipeline_class
 from raydiff.training.lora import save_lora
 from raydiff.training.module import PipelineTrainingModule
 

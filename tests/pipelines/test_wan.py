@@ -10,8 +10,9 @@ import torch
 import yaml
 
 from raydiff.config import load_config, parse_config
-from raydiff.pipelines.base import get_pipeline_class, run_units
+from raydiff.pipelines.base import run_units
 from raydiff.pipelines.wan import WanVideoPipeline
+from raydiff.registry import get_pipeline_class
 from raydiff.training.lora import save_lora
 from raydiff.training.module import PipelineTrainingModule
 

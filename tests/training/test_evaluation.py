@@ -8,9 +8,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from raydiff.diffusion.flow_matching import sigma_quantiles
+from raydiff.diffusion.loss import shift_kwargs
 from raydiff.training.evaluation import EvalSettings, eval_loss_sums, evaluate, fixed_noise, reduce_eval
-from raydiff.training.flow_matching import sigma_quantiles
-from raydiff.training.loss import shift_kwargs
 from raydiff.training.module import PipelineTrainingModule
 
 SETTINGS = EvalSettings(num_sigmas=4, seed=7)

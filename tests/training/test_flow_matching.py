@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from raydiff.training.flow_matching import (
+from raydiff.diffusion.flow_matching import (
     DynamicShift,
     FlowSchedule,
     diffsynth_weight,

@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 
 from raydiff.config import parse_config, to_dict
 from raydiff.training.fsdp import full_state_dict, load_full_state, optimizer_state, shard_module
-from raydiff.training.loop import build_optimizer
 from raydiff.training.module import PipelineTrainingModule
+from raydiff.training.step import build_optimizer
 
 TRAINABLE = ["transformer"]
 WORLD = 2

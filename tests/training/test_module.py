@@ -7,8 +7,8 @@ import torch
 from safetensors import safe_open
 
 from raydiff.training.checkpoint import TrainerState, load_checkpoint, save_checkpoint
-from raydiff.training.loop import build_optimizer, step_seed
 from raydiff.training.module import PipelineTrainingModule
+from raydiff.training.step import build_optimizer, step_seed
 
 
 @pytest.fixture
@@ -106,9 +106,11 @@ def test_init_from_a_kohya_export_reproduces_the_lora(make_config, tmp_path):
             p.data.normal_(0, 0.3)
     optimizer, scheduler = build_optimizer(cfg, module.trainable_parameters(), total_steps=1)
     save_checkpoint(str(tmp_path / "ckpt"), module, optimizer, scheduler, TrainerState(), "model: {}\n")
-    cli(["export", str(tmp_path / "ckpt"), "--format", "kohya", "--family", "flux", "--out", str(tmp_path / "k.safetensors")])
+    cli(["export", str(tmp_path / "ckpt"), "--format", "kohya", "--family", "flux",
+         "--out", str(tmp_path / "k.safetensors")])
 
-    restarted = PipelineTrainingModule(make_config(lora={"rank": 4, "alpha": 4, "init_from": str(tmp_path / "k.safetensors")}))
+    restarted = PipelineTrainingModule(
+        make_config(lora={"rank": 4, "alpha": 4, "init_from": str(tmp_path / "k.safetensors")}))
     data = batch()
     with torch.no_grad():
         a = module(data, generator=torch.Generator().manual_seed(3))

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from raydiff.training.loop import build_optimizer, mixed_precision
 from raydiff.training.module import PipelineTrainingModule
+from raydiff.training.step import Stepper, build_optimizer
 
 
 def batch():
@@ -17,22 +17,18 @@ def test_mixed_precision_and_offload_train_with_fp32_lora(make_config, precision
     cfg = make_config(train={"mixed_precision": precision, "gradient_checkpointing": checkpointing,
                              "learning_rate": 5e-3})
     module = PipelineTrainingModule(cfg)
-    autocast, offload, scaler = mixed_precision(cfg, torch.device("cpu"))
     optimizer, scheduler = build_optimizer(cfg, module.trainable_parameters(), total_steps=4)
+    stepper = Stepper(cfg, module, optimizer, scheduler, torch.device("cpu"))
     before = [p.detach().clone() for p in module.trainable_parameters()]
     for step in range(2):
-        with autocast(torch.device("cpu")), offload():
-            loss = module(batch(), generator=torch.Generator().manual_seed(step))
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        scaler.step(optimizer), scaler.update(), optimizer.zero_grad()
+        loss = torch.tensor(stepper.step([batch()], step).loss)
         assert torch.isfinite(loss)
     assert all(p.dtype == torch.float32 for p in module.trainable_parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, module.trainable_parameters()))
     if precision == "bf16":  # autocast really ran the DiT's matmuls in bf16
         seen = []
         hook = module.pipe.pipe.transformer.proj_out.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
-        with autocast(torch.device("cpu")), torch.no_grad():
+        with stepper.autocast(), torch.no_grad():
             module(batch(), generator=torch.Generator().manual_seed(9))
         hook.remove()
         assert seen == [torch.bfloat16]
@@ -48,6 +44,7 @@ def test_compiled_blocks_train_without_recompiling(make_config):
     for step in range(3):
         loss = module(batch(), generator=torch.Generator().manual_seed(step))
         loss.backward()
-        frames_after_first = counters["stats"]["unique_graphs"] if step == 0 else frames_after_first
+        if step == 0:
+            frames_after_first = counters["stats"]["unique_graphs"]
     assert torch.isfinite(loss)
     assert counters["stats"]["unique_graphs"] == frames_after_first > 0  # compiled once, reused every step

@@ -106,7 +106,7 @@ def test_sample_applies_lora_scale(trained, tiny_model, tmp_path):
 def test_sample_loads_a_full_fine_tuning_checkpoint(tiny_model, tmp_path):
     from safetensors.torch import save_file
 
-    from raydiff.pipelines.base import get_pipeline_class
+    from raydiff.registry import get_pipeline_class
     from raydiff.training.checkpoint import FULL_WEIGHTS_FILE
 
     model = tiny_model("flux")
@@ -136,7 +136,8 @@ args.func(args)
 def test_sample_command_line(trained, tiny_model, tmp_path):
     _, _, checkpoint = trained
     out = tmp_path / "cli.png"
-    argv = ["sample", "--model", tiny_model("flux"), "--lora", checkpoint, "--prompt", "a red circle", "--out", str(out),
+    argv = ["sample", "--model", tiny_model("flux"), "--lora", checkpoint, "--prompt", "a red circle",
+            "--out", str(out),
             "--lora-scale", "0.5", "--steps", "2", "--height", "32", "--width", "32"]
     run = subprocess.run([sys.executable, "-c", CLI, *argv], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})

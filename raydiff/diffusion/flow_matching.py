@@ -1,7 +1,7 @@
 """Flow-matching training math: timestep shifts, sigma sampling, noising, targets and loss weights.
 
 Pure tensor functions (no Ray, no config): randomness only through an explicit ``torch.Generator``.
-Conventions (design.md §2): ``x_t = (1-σ)·x0 + σ·ε``, target ``ε - x0``, σ ∈ [0, 1], timestep ``t = 1000·σ``.
+Conventions (docs/flow_matching.md): ``x_t = (1-σ)·x0 + σ·ε``, target ``ε - x0``, σ ∈ [0, 1], timestep ``t = 1000·σ``.
 """
 
 from __future__ import annotations

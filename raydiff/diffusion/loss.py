@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from raydiff.config import LossConfig
-from raydiff.training.flow_matching import flow_target, loss_weight, noisy_latents, sample_sigmas, weighted_mse
+from raydiff.diffusion.flow_matching import flow_target, loss_weight, noisy_latents, sample_sigmas, weighted_mse
 
 # Inputs that are data, not conditions of the denoiser.
 _NOT_CONDITIONS = {"latents", "image", "video", "prompt"}

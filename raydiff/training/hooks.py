@@ -1,0 +1,162 @@
+"""What happens after an optimizer step, on the schedule the config sets: the log line, the eval loss
+and checkpoints (with validation samples and, at the end, the loss plot), reported to Ray Train.
+
+Every rank calls `after_step` and `finish` at the same steps: the eval loss is a collective and
+`ray.train.report` is a barrier. Rank 0 prints, writes the checkpoint directory and attaches it to
+its report; the other ranks report the same metrics without one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import ray.train
+import torch
+
+from raydiff.config import RaydiffConfig, dump_config
+from raydiff.data.decode import skipped_samples
+from raydiff.training import fsdp
+from raydiff.training.checkpoint import TrainerState, checkpoint_name, save_checkpoint
+from raydiff.training.evaluation import EvalSet
+from raydiff.training.loop_args import LoopArgs
+from raydiff.training.reporting import RunLogger, peak_memory_gib, plot_losses
+from raydiff.training.step import StepResult
+from raydiff.training.validation import ValidationSettings, sample_base_images, write_validation
+
+
+class LogWindow:
+    """Loss, data wait and throughput since the last log line."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss, self.steps, self.start = 0.0, 0, time.perf_counter()
+
+    def add(self, result: StepResult) -> None:
+        self.loss += result.loss
+        self.steps += 1
+
+
+class StepHooks:
+    """Logs, evaluates and checkpoints after each optimizer step (see the module docstring)."""
+
+    def __init__(self, cfg: RaydiffConfig, args: LoopArgs, module, optimizer, scheduler, feed, eval_set: EvalSet | None,
+                 *, rank: int, world: int, device, sharded=(), start_step: int = 0):
+        self.cfg, self.args, self.module, self.optimizer, self.scheduler = cfg, args, module, optimizer, scheduler
+        self.feed, self.eval_set, self.rank, self.world, self.device = feed, eval_set, rank, world, device
+        self.sharded, self.config_yaml = list(sharded), dump_config(cfg)
+        self.eval_every = cfg.eval.every_steps or args.total_steps
+        self.logger = None
+        if rank == 0:
+            self.logger = RunLogger(cfg.logging, args.run_dir, args.total_steps, start_step, args.is_tty)
+        self.window, self.last_saved, self.bad_in_a_row = LogWindow(), start_step, 0
+        v = cfg.validation
+        self.validation = ValidationSettings(prompts=v.prompts, seed=v.seed, steps=v.steps, guidance=v.guidance,
+                                             height=v.height, width=v.width, num_frames=v.num_frames)
+        self.base_images = None  # the base model never changes: sampled once, at the first checkpoint
+
+    def after_step(self, state: TrainerState, result: StepResult) -> None:
+        if result.skipped:
+            self._skipped(state)
+            return
+        self.bad_in_a_row = 0
+        self.window.add(result)
+        step, t = state.global_step, self.cfg.train
+        done = step >= self.args.total_steps
+        save = done or step % t.save_steps == 0
+        evaluate = self.eval_set is not None and (done or step % self.eval_every == 0)
+        if step % t.log_steps == 0 or save or evaluate:
+            metrics = self._metrics(state, result, evaluate)
+            state.log_history.append(metrics)
+            if self.logger:
+                self.logger.log(metrics)
+            # Ray consumes one report per health check (~2 s): metrics reach Ray only with checkpoints and
+            # eval losses (what Tune schedules on).
+            if save or evaluate:
+                self._report(metrics, state, save=save, final=done)
+
+    def finish(self, state: TrainerState) -> None:
+        """A final checkpoint unless the last step wrote one; then the closing line."""
+        if state.global_step != self.last_saved:
+            metrics = {"step": state.global_step, "epoch": state.epoch,
+                       "skipped_samples": skipped_samples(self.args.skip_counter)}
+            if self.eval_set is not None:
+                metrics["eval_loss"] = self.eval_set.loss(self.module)
+            self._report(metrics, state, save=True, final=True)
+        if self.sharded and self.world > 1:
+            torch.distributed.barrier()  # no rank tears the process group down while another still gathers
+        if self.logger:
+            self.logger.write(f"[raydiff] finished: {state.global_step}/{self.args.total_steps} steps")
+            self.logger.close()
+
+    def _skipped(self, state: TrainerState) -> None:
+        # Gradients are all-reduced before the check, so every rank skips (and stops) together.
+        state.bad_steps += 1
+        self.bad_in_a_row += 1
+        step = state.global_step + 1
+        if self.logger:
+            self.logger.write(f"[raydiff] step {step}: non-finite loss or gradients; step skipped "
+                              f"({self.bad_in_a_row} in a row, {state.bad_steps} in total)")
+        if self.bad_in_a_row >= self.cfg.train.max_bad_steps:
+            last = checkpoint_name(self.last_saved) if self.last_saved else "none"
+            raise FloatingPointError(
+                f"{self.bad_in_a_row} consecutive steps with non-finite loss or gradients at step {step}; last "
+                f"good checkpoint: {last} in {self.cfg.ray.storage_path}/{self.cfg.ray.name}")
+
+    def _metrics(self, state: TrainerState, result: StepResult, evaluate: bool) -> dict:
+        w, t = self.window, self.cfg.train
+        elapsed = time.perf_counter() - w.start
+        samples_per_step = t.batch_size * t.gradient_accumulation_steps * self.world
+        metrics = {"step": state.global_step, "epoch": state.global_step / self.args.steps_per_epoch,
+                   "loss": mean_across_ranks(w.loss / max(w.steps, 1), self.world, self.device),
+                   "lr": self.scheduler.get_last_lr()[0], "grad_norm": result.grad_norm,
+                   "samples_per_second": w.steps * samples_per_step / elapsed,
+                   "data_wait_s": self.feed.take_wait_s(), "peak_memory_gib": peak_memory_gib(self.device),
+                   "time": time.time()}
+        w.reset()
+        state.skipped_samples = metrics["skipped_samples"] = skipped_samples(self.args.skip_counter)
+        if evaluate:
+            metrics["eval_loss"] = self.eval_set.loss(self.module)
+        return metrics
+
+    def _report(self, metrics: dict, state: TrainerState, *, save: bool, final: bool) -> None:
+        """Every rank reports; with `save`, rank 0 also writes the checkpoint and attaches it. Under FSDP
+        every rank first gathers the full weights and optimizer state (collectives)."""
+        if not save:
+            ray.train.report(metrics)
+            return
+        weights = optimizer_state = None
+        if self.sharded:
+            weights = fsdp.full_state_dict(self.module, self.sharded)
+            optimizer_state = fsdp.optimizer_state(self.module, self.optimizer)
+        with tempfile.TemporaryDirectory(prefix="raydiff-ckpt-") as tmp:
+            checkpoint = None
+            if self.rank == 0:
+                save_checkpoint(tmp, self.module, self.optimizer, self.scheduler, state, self.config_yaml, weights,
+                                optimizer_state)
+                self._write_samples(tmp, state, final)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name(state.global_step))
+        self.last_saved = state.global_step
+
+    def _write_samples(self, directory: str, state: TrainerState, final: bool) -> None:
+        """Validation samples (at the steps `validation.every_steps` picks) and, at the end, loss.png."""
+        v = self.cfg.validation
+        if v.prompts and (final or v.every_steps is None or state.global_step % v.every_steps == 0):
+            if self.base_images is None:
+                self.base_images = sample_base_images(self.module.pipe, self.validation)
+            written = write_validation(directory, self.module.pipe, None, self.validation, base_images=self.base_images)
+            self.logger.image("validation/grid", written["grid"], state.global_step)
+        if final and self.cfg.logging.plot:
+            plot_losses(state.log_history, os.path.join(directory, "loss.png"))
+
+
+def mean_across_ranks(value: float, world: int, device) -> float:
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.item() / world

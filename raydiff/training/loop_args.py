@@ -1,0 +1,32 @@
+"""What the driver hands every training worker besides the config (light: the worker reads it first)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from raydiff.config import RaydiffConfig, from_remote
+
+
+@dataclass
+class LoopArgs:
+    """`config`: the payload of `raydiff.config.to_remote`. `steps_per_epoch`: optimizer steps each worker
+    takes per epoch; `total_steps`: of the whole run (epochs or `train.max_steps`, whichever ends first).
+    `packed`: dataset rows are whole bucket batches. `empty_prompt`: the encoded empty prompt (caption
+    dropout in stream/cache mode). `skip_counter`: the actor counting skipped samples. `run_dir`: where
+    rank 0 writes TensorBoard events. `module_factory(device)`: builds the training module instead of
+    the config-driven one."""
+
+    config: dict
+    steps_per_epoch: int
+    total_steps: int
+    packed: bool = False
+    empty_prompt: dict[str, Any] | None = None
+    skip_counter: str | None = None
+    run_dir: str = "."
+    is_tty: bool | None = None
+    module_factory: Callable | None = None
+
+    def parse_config(self) -> RaydiffConfig:
+        return from_remote(self.config)
