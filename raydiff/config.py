@@ -180,6 +180,8 @@ class RayConfig(_Section):
     max_failures: int = Field(0, ge=-1, description="worker-group restarts; -1 = forever")
     address: str | None = Field(None, description="cluster address; null = RAY_ADDRESS or a new local Ray")
     num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local Ray; null = max(4, cores)")
+    startup_timeout: float = Field(600, gt=0, description="seconds to wait for an autoscaling cluster to grow to "
+                                                           "the run's needs before failing")
     # storage_path may be s3://bucket/prefix. For S3-compatible servers (MinIO, Ceph, moto) set the
     # endpoint URL, e.g. http://127.0.0.1:9000 (scheme http/https taken from it). Credentials come from
     # AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (/ AWS_SESSION_TOKEN) on the driver, else the AWS SDK chain.
@@ -195,6 +197,7 @@ class LogConfig(_Section):
     plot: bool = Field(True, description="loss.png in the run directory when matplotlib is installed")
     progress_bar: Literal["auto", "on", "off"] = Field(
         "auto", description="auto: a tqdm bar when stdout is a terminal, plain log lines otherwise")
+    verbose: bool = Field(False, description="also Ray's own log lines (workers, Ray Data, Tune); `--verbose`")
 
 
 # Distribution name -> how many arguments its YAML list takes (raydiff/launch/tune.py builds the Tune domains).
@@ -335,13 +338,19 @@ class RaydiffConfig(_Section):
             cfg.data.cache_dir = _abs(cfg.data.cache_dir)
         if cfg.eval.metadata_path:
             cfg.eval.metadata_path = _abs(cfg.eval.metadata_path)
+        if cfg.lora is not None and cfg.lora.init_from:
+            cfg.lora.init_from = _abs(cfg.lora.init_from)
         cfg.ray.storage_path = _abs(cfg.ray.storage_path)
         if Path(_abs(cfg.model.path)).exists():
             cfg.model.path = _abs(cfg.model.path)
         return cfg
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """A mistake the user can fix (a config, a path, a file): the CLI prints its message alone and exits 2."""
+
+
+class ConfigError(UserError):
     """A config that fails validation; the message names each offending key."""
 
 
@@ -356,7 +365,7 @@ def _format_errors(err: ValidationError) -> str:
         else:
             got = e.get("input")
             got = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"  {key}: {e['msg']}{got}")
+            lines.append(f"  {key}: {e['msg'].removeprefix('Value error, ')}{got}")
     return "invalid config:\n" + "\n".join(lines)
 
 

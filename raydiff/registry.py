@@ -19,6 +19,14 @@ BUILTIN_FAMILIES = {
     "sd3": "raydiff.pipelines.sd3:SD3ImagePipeline",
     "wan": "raydiff.pipelines.wan:WanVideoPipeline",
 }
+# The diffusers pipeline class each built-in family loads (model_index.json's `_class_name`), so the
+# driver can check a model directory before importing any family (tests check these match the classes).
+BUILTIN_PIPELINES = {
+    "flux": ("FluxPipeline",),
+    "qwen_image": ("QwenImagePipeline",),
+    "sd3": ("StableDiffusion3Pipeline",),
+    "wan": ("WanPipeline",),
+}
 _registered: dict[str, str | type] = {}
 
 
@@ -44,6 +52,18 @@ def get_pipeline_class(family: str) -> type:
         return target
     module, name = target.split(":")
     return getattr(importlib.import_module(module), name)
+
+
+def pipeline_class_names(family: str) -> tuple[str, ...]:
+    """The diffusers pipeline class names a directory of `family` may hold."""
+    if family in BUILTIN_PIPELINES:
+        return BUILTIN_PIPELINES[family]
+    return (get_pipeline_class(family).diffusers_class.__name__,)
+
+
+def family_for_pipeline(class_name: str) -> str | None:
+    """The built-in family that loads a diffusers pipeline class, if any."""
+    return next((f for f, names in BUILTIN_PIPELINES.items() if class_name in names), None)
 
 
 def registered_families() -> dict[str, str | type]:

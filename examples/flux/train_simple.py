@@ -59,7 +59,9 @@ def main(argv=None):
         "train": {"learning_rate": 1e-3, "max_steps": args.steps, "log_steps": 1},
         "ray": {"num_workers": args.workers, "storage_path": args.output, "name": args.name},
     })
-    factory = functools.partial(FluxTrainingModule, args.model, lora_rank=args.rank, loss_config=cfg.loss)
+    # cfg.model.path, not args.model: load_config made local paths absolute, and the module is built in
+    # the Ray workers, whose working directory is not this one.
+    factory = functools.partial(FluxTrainingModule, cfg.model.path, lora_rank=args.rank, loss_config=cfg.loss)
     return launch_training_task(cfg, module_factory=lambda device: factory(device=device))
 
 

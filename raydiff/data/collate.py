@@ -31,7 +31,8 @@ def collate(batch: dict, device: torch.device, data_file_keys=("image",), *, cap
         if arr.dtype == object:  # ragged: a batch mixing sizes (needs buckets; see data.height/width)
             shapes = {a.shape for a in arr}
             if len(shapes) > 1:
-                raise ValueError(f"a batch mixes {key} sizes {sorted(shapes)}; set data.height/width or batch_size 1")
+                raise ValueError(f"a batch mixes {key} sizes {sorted(shapes)}; set data.buckets: true, or a fixed "
+                                 f"data.height and data.width, or train.batch_size 1")
             arr = np.stack(list(arr))
         x = torch.from_numpy(np.array(arr)).to(device, non_blocking=True)  # copy: Arrow buffers are read-only
         x = x.movedim(-1, 1).float().div_(127.5).sub_(1.0)  # (B, ..., 3) -> (B, 3, ...)

@@ -1,5 +1,9 @@
-"""A small synthetic image+caption dataset (coloured shapes), written on demand so the demo and
-tests need no download and the repository holds no binaries."""
+"""Small synthetic datasets written on demand, so the demo, the tiny examples and the tests need no
+download and the repository holds no binaries: coloured shapes (images) and moving squares (clips).
+
+    python -c "from raydiff.data.shapes import write_shapes_dataset as w; w('data/shapes')"
+    python -c "from raydiff.data.shapes import write_clips_dataset as w; w('data/clips')"
+"""
 
 from __future__ import annotations
 
@@ -45,6 +49,34 @@ def write_shapes_dataset(directory: str, n: int = 16, size: tuple[int, int] | li
     path = os.path.join(directory, metadata_name)
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["image", "prompt"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_clips_dataset(directory: str, n: int = 4, frames: int = 11, size: int = 16) -> str:
+    """`n` short mp4 clips of a square moving right (PyAV, mpeg4) and a metadata CSV (video,prompt).
+    Returns the metadata path."""
+    import av
+    import numpy as np
+
+    os.makedirs(directory, exist_ok=True)
+    rows = []
+    for i in range(n):
+        name = f"clip{i}.mp4"
+        with av.open(os.path.join(directory, name), "w") as container:
+            stream = container.add_stream("mpeg4", rate=8)
+            stream.width = stream.height = size
+            stream.pix_fmt = "yuv420p"
+            for t in range(frames):
+                img = np.full((size, size, 3), 30, np.uint8)
+                img[4:10, (t + i) % 10:(t + i) % 10 + 6] = (200, 60, 60)
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+            container.mux(stream.encode())
+        rows.append({"video": name, "prompt": f"a red square moving right {i}"})
+    path = os.path.join(directory, "metadata.csv")
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["video", "prompt"])
         writer.writeheader()
         writer.writerows(rows)
     return path

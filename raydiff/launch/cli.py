@@ -13,20 +13,25 @@ import sys
 from raydiff.console import quiet_libraries
 
 
-def cmd_train(args) -> None:
+def config_of(args):
+    """The command's config: its YAML, `--set` overrides and `--verbose`."""
     from raydiff.config import load_config
+
+    return load_config(args.config, [*args.set, *(["logging.verbose=true"] if args.verbose else [])])
+
+
+def cmd_train(args) -> None:
     from raydiff.launch.trainer import launch_training_task
 
-    cfg = load_config(args.config, args.set)
-    launch_training_task(cfg)
+    launch_training_task(config_of(args))
 
 
 def cmd_preprocess(args) -> None:
-    from raydiff.config import ConfigError, load_config
+    from raydiff.config import ConfigError
     from raydiff.data.cache import preprocess
-    from raydiff.launch.trainer import init_ray
+    from raydiff.launch.cluster import init_ray
 
-    cfg = load_config(args.config, args.set)
+    cfg = config_of(args)
     if not cfg.data.cache_dir:
         raise ConfigError("raydiff preprocess writes to data.cache_dir; set it (and data.preprocess: cache to train "
                           "from it)")
@@ -35,10 +40,9 @@ def cmd_preprocess(args) -> None:
 
 
 def cmd_tune(args) -> None:
-    from raydiff.config import load_config
     from raydiff.launch.tune import tune
 
-    tune(load_config(args.config, args.set))
+    tune(config_of(args))
 
 
 def cmd_demo(args) -> None:
@@ -55,9 +59,15 @@ def cmd_tiny_model(args) -> None:
 
 
 def cmd_export(args) -> None:
+    from raydiff.config import UserError
     from raydiff.training.lora_formats import export_lora
 
-    out = export_lora(args.checkpoint, args.format, args.out, family=args.family)
+    if not os.path.exists(args.checkpoint):
+        raise UserError(f"no checkpoint directory or LoRA file at {args.checkpoint}")
+    try:
+        out = export_lora(args.checkpoint, args.format, args.out, family=args.family)
+    except ValueError as err:  # an unsupported family/format pair, keys no format knows
+        raise UserError(str(err)) from None
     print(f"[raydiff] wrote {args.format} LoRA to {os.path.abspath(out)}")
 
 
@@ -66,6 +76,7 @@ def add_config_arguments(p: argparse.ArgumentParser, config_help: str) -> None:
     p.add_argument("config", help=config_help)
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value; repeatable; values parse as YAML")
+    p.add_argument("--verbose", action="store_true", help="also show Ray's own log lines (logging.verbose)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,11 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def user_error(err: BaseException) -> str | None:
     """The message of an error the user can fix, found through Ray's wrappers; None otherwise."""
-    from raydiff.config import ConfigError
+    from raydiff.config import UserError
     from raydiff.data.metadata import MetadataError, SampleError
+    from raydiff.launch.run_lock import RunLockedError
     from raydiff.launch.storage import StorageError
 
-    fixable = (ConfigError, MetadataError, SampleError, StorageError, FileNotFoundError)
+    fixable = (UserError, MetadataError, SampleError, StorageError, RunLockedError, FileNotFoundError)
     seen, todo = set(), [err]
     while todo:
         err = todo.pop(0)
@@ -131,7 +143,7 @@ def user_error(err: BaseException) -> str | None:
         if isinstance(err, fixable):
             return str(err)
         text = str(err)
-        for cls in (SampleError, MetadataError):  # Ray may re-raise a worker's error as its own type
+        for cls in (SampleError, MetadataError, UserError):  # Ray may re-raise a worker's error as its own type
             marker = f"{cls.__name__}: "
             if marker in text:
                 return text.rsplit(marker, 1)[1].strip().splitlines()[0]
@@ -148,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
         quiet_libraries()
     try:
         args.func(args)
+    except KeyboardInterrupt:
+        sys.exit(130)  # what was stopped, and where a re-run continues, is already printed
     except Exception as err:  # noqa: BLE001 - re-raised unless it is a user error
         message = user_error(err)
         if message is None:

@@ -65,8 +65,48 @@ def load_full_weights(pipe, path: str) -> None:
         component.load_state_dict(own, strict=True)
 
 
+def checkpoint_model(lora: str | None) -> dict:
+    """`model:` of the config.yaml a raydiff checkpoint carries beside its weights ({} without one)."""
+    if lora is None:
+        return {}
+    directory = lora if os.path.isdir(lora) else os.path.dirname(os.path.abspath(lora))
+    path = os.path.join(directory, "config.yaml")
+    if not os.path.isfile(path):
+        return {}
+    import yaml
+
+    with open(path) as f:
+        return (yaml.safe_load(f) or {}).get("model") or {}
+
+
+def family_of_directory(model: str | None) -> str | None:
+    """The built-in family whose pipeline a diffusers-format directory holds (model_index.json), if any."""
+    import json
+
+    from raydiff.registry import family_for_pipeline
+
+    index = os.path.join(model or "", "model_index.json")
+    if not model or not os.path.isfile(index):
+        return None
+    with open(index) as f:
+        return family_for_pipeline(json.load(f).get("_class_name", ""))
+
+
 def cmd_sample(args) -> None:
-    path = sample(args.model, args.lora, args.prompt, args.out, family=args.family, lora_scale=args.lora_scale,
+    from raydiff.config import UserError
+
+    if args.lora is not None and not os.path.exists(args.lora):
+        raise UserError(f"--lora {args.lora}: no checkpoint directory or LoRA file there")
+    trained = checkpoint_model(args.lora)
+    model = args.model or trained.get("path")
+    family = args.family or trained.get("family") or family_of_directory(model)
+    if model is None or family is None:
+        missing = " and ".join(f for f, v in (("--model", model), ("--family", family)) if v is None)
+        raise UserError(f"pass {missing}: {args.lora or 'no --lora'} has no config.yaml to read it from"
+                        + (f", and {model} names no pipeline of a known family" if model else ""))
+    if not os.path.isdir(model) and model.startswith((".", "/", "~")):
+        raise UserError(f"model {model}: no such directory")
+    path = sample(model, args.lora, args.prompt, args.out, family=family, lora_scale=args.lora_scale,
                   steps=args.steps, guidance=args.guidance, height=args.height, width=args.width, seed=args.seed,
                   num_frames=args.num_frames, dtype=args.dtype, device=args.device)
     say(f"[raydiff] wrote {os.path.abspath(path)}")
@@ -78,12 +118,14 @@ def add_sample_parser(subparsers) -> None:
     from raydiff.registry import family_names
 
     p = subparsers.add_parser("sample", help="render one image from a model and a trained LoRA (diffusers)")
-    p.add_argument("--model", required=True, help="diffusers-format model directory or hub id")
+    p.add_argument("--model", default=None, help="diffusers-format model directory or hub id (default: the "
+                                                 "checkpoint's config.yaml)")
     p.add_argument("--lora", default=None, help="checkpoint directory (LoRA or full fine-tuning) or LoRA "
                                                 ".safetensors file (omit: base model)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--out", required=True, help="PNG file to write")
-    p.add_argument("--family", default="flux", choices=family_names())
+    p.add_argument("--family", default=None, choices=family_names(),
+                   help="model family (default: the checkpoint's config.yaml, else the model's pipeline class)")
     p.add_argument("--lora-scale", type=float, default=1.0, help="multiplies the LoRA's effect (0 = base model)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=3.5, help="the pipeline's guidance_scale")

@@ -11,15 +11,17 @@ bucket or a read-only prefix fails in seconds, not after the first checkpoint.
 
 from __future__ import annotations
 
+import json
 import os
-import re
 import threading
 import uuid
+from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
+import yaml
 
-_CHECKPOINT = re.compile(r"checkpoint-(\d+)$")
+from raydiff.training.checkpoint_store import newest_complete_checkpoint, stored_checkpoints
 
 
 class StorageError(RuntimeError):
@@ -109,18 +111,69 @@ def check_storage(storage_path: str, endpoint: str | None = None, region: str | 
     raise StorageError(f"cannot reach checkpoint storage {_where(storage_path, endpoint)}: {reason}")
 
 
-def latest_checkpoint(storage_path: str, name: str, endpoint: str | None = None,
-                      region: str | None = None) -> str | None:
-    """The newest `<storage_path>/<name>/checkpoint-NNNNNN` holding trainer_state.json (a complete
-    checkpoint), as a path in the form of `storage_path` (s3://... or local), or None."""
+def run_directory(storage_path: str, name: str, endpoint: str | None = None,
+                  region: str | None = None) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) of `<storage_path>/<name>`, local or remote."""
     fs, path = _resolve(storage_path, endpoint, region)
     if fs is None:
         fs, path = (pafs.LocalFileSystem(), path) if "://" not in path else pafs.FileSystem.from_uri(path)
-    run_dir = f"{path.rstrip('/')}/{name}"
-    entries = fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
-    found = sorted(((int(m.group(1)), e.path) for e in entries
-                    if e.type == pafs.FileType.Directory and (m := _CHECKPOINT.search(e.base_name))), reverse=True)
-    for _, ckpt in found:
-        if fs.get_file_info(f"{ckpt}/trainer_state.json").type == pafs.FileType.File:
-            return storage_path[: storage_path.index("://") + 3] + ckpt if "://" in storage_path else ckpt
-    return None
+    return fs, f"{path.rstrip('/')}/{name}"
+
+
+def _display(storage_path: str, path: str) -> str:
+    """A filesystem path in the form of `storage_path` (s3://... or local)."""
+    return storage_path[: storage_path.index("://") + 3] + path if "://" in storage_path else path
+
+
+def latest_checkpoint(storage_path: str, name: str, endpoint: str | None = None,
+                      region: str | None = None) -> str | None:
+    """The checkpoint a re-run of `<storage_path>/<name>` resumes from, in the form of `storage_path`
+    (s3://... or local), or None: the newest marked complete (raydiff.training.checkpoint_store) or, in
+    a run written before completeness markers, the newest holding trainer_state.json."""
+    fs, run_dir = run_directory(storage_path, name, endpoint, region)
+    found = newest_complete_checkpoint(fs, run_dir)
+    if found is None:
+        legacy = [(step, path) for step, path, _ in stored_checkpoints(fs, run_dir)
+                  if fs.get_file_info(f"{path}/trainer_state.json").type == pafs.FileType.File]
+        found = legacy[-1] if legacy else None
+    return _display(storage_path, found[1]) if found else None
+
+
+@dataclass
+class ResumePoint:
+    """The newest complete checkpoint of a run, as the driver sees it before starting Ray."""
+
+    path: str  # in the form of ray.storage_path
+    step: int
+    epoch: int
+    config: dict  # the config it was trained with
+
+
+def resume_point(storage_path: str, name: str, endpoint: str | None = None,
+                 region: str | None = None) -> ResumePoint | None:
+    path = latest_checkpoint(storage_path, name, endpoint, region)
+    if path is None:
+        return None
+    fs, run_dir = run_directory(storage_path, name, endpoint, region)
+    stored = f"{run_dir}/{path.rstrip('/').rsplit('/', 1)[-1]}"
+    with fs.open_input_stream(f"{stored}/trainer_state.json") as f:
+        state = json.loads(f.read().decode())
+    try:
+        with fs.open_input_stream(f"{stored}/config.yaml") as f:
+            config = yaml.safe_load(f.read().decode()) or {}
+    except (FileNotFoundError, OSError):
+        config = {}
+    return ResumePoint(path, int(state.get("global_step", 0)), int(state.get("epoch", 0)), config)
+
+
+def config_changes(old: dict, new: dict, limit: int = 8) -> list[str]:
+    """`section.key: old -> new` for each setting that differs between two config dicts."""
+    changes = []
+    for section in sorted(set(old) | set(new)):
+        a, b = old.get(section), new.get(section)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += [f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                        if a.get(k) != b.get(k)]
+        elif a != b:
+            changes.append(f"{section}: {'set' if b is not None else 'removed'}")
+    return changes[:limit] + ([f"... {len(changes) - limit} more"] if len(changes) > limit else [])

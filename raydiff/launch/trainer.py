@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-import socket
 import sys
+import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import ray
 import ray.train
+from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -17,7 +20,11 @@ from raydiff.console import say
 from raydiff.data.dataset import build_eval_dataset, build_train_data
 from raydiff.data.decode import skip_counter, skip_counter_name
 from raydiff.data.metadata import train_and_eval_rows
-from raydiff.launch.storage import check_storage, storage_filesystem
+from raydiff.launch.checks import check_batch_sizes, check_model, check_resources, warn_job_local_storage
+from raydiff.launch.cluster import DriverConsole, init_ray, is_autoscaling, local_ray_resources, stop_ray
+from raydiff.launch.run_lock import LOCK_FILE, RunLock
+from raydiff.launch.runs import describe_plan, finished_result
+from raydiff.launch.storage import check_storage, latest_checkpoint, resume_point, run_directory, storage_filesystem
 from raydiff.training.loop_args import LoopArgs
 
 
@@ -27,40 +34,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     start-up overlaps those imports and the model load."""
     import ray.train.torch
 
+    from raydiff.training.checkpoint_store import has_checkpoint
     from raydiff.training.feed import EpochFeed
 
     args: LoopArgs = loop_config["args"]
-    feed = EpochFeed(args.parse_config(), args, ray.train.torch.get_device(),
-                     fresh=ray.train.get_checkpoint() is None)
+    feed = EpochFeed(args.parse_config(), args, ray.train.torch.get_device(), fresh=not has_checkpoint())
     from raydiff.training.loop import train_loop_per_worker as loop
 
     loop(loop_config, feed)
-
-
-def init_ray(cfg: RaydiffConfig) -> None:
-    """Join `ray.address` / RAY_ADDRESS (as under `ray job submit`), else start a local Ray.
-
-    A local Ray gets at least 4 logical CPUs: on a 2-core box, 2 training workers at 1 CPU each
-    would otherwise leave nothing for the Ray Data decode stage and the run would hang.
-    """
-    if ray.is_initialized():
-        return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-        return
-    # A new local Ray puts its own address in every worker's RAY_ADDRESS: Ray Train's placement-group
-    # cleaner (which frees the workers of a trial ASHA stopped) otherwise looks for "the" local Ray and,
-    # with a second Ray on the machine, fails, leaving that trial's CPUs taken.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by ray.init when it starts the GCS
-    try:
-        ray.init(num_cpus=cfg.ray.num_cpus or max(4, os.cpu_count() or 1),
-                 runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{port}"}})
-    finally:
-        del os.environ["RAY_GCS_SERVER_PORT"]
 
 
 def run_dir(cfg: RaydiffConfig) -> str:
@@ -88,10 +69,18 @@ def total_steps(cfg: RaydiffConfig, steps_per_epoch: int) -> int:
     return epochs if cfg.train.max_steps is None else min(cfg.train.max_steps, epochs)
 
 
-def build_trainer(cfg: RaydiffConfig, module_factory: Callable | None = None, **run_config_kwargs) -> TorchTrainer:
-    """A TorchTrainer whose workers build the training module themselves (`module_factory(device)`,
-    or the config-driven module) and stream decoded samples from a Ray Data pipeline."""
-    rows, eval_rows, bad = train_and_eval_rows(cfg.data, cfg.eval)
+@dataclass
+class RunPlan:
+    """What the driver prepared for a run: the datasets and what every worker is told."""
+
+    datasets: dict
+    args: LoopArgs
+
+
+def plan_run(cfg: RaydiffConfig, module_factory: Callable | None = None, rows=None, relay=None) -> RunPlan:
+    """Read the metadata (unless `rows` from `train_and_eval_rows` are given), build the datasets of the
+    configured preprocess mode and count the steps. Needs a running Ray."""
+    rows, eval_rows, bad = rows or train_and_eval_rows(cfg.data, cfg.eval)
     counter = None
     if cfg.data.skip_bad_samples:
         counter = skip_counter_name(cfg.ray.name)
@@ -103,24 +92,32 @@ def build_trainer(cfg: RaydiffConfig, module_factory: Callable | None = None, **
     datasets = {"train": train.dataset}
     if eval_rows:  # unsplit: every rank sees the same ordered eval set and scores its share of it
         datasets["eval"] = build_eval_dataset(cfg, eval_rows, counter_name=counter)
+    epoch_steps = steps_per_epoch(train.num_samples, cfg)
+    args = LoopArgs(to_remote(cfg), epoch_steps, total_steps(cfg, epoch_steps), packed=train.packed,
+                    empty_prompt=train.empty_prompt, skip_counter=counter, run_dir=run_dir(cfg),
+                    is_tty=sys.stdout.isatty(), module_factory=module_factory, relay=relay)
+    return RunPlan(datasets, args)
+
+
+def build_trainer(cfg: RaydiffConfig, module_factory: Callable | None = None, *, plan: RunPlan | None = None,
+                  **run_config_kwargs) -> TorchTrainer:
+    """A TorchTrainer whose workers build the training module themselves (`module_factory(device)`,
+    or the config-driven module) and stream samples from the Ray Data pipeline of `plan` (made here
+    when not given)."""
+    plan = plan or plan_run(cfg, module_factory)
     # preserve_order: the split gives rank r the same samples in the same order on every run, whatever
     # the node layout (else Ray splits by decode-task completion order and block locality), so runs
     # reproduce and a resumed epoch skips exactly the batches it trained. Cost: no locality, in-order decode.
-    ingest = DataConfig.default_ingest_options()
-    ingest.preserve_order = True
+    ingest = ExecutionOptions(preserve_order=True)
     filesystem, storage_path = storage_filesystem(cfg.ray.storage_path, cfg.ray.storage_endpoint,
                                                   cfg.ray.storage_region)
     run_config_kwargs.setdefault("storage_filesystem", filesystem)
     resources = {"CPU": cfg.ray.cpus_per_worker}
     if cfg.ray.use_gpu:
         resources["GPU"] = cfg.ray.gpus_per_worker
-    epoch_steps = steps_per_epoch(train.num_samples, cfg)
-    args = LoopArgs(to_remote(cfg), epoch_steps, total_steps(cfg, epoch_steps), packed=train.packed,
-                    empty_prompt=train.empty_prompt, skip_counter=counter, run_dir=run_dir(cfg),
-                    is_tty=sys.stdout.isatty(), module_factory=module_factory)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"args": args},
+        train_loop_config={"args": plan.args},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker=resources,
                                      placement_strategy=cfg.ray.placement_strategy),
@@ -129,21 +126,79 @@ def build_trainer(cfg: RaydiffConfig, module_factory: Callable | None = None, **
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             logging_config=LoggingConfig(log_level="WARNING"), **run_config_kwargs),
-        datasets=datasets,
+        datasets=plan.datasets,
         dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest),
     )
 
 
 def launch_training_task(cfg: RaydiffConfig, module_factory: Callable | None = None) -> ray.train.Result:
     """Train `cfg` on Ray (starting a local Ray if none is running) and return Ray's Result.
-    Re-running with the same `ray.name` and `ray.storage_path` resumes from the latest checkpoint."""
-    check_storage(cfg.ray.storage_path, cfg.ray.storage_endpoint, cfg.ray.storage_region)
-    init_ray(cfg)
+
+    Before Ray starts: relative paths are resolved against the working directory, and the storage, the
+    model, the metadata and the batch sizes are checked; the run takes its lock. Then the cluster's
+    resources are checked, and the run resumes from its newest complete checkpoint, if any. Ctrl-C stops
+    it within seconds; the checkpoint a re-run continues from is printed at the end either way.
+    """
+    cfg = cfg.resolved_paths()
+    r = cfg.ray
+    warn_job_local_storage(cfg)
+    check_model(cfg)
+    rows = train_and_eval_rows(cfg.data, cfg.eval)
+    check_batch_sizes(cfg, rows[0])
+    if not ray.is_initialized() and not (r.address or os.environ.get("RAY_ADDRESS")):
+        check_resources(cfg, autoscaling=False, nodes=lambda: [local_ray_resources(cfg)])  # before Ray starts
+    check_storage(r.storage_path, r.storage_endpoint, r.storage_region)
+    fs, run_path = run_directory(r.storage_path, r.name, r.storage_endpoint, r.storage_region)
+    with RunLock(fs, f"{run_path}/{LOCK_FILE}", f"{r.storage_path}/{r.name}"):
+        try:
+            return _train(cfg, module_factory, rows)
+        finally:
+            resumes = latest_checkpoint(r.storage_path, r.name, r.storage_endpoint, r.storage_region)
+            if resumes:
+                say(f"[raydiff] a re-run of {r.name} continues from {resumes}")
+            if cfg.data.skip_bad_samples and ray.is_initialized():
+                with contextlib.suppress(Exception):
+                    ray.kill(skip_counter(r.name))
+
+
+def _train(cfg: RaydiffConfig, module_factory: Callable | None, rows) -> ray.train.Result:
+    started = init_ray(cfg)
+    check_resources(cfg, autoscaling=not started and is_autoscaling())
+    console = DriverConsole(cfg.logging.progress_bar, sys.stdout.isatty())
     try:
-        result = build_trainer(cfg, module_factory).fit()
+        plan = plan_run(cfg, module_factory, rows, relay=console.relay)
+        resumed = resume_point(cfg.ray.storage_path, cfg.ray.name, cfg.ray.storage_endpoint, cfg.ray.storage_region)
+        say(describe_plan(cfg, plan.args, resumed))
+        if resumed is not None and resumed.step >= plan.args.total_steps:
+            return finished_result(cfg, resumed)
+        result = fit_interruptibly(build_trainer(cfg, module_factory, plan=plan))
     finally:
-        if cfg.data.skip_bad_samples:
-            ray.kill(skip_counter(cfg.ray.name))
+        console.close()
     if result.checkpoint is not None:
         say(f"[raydiff] final checkpoint: {result.checkpoint.path}")
     return result
+
+
+def fit_interruptibly(trainer: TorchTrainer, stop: Callable[[], None] = stop_ray) -> ray.train.Result:
+    """`trainer.fit()` in a thread, so that Ctrl-C reaches this one at once: it calls `stop` (Ray's bounded
+    shutdown) and raises KeyboardInterrupt, even while Ray waits for resources."""
+    outcome: dict = {}
+
+    def fit():
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # noqa: BLE001 - handed to the calling thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, daemon=True, name="raydiff-fit")
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.2)
+    except KeyboardInterrupt:
+        say("[raydiff] interrupted: stopping the run")
+        stop()
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]

@@ -12,10 +12,12 @@ state, `trials.csv` and `best/` (a copy of the best trial's final checkpoint) in
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -33,8 +35,9 @@ from raydiff.config import TuneConfig as TuneSettings
 from raydiff.console import say
 from raydiff.data.decode import skip_counter_name
 from raydiff.data.metadata import train_and_eval_rows
+from raydiff.launch.cluster import init_ray
 from raydiff.launch.storage import storage_filesystem
-from raydiff.launch.trainer import build_trainer, init_ray, steps_per_epoch, total_steps
+from raydiff.launch.trainer import build_trainer, steps_per_epoch, total_steps
 
 
 def _domain(key: str, name: str, args: list, grid: bool):
@@ -162,9 +165,12 @@ def tune(config: RaydiffConfig, param_space: dict | None = None,
             # Tune ignores TuneConfig.max_concurrent_trials when given a BasicVariantGenerator: set it here.
             search_alg=BasicVariantGenerator(max_concurrent=concurrency(config), random_state=settings.seed),
             num_samples=settings.num_samples, trial_dirname_creator=_trial_dirname),
-        run_config=ray.tune.RunConfig(name=config.ray.name, storage_path=root, storage_filesystem=fs),
+        run_config=ray.tune.RunConfig(name=config.ray.name, storage_path=root, storage_filesystem=fs,
+                                      verbose=None if config.logging.verbose else 0,
+                                      callbacks=[] if config.logging.verbose else [TrialLines(list(space))]),
     )
-    grid = tuner.fit()
+    with quiet_tune_output(config.logging.verbose):
+        grid = tuner.fit()
     if config.data.skip_bad_samples:
         _kill_skip_counters(config, grid)
     report_trials(config, trial_rows(grid, config, list(space), settings.metric, settings.mode), settings)
@@ -173,6 +179,45 @@ def tune(config: RaydiffConfig, param_space: dict | None = None,
         cause = getattr(error, "cause", None)  # Ray's RayTaskError wraps it, traceback text and all
         raise cause if isinstance(cause, Exception) else error
     return grid
+
+
+@contextlib.contextmanager
+def quiet_tune_output(verbose: bool):
+    """Tune's console output (the new one prints its banner even at verbose 0) unless logging.verbose."""
+    saved = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    if not verbose:
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = saved
+
+
+class TrialLines(ray.tune.Callback):
+    """One line per trial event instead of Tune's status tables (those come back with logging.verbose)."""
+
+    def __init__(self, keys: list[str]):
+        self.keys = keys
+
+    def _name(self, trial) -> str:
+        values = ", ".join(f"{k}={_cell(trial.config.get(k))}" for k in self.keys)
+        return f"trial {trial.trial_id} ({values})"
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        say(f"[raydiff] {self._name(trial)} started")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get("eval_loss") is not None:
+            say(f"[raydiff] trial {trial.trial_id} step {result.get('step')}: eval_loss {result['eval_loss']:.4f}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        say(f"[raydiff] trial {trial.trial_id} ended")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        say(f"[raydiff] trial {trial.trial_id} failed: {str(trial.error_msg or '').strip().splitlines()[-1:]}")
 
 
 def trial_rows(grid: ray.tune.ResultGrid, config: RaydiffConfig, keys: list[str], metric: str,

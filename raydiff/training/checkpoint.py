@@ -6,6 +6,7 @@
                                     (FSDP: the full optimizer state, keyed by parameter name)
   trainer_state.json                global_step, epoch, position in the epoch, log_history
   config.yaml                       the resolved config of the run
+  .raydiff-complete                 written into the stored copy once it is whole (checkpoint_store.py)
 
 No RNG state is stored: every step's randomness is seeded from (seed, step, rank).
 """
@@ -55,10 +56,6 @@ class TrainerState:
     def read(cls, directory: str) -> TrainerState:
         with open(os.path.join(directory, TRAINER_STATE_FILE)) as f:
             return cls(**json.load(f))
-
-
-def checkpoint_name(step: int) -> str:
-    return f"checkpoint-{step:06d}"
 
 
 def save_checkpoint(directory: str, module, optimizer, scheduler, state: TrainerState, config_yaml: str,

@@ -18,7 +18,8 @@ import torch
 from raydiff.config import RaydiffConfig, dump_config
 from raydiff.data.decode import skipped_samples
 from raydiff.training import fsdp
-from raydiff.training.checkpoint import TrainerState, checkpoint_name, save_checkpoint
+from raydiff.training.checkpoint import TrainerState, save_checkpoint
+from raydiff.training.checkpoint_store import checkpoint_name, upload_and_mark_complete
 from raydiff.training.evaluation import EvalSet
 from raydiff.training.loop_args import LoopArgs
 from raydiff.training.reporting import RunLogger, peak_memory_gib, plot_losses
@@ -51,7 +52,7 @@ class StepHooks:
         self.eval_every = cfg.eval.every_steps or args.total_steps
         self.logger = None
         if rank == 0:
-            self.logger = RunLogger(cfg.logging, args.run_dir, args.total_steps, start_step, args.is_tty)
+            self.logger = RunLogger(cfg.logging, args.run_dir, args.total_steps, start_step, args.is_tty, args.relay)
         self.window, self.last_saved, self.bad_in_a_row = LogWindow(), start_step, 0
         v = cfg.validation
         self.validation = ValidationSettings(prompts=v.prompts, seed=v.seed, steps=v.steps, guidance=v.guidance,
@@ -139,7 +140,8 @@ class StepHooks:
                                 optimizer_state)
                 self._write_samples(tmp, state, final)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name(state.global_step))
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name(state.global_step),
+                             checkpoint_upload_fn=upload_and_mark_complete)
         self.last_saved = state.global_step
 
     def _write_samples(self, directory: str, state: TrainerState, final: bool) -> None:

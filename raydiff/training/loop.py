@@ -15,12 +15,13 @@ from raydiff.console import quiet_libraries, quiet_ray_train_reports, say
 from raydiff.data.encode import training_components
 from raydiff.training import fsdp
 from raydiff.training.checkpoint import TrainerState, load_checkpoint
+from raydiff.training.checkpoint_store import has_checkpoint, newest_complete_checkpoint, run_storage
 from raydiff.training.evaluation import EvalSet
 from raydiff.training.feed import EpochFeed
 from raydiff.training.hooks import StepHooks
 from raydiff.training.loop_args import LoopArgs
 from raydiff.training.module import DiffusionTrainingModule, PipelineTrainingModule
-from raydiff.training.step import Stepper, build_optimizer
+from raydiff.training.step import Stepper, apply_hyperparameters, build_optimizer
 
 
 def build_module(cfg: RaydiffConfig, args: LoopArgs, device) -> tuple[DiffusionTrainingModule, list[str]]:
@@ -46,15 +47,30 @@ def distribute(module: DiffusionTrainingModule, sharded: list[str]) -> torch.nn.
     return ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": False})
 
 
-def resume(module, optimizer, scheduler, sharded: list[str], rank: int) -> TrainerState:
-    """The newest checkpoint of this run (weights, optimizer, schedule, position), or a fresh state."""
-    checkpoint = ray.train.get_checkpoint()
+def newest_checkpoint(rank: int, world: int) -> ray.train.Checkpoint | None:
+    """The newest complete checkpoint on storage (rank 0 looks, every rank gets its answer), else Ray's
+    own latest (a run written before completeness markers), else None."""
+    fs, run_dir = run_storage()
+    found = [newest_complete_checkpoint(fs, run_dir) if rank == 0 else None]
+    if world > 1:
+        torch.distributed.broadcast_object_list(found, src=0)
+    if found[0] is None:
+        return ray.train.get_checkpoint()
+    return ray.train.Checkpoint(path=found[0][1], filesystem=fs)
+
+
+def resume(cfg, module, optimizer, scheduler, sharded: list[str], rank: int, world: int) -> TrainerState:
+    """The newest complete checkpoint of this run (weights, optimizer, schedule, position), or a fresh state.
+    The config's optimizer settings apply from the resumed step on."""
+    checkpoint = newest_checkpoint(rank, world)
     if checkpoint is None:
         return TrainerState()
     with checkpoint.as_directory() as directory:
         state = load_checkpoint(directory, module, optimizer, scheduler, sharded)
+    apply_hyperparameters(cfg, optimizer, scheduler)
     if rank == 0:
-        say(f"[raydiff] resumed at step {state.global_step} (epoch {state.epoch}, batch {state.batches_in_epoch})")
+        say(f"[raydiff] resumed at step {state.global_step} (epoch {state.epoch}, batch {state.batches_in_epoch}) "
+            f"from {os.path.basename(checkpoint.path)}")
     return state
 
 
@@ -94,12 +110,12 @@ def train_loop_per_worker(loop_config: dict, feed: EpochFeed | None = None) -> N
     rank, world, device = ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
 
     # [1] setup
-    feed = feed or EpochFeed(cfg, args, device, fresh=ray.train.get_checkpoint() is None)
+    feed = feed or EpochFeed(cfg, args, device, fresh=not has_checkpoint())
     module, sharded = build_module(cfg, args, device)
     optimizer, scheduler = build_optimizer(cfg, module.trainable_parameters(), args.total_steps)
 
     # [2] resume
-    state = resume(module, optimizer, scheduler, sharded, rank)
+    state = resume(cfg, module, optimizer, scheduler, sharded, rank, world)
     state.workers = worker_placement(rank, world, module)
     stepper = Stepper(cfg, distribute(module, sharded), optimizer, scheduler, device, rank=rank, world=world,
                       sharded=sharded)

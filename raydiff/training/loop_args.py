@@ -16,7 +16,8 @@ class LoopArgs:
     `packed`: dataset rows are whole bucket batches. `empty_prompt`: the encoded empty prompt (caption
     dropout in stream/cache mode). `skip_counter`: the actor counting skipped samples. `run_dir`: where
     rank 0 writes TensorBoard events. `module_factory(device)`: builds the training module instead of
-    the config-driven one."""
+    the config-driven one. `relay`: a `ConsoleRelay` actor that carries rank 0's console output to the
+    driver (None: rank 0 prints itself)."""
 
     config: dict
     steps_per_epoch: int
@@ -27,6 +28,7 @@ class LoopArgs:
     run_dir: str = "."
     is_tty: bool | None = None
     module_factory: Callable | None = None
+    relay: Any = None
 
     def parse_config(self) -> RaydiffConfig:
         return from_remote(self.config)

@@ -1,14 +1,14 @@
-"""What rank 0 shows and records while training: log lines or a progress bar, TensorBoard
-scalars and images, and a loss plot at the end.
+"""What rank 0 shows and records while training: log lines or a progress bar (drawn by the driver when
+a `ConsoleRelay` carries them there), TensorBoard scalars and images, and a loss plot at the end.
 
-    logger = RunLogger(cfg.logging, run_dir, total_steps, start_step=state.global_step)
+    logger = RunLogger(cfg.logging, run_dir, total_steps, start_step=state.global_step, relay=relay)
     logger.log(metrics)            # every log step: a line (or the bar), plus TensorBoard scalars
     logger.image("validation/grid", path, step)
     logger.close()
     plot_losses(state.log_history, os.path.join(run_dir, "loss.png"))
 
-TensorBoard and matplotlib are optional extras (`raydiff[tensorboard]`, `raydiff[plot]`); when one
-is missing the run goes on and says so once.
+TensorBoard is an optional extra (`raydiff[tensorboard]`); when it (or matplotlib) is missing the run
+goes on and says so once.
 """
 
 from __future__ import annotations
@@ -40,16 +40,15 @@ def use_progress_bar(mode: str, is_tty: bool | None) -> bool:
     return mode == "on"
 
 
-class RunLogger:
-    """Rank 0's reporter. The loop creates it once (after resume, so the bar and TensorBoard start
-    at the resumed step) and calls `log` at every log step."""
+class ConsoleView:
+    """Log lines, or a tqdm bar redrawn in place with other lines printed above it. Under `raydiff train`
+    it runs in the driver, fed by rank 0 through a `ConsoleRelay` (a bar drawn inside a Ray worker
+    reaches the terminal one forwarded line per redraw); without a relay, in rank 0 itself."""
 
-    def __init__(self, cfg_logging, run_dir: str, total_steps: int, start_step: int = 0,
-                 is_tty: bool | None = None):
+    def __init__(self, progress_bar: str, total_steps: int, start_step: int = 0, is_tty: bool | None = None):
         self.total_steps = total_steps
         self.bar = None
-        self.writer = None
-        if use_progress_bar(cfg_logging.progress_bar, is_tty):
+        if use_progress_bar(progress_bar, is_tty):
             from tqdm import tqdm
 
             # initial=start_step: a resumed run shows its true position, and tqdm's rate and ETA
@@ -58,6 +57,64 @@ class RunLogger:
             self.bar = tqdm(total=total_steps, initial=start_step, position=0, file=sys.stdout,
                             desc="[raydiff] train", unit="step", dynamic_ncols=True, leave=True,
                             mininterval=0, miniters=1)
+
+    def write(self, line: str) -> None:
+        """Print a line without tearing the progress bar."""
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stdout)
+        else:
+            say(line)
+
+    def log(self, metrics: dict) -> None:
+        if self.bar is None:
+            say(format_log(metrics, self.total_steps))
+            return
+        postfix = {"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['lr']:.2e}",
+                   "samples/s": f"{metrics['samples_per_second']:.2f}"}
+        if metrics.get("eval_loss") is not None:
+            postfix["eval"] = f"{metrics['eval_loss']:.4f}"
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(metrics["step"] - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class ConsoleRelay:
+    """A Ray actor (see `relay_actor`) that carries rank 0's console events to the driver: `put` from the
+    worker, `drain` from the driver. Events: ("start", {total, start}), ("line", text), ("log", metrics)."""
+
+    def __init__(self):
+        self.events: list[tuple[str, object]] = []
+
+    def put(self, kind: str, payload) -> None:
+        self.events.append((kind, payload))
+
+    def drain(self) -> list[tuple[str, object]]:
+        events, self.events = self.events, []
+        return events
+
+
+def relay_actor():
+    """`ConsoleRelay` as a Ray actor class (no CPU: it only holds a list)."""
+    import ray
+
+    return ray.remote(num_cpus=0)(ConsoleRelay)
+
+
+class RunLogger:
+    """Rank 0's reporter. The loop creates it once (after resume, so the bar and TensorBoard start
+    at the resumed step) and calls `log` at every log step. With `relay` (an actor handle) the console
+    events go to the driver, which draws them; otherwise they print here."""
+
+    def __init__(self, cfg_logging, run_dir: str, total_steps: int, start_step: int = 0,
+                 is_tty: bool | None = None, relay=None):
+        self.total_steps, self.relay, self.writer = total_steps, relay, None
+        self.view = None if relay else ConsoleView(cfg_logging.progress_bar, total_steps, start_step, is_tty)
+        if relay is not None:
+            relay.put.remote("start", {"total": total_steps, "start": start_step})
         if cfg_logging.tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -71,32 +128,24 @@ class RunLogger:
                                             purge_step=start_step or None, flush_secs=30)
 
     def write(self, line: str) -> None:
-        """Print a line without tearing the progress bar (use this for every rank-0 message while
-        the logger is open)."""
-        if self.bar is not None:
-            self.bar.write(line, file=sys.stdout)
+        """Print a line (use this for every rank-0 message while the logger is open)."""
+        if self.relay is not None:
+            self.relay.put.remote("line", line)
         else:
-            say(line)
+            self.view.write(line)
 
     def log(self, metrics: dict) -> None:
         """metrics: step, epoch, loss, lr, grad_norm, samples_per_second, and maybe eval_loss,
         skipped_samples (the dict the loop appends to TrainerState.log_history)."""
-        step = metrics["step"]
-        if self.bar is not None:
-            postfix = {"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['lr']:.2e}",
-                       "samples/s": f"{metrics['samples_per_second']:.2f}"}
-            if metrics.get("eval_loss") is not None:
-                postfix["eval"] = f"{metrics['eval_loss']:.4f}"
-            # One redraw per call: under Ray each redraw reaches the driver as its own line.
-            self.bar.set_postfix(postfix, refresh=False)
-            self.bar.update(step - self.bar.n)
+        if self.relay is not None:
+            self.relay.put.remote("log", metrics)
         else:
-            say(format_log(metrics, self.total_steps))
+            self.view.log(metrics)
         if self.writer is not None:
             for key, tag in SCALARS.items():
                 value = metrics.get(key)
                 if value is not None:
-                    self.writer.add_scalar(tag, float(value), step)
+                    self.writer.add_scalar(tag, float(value), metrics["step"])
 
     def image(self, tag: str, path: str, step: int) -> None:
         """Add a PNG (e.g. a validation grid) to TensorBoard; a no-op without TensorBoard."""
@@ -110,9 +159,8 @@ class RunLogger:
         self.writer.add_image(tag, pixels, step, dataformats="HWC")
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        if self.view is not None:
+            self.view.close()
         if self.writer is not None:
             self.writer.close()
             self.writer = None
@@ -137,7 +185,7 @@ def plot_losses(log_history: list[dict], path: str, smoothing: float = 0.9) -> s
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        say("[raydiff] logging.plot: matplotlib is not installed (pip install 'raydiff[plot]'); no loss plot")
+        say("[raydiff] logging.plot: matplotlib is not installed (pip install matplotlib); no loss plot")
         return None
     # The final-checkpoint entry carries no loss; NaN losses would break the EMA.
     train = [(h["step"], h["loss"]) for h in log_history

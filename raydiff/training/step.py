@@ -40,6 +40,21 @@ def build_optimizer(cfg: RaydiffConfig, params: list[torch.nn.Parameter], total_
     return optimizer, scheduler
 
 
+def apply_hyperparameters(cfg: RaydiffConfig, optimizer, scheduler) -> None:
+    """After loading a checkpoint: the config's learning rate, Adam betas and eps and weight decay win over
+    the checkpoint's, from the resumed step on; Adam's moments and the schedule's position are kept.
+    (`optimizer.load_state_dict` restores the saved hyperparameters, so without this a changed learning
+    rate would be ignored.) The schedule is diffusers' LambdaLR: lr = base lr x its factor at the step."""
+    t = cfg.train
+    for group in optimizer.param_groups:
+        group.update(betas=tuple(t.adam_betas), eps=t.adam_eps, weight_decay=t.weight_decay,
+                     initial_lr=t.learning_rate)
+    scheduler.base_lrs = [t.learning_rate] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["lr"] = t.learning_rate * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
+
+
 @dataclass(frozen=True)
 class StepResult:
     loss: float  # this rank's mean micro-batch loss

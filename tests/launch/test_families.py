@@ -4,43 +4,22 @@ import json
 import os
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 
 from raydiff.config import load_config
-from raydiff.data.shapes import write_shapes_dataset
+from raydiff.data.shapes import write_clips_dataset, write_shapes_dataset
 from raydiff.launch.trainer import launch_training_task
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-def write_clips(directory: Path, n: int = 4, frames: int = 11, size: int = 16) -> str:
-    """n short mp4 clips of a moving square, encoded with PyAV, plus metadata.csv (video,prompt)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    rows = ["video,prompt"]
-    for i in range(n):
-        name = f"clip{i}.mp4"
-        with av.open(str(directory / name), "w") as container:
-            stream = container.add_stream("mpeg4", rate=8)
-            stream.width = stream.height = size
-            stream.pix_fmt = "yuv420p"
-            for t in range(frames):
-                img = np.full((size, size, 3), 30, np.uint8)
-                img[4:10, (t + i) % 10:(t + i) % 10 + 6] = (200, 60, 60)
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
-            container.mux(stream.encode())
-        rows.append(f"{name},a red square moving right {i}")
-    (directory / "metadata.csv").write_text("\n".join(rows) + "\n")
-    return str(directory / "metadata.csv")
-
-
 @pytest.mark.parametrize("family", ["flux", "qwen_image", "sd3", "wan"])
 def test_family_trains_from_its_tiny_example(family, ray_session, tiny_model, tmp_path):
     example = ROOT / "examples" / family / "tiny.yaml"
     data = tmp_path / "data"
-    meta = write_clips(data) if family == "wan" else write_shapes_dataset(str(data), n=8)
+    meta = write_clips_dataset(str(data)) if family == "wan" else write_shapes_dataset(str(data), n=8)
     cfg = load_config(example, [f"model.path={tiny_model(family)}", f"data.base_path={data}",
                                 f"data.metadata_path={meta}", f"ray.storage_path={tmp_path / 'runs'}",
                                 f"data.cache_dir={tmp_path / 'cache'}",  # qwen_image's example trains from a cache

@@ -173,3 +173,34 @@ def test_preprocess_cache_layout_on_s3(s3_endpoint, aws_env, monkeypatch):
     assert files() == ["cache/run/manifest.json", "cache/run/shards/shard-000000.parquet"]
     layout.clear()
     assert files() == []
+
+
+def test_completeness_markers_decide_the_resume_point_on_s3(s3_endpoint, aws_env):
+    from raydiff.training.checkpoint_store import mark_complete, newest_complete_checkpoint
+
+    storage = f"s3://{BUCKET}/marked"
+    fs, path = storage_filesystem(storage, s3_endpoint)
+    for step in (2, 4, 6):  # 6 has every file but was never marked: its upload did not finish
+        with fs.open_output_stream(f"{path}/run/checkpoint-{step:06d}/trainer_state.json") as f:
+            f.write(b"{}")
+    for step in (2, 4):
+        mark_complete(fs, f"{path}/run/checkpoint-{step:06d}", step)
+    assert newest_complete_checkpoint(fs, f"{path}/run") == (4, f"{path}/run/checkpoint-000004")
+    assert latest_checkpoint(storage, "run", s3_endpoint) == f"{storage}/run/checkpoint-000004"
+
+
+def test_the_run_lock_works_on_s3(s3_endpoint, aws_env):
+    import os
+
+    import pyarrow.fs as pafs
+
+    from raydiff.launch.run_lock import LOCK_FILE, RunLock, RunLockedError
+    from raydiff.launch.storage import run_directory
+
+    fs, run = run_directory(f"s3://{BUCKET}/locks", "run", s3_endpoint)
+    first = RunLock(fs, f"{run}/{LOCK_FILE}", f"s3://{BUCKET}/locks/run")
+    first.acquire()
+    with pytest.raises(RunLockedError, match=f"pid {os.getpid()}"):
+        RunLock(fs, f"{run}/{LOCK_FILE}", f"s3://{BUCKET}/locks/run").acquire()
+    first.release()
+    assert fs.get_file_info(f"{run}/{LOCK_FILE}").type == pafs.FileType.NotFound

@@ -119,10 +119,14 @@ def test_cli_train_with_overrides_and_a_corrupt_image_fails_clearly(tiny_model, 
     assert "raydiff: error: row 2, file '" in proc.stderr and "0002.png'" in proc.stderr
 
 
-def test_simple_python_example_trains_with_its_own_training_module(ray_session, tiny_model, shapes, tmp_path):
+def test_simple_python_example_trains_with_its_own_training_module(ray_session, tiny_model, shapes, tmp_path,
+                                                                   monkeypatch):
+    # Relative paths, as the README's command gives them: the workers run elsewhere and must still find them.
+    os.symlink(tiny_model("flux"), tmp_path / "tiny-flux")
+    os.symlink(shapes, tmp_path / "shapes")
+    monkeypatch.chdir(tmp_path)
     # Loaded as a script is loaded (not an importable module), so Ray ships its class by value.
     main = runpy.run_path(str(ROOT / "examples" / "flux" / "train_simple.py"), run_name="train_simple_script")["main"]
-    result = main(["--model", tiny_model("flux"), "--data", shapes, "--output", str(tmp_path / "runs"),
-                                "--steps", "2", "--rank", "4"])
+    result = main(["--model", "tiny-flux", "--data", "shapes", "--output", "runs", "--steps", "2", "--rank", "4"])
     state = read_state(result.checkpoint.path)
     assert state["global_step"] == 2 and len(state["log_history"]) == 2

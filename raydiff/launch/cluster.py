@@ -1,0 +1,194 @@
+"""The driver's Ray: start or join it, keep its own chatter out of a default run, tell whether it can
+grow, stop it on Ctrl-C, and draw rank 0's progress in the driver's terminal.
+
+A default run shows raydiff's lines and real errors only: worker output is not forwarded
+(`log_to_driver=False`; rank 0's lines come through a `ConsoleRelay` actor instead) and Ray's own
+driver-side loggers are kept to errors. `logging.verbose: true` (`--verbose`) restores both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import warnings
+
+import ray
+
+from raydiff.config import RaydiffConfig
+from raydiff.training.reporting import ConsoleView, relay_actor
+
+
+def init_ray(cfg: RaydiffConfig) -> bool:
+    """Join `ray.address` / RAY_ADDRESS (as under `ray job submit`), else start a local Ray. Returns True
+    when raydiff started it (a fixed-size cluster it may shut down), False when it joined or found one.
+
+    A local Ray gets at least 4 logical CPUs: on a 2-core box, 2 training workers at 1 CPU each
+    would otherwise leave nothing for the Ray Data decode stage and the run would hang.
+    """
+    if ray.is_initialized():
+        return False
+    _auto_connect(True)
+    verbose = cfg.logging.verbose
+    if not verbose:
+        quiet_ray_driver()
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    level = logging.INFO if verbose else logging.ERROR
+    if address:
+        ray.init(address=address, log_to_driver=verbose, logging_level=level)
+        return False
+    # A new local Ray puts its own address in every worker's RAY_ADDRESS: Ray Train's placement-group
+    # cleaner (which frees the workers of a trial ASHA stopped) otherwise looks for "the" local Ray and,
+    # with a second Ray on the machine, fails, leaving that trial's CPUs taken (docs/ray_notes.md).
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by ray.init when it starts the GCS
+    try:
+        ray.init(num_cpus=cfg.ray.num_cpus or max(4, os.cpu_count() or 1), log_to_driver=verbose,
+                 logging_level=level, runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{port}"}})
+    finally:
+        del os.environ["RAY_GCS_SERVER_PORT"]
+    return True
+
+
+def local_ray_resources(cfg: RaydiffConfig) -> dict:
+    """The CPUs (and, where Ray would see them, GPUs) of the local Ray `init_ray` would start."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = len([d for d in visible.split(",") if d.strip()]) if visible is not None else _nvidia_gpus()
+    return {"CPU": float(cfg.ray.num_cpus or max(4, os.cpu_count() or 1)), "GPU": float(gpus)}
+
+
+def _nvidia_gpus() -> int:
+    try:
+        return len([e for e in os.listdir("/proc/driver/nvidia/gpus")])
+    except OSError:
+        return 0
+
+
+def quiet_ray_driver() -> None:
+    """Ray's INFO/WARNING lines in this process (the token-auth notice, "Started a local Ray", Ray Data's
+    and Tune's progress) and its deprecation warnings; errors still print."""
+    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module="ray")
+    warnings.filterwarnings("ignore", message=".*RayDeprecationWarning.*")
+    with contextlib.suppress(ImportError):
+        from ray.util.annotations import RayDeprecationWarning
+
+        warnings.filterwarnings("ignore", category=RayDeprecationWarning)
+    _drop_raylet_warnings()
+
+
+def _drop_raylet_warnings() -> None:
+    """The raylet pushes its warnings to the driver (e.g. "8 PYTHON worker processes have been started",
+    which Tune's many small actors trigger on a small machine), and Ray prints them through the private
+    `print_to_stdstream` with no setting to turn them off. Drop those warnings; errors still print."""
+    from ray._private import worker
+
+    original = worker.print_to_stdstream
+    if getattr(original, "raydiff_filtered", False):
+        return
+
+    def filtered(data, ignore_prefix):
+        if data.get("pid") == "raylet" and all("WARNING" in line for line in data.get("lines", [])):
+            return
+        original(data, ignore_prefix)
+
+    filtered.raydiff_filtered = True
+    worker.print_to_stdstream = filtered
+
+
+def is_autoscaling() -> bool:
+    """Whether the joined cluster has an autoscaler that can add nodes. Ray's monitor publishes its status
+    in the GCS; without an autoscaling config it mirrors the existing nodes as node types named
+    `node_<id>` (its read-only provider), so any other node type means nodes can be launched."""
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    if _internal_kv_get("__autoscaler_v2_enabled") in (b"1", b"true", b"True"):
+        return True
+    raw = _internal_kv_get("__autoscaling_status")
+    if not raw:
+        return False
+    return autoscaling_in_status(json.loads(raw))
+
+
+def autoscaling_in_status(status: dict) -> bool:
+    """The rule of `is_autoscaling`, on the monitor's status JSON."""
+    report = status.get("autoscaler_report") or {}
+    types = set((report.get("node_type_mapping") or {}).values()) | set(report.get("pending_launches") or {})
+    return any(not t.startswith("node_") for t in types)
+
+
+def _auto_connect(enabled: bool) -> None:
+    """Ray starts a fresh local cluster when any Ray call runs without one; while raydiff stops a run,
+    threads still unwinding (the trainer's, the console's) must not do that. Ray reads
+    RAY_ENABLE_AUTO_CONNECT once at import, into this private flag."""
+    from ray._private import auto_init_hook
+
+    auto_init_hook.enable_auto_connect = enabled
+
+
+def stop_ray(timeout_s: float = 8.0) -> None:
+    """`ray.shutdown()`, bounded: a Ray busy waiting for resources must not keep Ctrl-C from ending the run."""
+    _auto_connect(False)
+    done = threading.Event()
+
+    def shutdown():
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+        done.set()
+
+    threading.Thread(target=shutdown, daemon=True, name="raydiff-ray-shutdown").start()
+    done.wait(timeout_s)
+
+
+class DriverConsole:
+    """Draws rank 0's console events in the driver: a `ConsoleRelay` actor collects them, a thread here
+    drains it a few times a second into a `ConsoleView` (log lines, or a bar redrawn in place)."""
+
+    def __init__(self, progress_bar: str, is_tty: bool | None = None, poll_s: float = 0.25):
+        self.progress_bar, self.is_tty, self.poll_s = progress_bar, is_tty, poll_s
+        self.relay = relay_actor().remote()
+        self.view: ConsoleView | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._pump, daemon=True, name="raydiff-console")
+        self._thread.start()
+
+    def _pump(self) -> None:
+        while ray.is_initialized():
+            stopping = self._stop.is_set()
+            self.show(self._drain())
+            if stopping:
+                return
+            self._stop.wait(self.poll_s)
+
+    def _drain(self) -> list:
+        try:
+            return ray.get(self.relay.drain.remote(), timeout=5)
+        except Exception:  # noqa: BLE001 - a stopped Ray: nothing more will come
+            return []
+
+    def show(self, events: list) -> None:
+        for kind, payload in events:
+            if kind == "start":  # a fresh view per attempt: a restarted worker group starts over
+                if self.view is not None:
+                    self.view.close()
+                self.view = ConsoleView(self.progress_bar, payload["total"], payload["start"], self.is_tty)
+            elif self.view is not None and kind == "log":
+                self.view.log(payload)
+            elif self.view is not None:
+                self.view.write(payload)
+
+    def close(self) -> None:
+        """Show what is still queued, then stop drawing."""
+        self._stop.set()
+        self._thread.join(timeout=15)
+        if self.view is not None:
+            self.view.close()
+        if ray.is_initialized():
+            with contextlib.suppress(Exception):
+                ray.kill(self.relay)

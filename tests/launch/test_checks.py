@@ -1,0 +1,212 @@
+"""What the driver checks before Ray starts, and the run lock, without a Ray cluster of their own."""
+
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+
+from raydiff.config import ConfigError, parse_config
+from raydiff.data.metadata import read_rows
+from raydiff.data.shapes import write_shapes_dataset
+from raydiff.launch.checks import check_batch_sizes, check_model, check_resources, shortfall, warn_job_local_storage
+from raydiff.launch.cluster import autoscaling_in_status
+from raydiff.launch.run_lock import LOCK_FILE, STALE_S, RunLock, RunLockedError
+from raydiff.launch.runs import describe_plan, step_limit
+from raydiff.launch.storage import ResumePoint, config_changes
+from raydiff.training.loop_args import LoopArgs
+
+
+def config(**sections):
+    raw = {"model": {"path": "m"}, "data": {"metadata_path": "d.csv"}}
+    for k, v in sections.items():
+        raw[k] = {**raw.get(k, {}), **v}
+    return parse_config(raw)
+
+
+# --- model ----------------------------------------------------------------------------------------
+
+def test_a_model_directory_must_hold_the_configured_family(tiny_model, tmp_path):
+    check_model(config(model={"path": tiny_model("flux"), "family": "flux"}))
+    with pytest.raises(ConfigError, match=r"model.family is 'sd3' \(a StableDiffusion3Pipeline\), but .* holds a "
+                                          r"FluxPipeline; set model.family: flux"):
+        check_model(config(model={"path": tiny_model("flux"), "family": "sd3"}))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="not a diffusers pipeline directory"):
+        check_model(config(model={"path": str(tmp_path / "empty")}))
+
+
+def test_a_missing_model_path_is_named_with_the_closest_directory(tmp_path, monkeypatch):
+    (tmp_path / "models" / "tiny-flux").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"model.path models/tiny-flxu: no such directory \(did you mean "
+                                          r"models/tiny-flux\?\)"):
+        check_model(config(model={"path": "models/tiny-flxu"}))
+
+
+def test_an_uncached_hub_id_is_refused_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="neither a local directory nor, with HF_HUB_OFFLINE=1, in the Hugging"):
+        check_model(config(model={"path": "black-forest-labs/FLUX.1-dev"}))
+
+
+def test_the_registry_names_each_builtin_familys_pipeline_class():
+    from raydiff.registry import BUILTIN_FAMILIES, get_pipeline_class, pipeline_class_names
+
+    for family in BUILTIN_FAMILIES:
+        assert get_pipeline_class(family).diffusers_class.__name__ in pipeline_class_names(family)
+
+
+# --- batch sizes -----------------------------------------------------------------------------------
+
+def test_batches_of_mixed_sizes_are_refused_naming_the_fixes(tmp_path):
+    meta = write_shapes_dataset(str(tmp_path), n=6, size=[(32, 32), (64, 32)])
+    cfg = config(data={"base_path": str(tmp_path), "metadata_path": meta}, train={"batch_size": 4})
+    with pytest.raises(ConfigError, match=r"train.batch_size 4 needs samples of one size.*2 sizes.*"
+                                          r"data.buckets: true.*data.height and data.width"):
+        check_batch_sizes(cfg, read_rows(cfg.data)[0])
+    for fix in ({"buckets": True}, {"height": 32, "width": 32}):
+        ok = config(data={"base_path": str(tmp_path), "metadata_path": meta, **fix}, train={"batch_size": 4})
+        check_batch_sizes(ok, read_rows(ok.data)[0])
+    same = write_shapes_dataset(str(tmp_path / "same"), n=4, size=(48, 48))
+    ok = config(data={"base_path": str(tmp_path / "same"), "metadata_path": same}, train={"batch_size": 4})
+    check_batch_sizes(ok, read_rows(ok.data)[0])
+
+
+def test_a_mixed_batch_that_gets_through_names_the_same_fixes():
+    import numpy as np
+
+    from raydiff.data.collate import collate
+
+    batch = {"prompt": np.array(["a", "b"], dtype=object), "image": np.empty(2, dtype=object)}
+    batch["image"][:] = [np.zeros((32, 32, 3), np.uint8), np.zeros((64, 32, 3), np.uint8)]
+    with pytest.raises(ValueError, match="set data.buckets: true, or a fixed data.height and data.width"):
+        collate(batch, "cpu")
+
+
+# --- resources -------------------------------------------------------------------------------------
+
+def test_an_impossible_request_is_refused_naming_the_keys_and_the_cluster():
+    cfg = config(ray={"num_workers": 8})
+    problem = shortfall(cfg, [{"CPU": 4.0}])
+    assert "ray.num_workers 8 x (ray.cpus_per_worker 1)" in problem and "needs 8.5 CPUs" in problem
+    assert "the cluster has 4 CPUs and 0 GPUs on 1 node(s)" in problem
+    with pytest.raises(ConfigError, match="ray.num_workers 8"):
+        check_resources(cfg, autoscaling=False, nodes=lambda: [{"CPU": 4.0}])
+    gpus = config(ray={"num_workers": 2, "use_gpu": True, "gpus_per_worker": 1})
+    split = [{"CPU": 8.0, "GPU": 1.5}, {"CPU": 8.0, "GPU": 0.5}]  # 2 GPUs in all, but 1 whole one per node
+    assert "only 1 workers fit on single nodes" in shortfall(gpus, split)
+    assert shortfall(gpus, [{"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0}]) is None
+
+
+def test_an_autoscaling_cluster_is_waited_for_then_given_up_on(capsys):
+    cfg = config(ray={"num_workers": 2, "startup_timeout": 0.3})
+    grown = iter([[{"CPU": 1.0}], [{"CPU": 1.0}], [{"CPU": 1.0}, {"CPU": 4.0}]])
+    check_resources(cfg, autoscaling=True, nodes=lambda: next(grown), poll_s=0.01)  # the third look fits
+    assert "waiting for the autoscaler" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="gave up after ray.startup_timeout 0.3 s"):
+        check_resources(cfg, autoscaling=True, nodes=lambda: [{"CPU": 1.0}], poll_s=0.01)
+
+
+def test_the_autoscaler_status_tells_a_fixed_cluster_from_a_growing_one():
+    readonly = {"autoscaler_report": {"node_type_mapping": {"abc": "node_abc"}, "pending_launches": {}}}
+    launcher = {"autoscaler_report": {"node_type_mapping": {"abc": "ray.head.default"}, "pending_launches": {}}}
+    assert not autoscaling_in_status(readonly) and not autoscaling_in_status({})
+    assert autoscaling_in_status(launcher)
+
+
+# --- the run lock ----------------------------------------------------------------------------------
+
+def lock_at(tmp_path, name="run") -> RunLock:
+    return RunLock(pafs.LocalFileSystem(), str(tmp_path / name / LOCK_FILE), f"{tmp_path}/{name}")
+
+
+def test_a_second_run_of_the_same_name_is_refused_naming_the_first(tmp_path):
+    first = lock_at(tmp_path)
+    first.acquire()
+    with pytest.raises(RunLockedError, match=rf"in use by another run \(pid {os.getpid()} on host "
+                                             rf"{socket.gethostname()}, started \d{{4}}-"):
+        lock_at(tmp_path).acquire()
+    first.release()
+    assert not (tmp_path / "run" / LOCK_FILE).exists()
+    with lock_at(tmp_path):  # free again once released
+        pass
+
+
+def test_a_stale_lock_is_taken_over_with_a_message(tmp_path, capsys):
+    path = tmp_path / "run" / LOCK_FILE
+    path.parent.mkdir()
+    dead = {"host": socket.gethostname(), "pid": 2**22 + 12345, "started": time.time(), "heartbeat": time.time(),
+            "token": "x"}
+    path.write_text(json.dumps(dead))
+    with lock_at(tmp_path):
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+    assert "taking over the lock" in capsys.readouterr().out
+    silent = {**dead, "host": "elsewhere", "pid": 1, "heartbeat": time.time() - STALE_S - 1}
+    path.write_text(json.dumps(silent))
+    with lock_at(tmp_path):
+        pass
+    alive = {**silent, "heartbeat": time.time()}
+    path.write_text(json.dumps(alive))
+    with pytest.raises(RunLockedError, match="host elsewhere"):
+        lock_at(tmp_path).acquire()
+
+
+def test_two_lockers_racing_leave_exactly_one_holder(tmp_path):
+    wins, errors = [], []
+
+    def take():
+        lock = lock_at(tmp_path)
+        try:
+            lock.acquire()
+            wins.append(lock)
+        except RunLockedError as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=take) for _ in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert len(wins) == 1 and len(errors) == 3
+    wins[0].release()
+
+
+# --- what the driver says --------------------------------------------------------------------------
+
+def args(per_epoch: int, total: int) -> LoopArgs:
+    return LoopArgs(config={}, steps_per_epoch=per_epoch, total_steps=total)
+
+
+def test_the_plan_says_which_limit_ends_the_run():
+    assert step_limit(config(train={"num_epochs": 2}), args(4, 8)) == "train.num_epochs 2 x 4 steps per epoch"
+    assert step_limit(config(train={"num_epochs": 2, "max_steps": 3}), args(4, 3)) == \
+        "train.max_steps 3; train.num_epochs 2 x 4 steps per epoch would be 8"
+    assert step_limit(config(train={"num_epochs": 2, "max_steps": 30}), args(4, 8)) == \
+        "train.num_epochs 2 x 4 steps per epoch; train.max_steps 30 is not reached"
+
+
+def test_a_resumed_run_says_what_changed_and_a_finished_one_that_nothing_is_left():
+    old = config(train={"learning_rate": 1e-3}, ray={"num_workers": 2, "name": "r"})
+    new = config(train={"learning_rate": 5e-4}, ray={"num_workers": 1, "name": "r"})
+    assert config_changes(old.model_dump(mode="json"), new.model_dump(mode="json")) == [
+        "ray.num_workers: 2 -> 1", "train.learning_rate: 0.001 -> 0.0005"]
+    at4 = ResumePoint("/x/r/checkpoint-000004", 4, 1, old.model_dump(mode="json"))
+    text = describe_plan(new, args(4, 8), at4)
+    assert "continuing from checkpoint-000004 (step 4); changed since then: ray.num_workers: 2 -> 1" in text
+    done = describe_plan(new, args(4, 4), at4)
+    assert "nothing to train: checkpoint-000004 is at step 4" in done and "raise train.max_steps" in done
+
+
+def test_a_storage_path_inside_a_ray_jobs_working_directory_is_warned_about(tmp_path, capsys):
+    job = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc"
+    job.mkdir(parents=True)
+    inside = config(ray={"storage_path": str(job / "runs")})
+    assert "Ray deletes with the cluster session" in warn_job_local_storage(inside, cwd=str(job))
+    assert warn_job_local_storage(config(ray={"storage_path": "s3://b/runs"}), cwd=str(job)) is None
+    assert warn_job_local_storage(inside, cwd=str(tmp_path)) is None
+    assert Path(tmp_path).exists()

@@ -1,0 +1,182 @@
+"""Runs that never lose progress, never hang, and answer everyday mistakes with one line: resume from the
+newest complete checkpoint, Ctrl-C, quiet output, and the mistakes a new user makes on the command line."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raydiff.launch.trainer import fit_interruptibly, launch_training_task
+
+pytestmark = pytest.mark.slow
+
+
+def steps_of(checkpoint: str) -> list[int]:
+    return [h["step"] for h in json.loads(Path(checkpoint, "trainer_state.json").read_text())["log_history"]]
+
+
+def test_resume_takes_the_newest_complete_checkpoint_whatever_rays_own_list_says(ray_session, make_config, capsys):
+    cfg = make_config("newest", train={"max_steps": 4, "save_steps": 2, "num_epochs": 2})
+    first = launch_training_task(cfg)
+    run = Path(cfg.ray.storage_path, "newest")
+    assert (run / "checkpoint-000004" / ".raydiff-complete").is_file()
+    # As when Ctrl-C lands between Ray's upload and its bookkeeping: Ray's list ends at step 2, and a
+    # checkpoint-000006 holds files but was never completed.
+    snapshot = run / "checkpoint_manager_snapshot.json"
+    text = snapshot.read_text()
+    assert "checkpoint-000004" in text
+    snapshot.write_text(text.replace("checkpoint-000004", "checkpoint-000002"))
+    shutil.copytree(first.checkpoint.path, run / "checkpoint-000006")
+    (run / "checkpoint-000006" / ".raydiff-complete").unlink()
+    capsys.readouterr()
+
+    cfg.train.max_steps, cfg.train.learning_rate = 6, 5e-4
+    resumed = launch_training_task(cfg)
+    out = capsys.readouterr().out
+    assert "continuing from checkpoint-000004 (step 4); changed since then: train.learning_rate: 0.001 -> " \
+           "0.0005, train.max_steps: 4 -> 6" in out
+    assert steps_of(resumed.checkpoint.path) == [1, 2, 3, 4, 5, 6]  # not 3, 4 again from Ray's step 2
+    state = json.loads(Path(resumed.checkpoint.path, "trainer_state.json").read_text())
+    assert [h["lr"] for h in state["log_history"][4:]] == pytest.approx([5e-4, 5e-4])  # the new rate applies
+    assert f"a re-run of newest continues from {run}/checkpoint-000006" in out
+
+    cfg.train.max_steps = 5  # fewer steps than done: nothing to train, the newest checkpoint is returned
+    again = launch_training_task(cfg)
+    assert "nothing to train: checkpoint-000006 is at step 6" in capsys.readouterr().out
+    assert again.checkpoint.path == resumed.checkpoint.path and steps_of(again.checkpoint.path) == list(range(1, 7))
+
+
+def test_fit_stops_at_once_on_ctrl_c_even_while_the_trainer_waits():
+    class Waiting:  # a trainer stuck waiting for resources
+        def fit(self):
+            threading.Event().wait()
+
+    stopped = []
+    threading.Timer(0.5, signal.raise_signal, args=(signal.SIGINT,)).start()
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        fit_interruptibly(Waiting(), stop=lambda: stopped.append(True))
+    assert stopped == [True] and time.monotonic() - start < 5
+
+
+def cli(*args, cwd, **kwargs):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([sys.executable, "-m", "raydiff.launch.cli", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def project(tmp_path, tiny_model) -> Path:
+    """A user's directory: a model, data and the tiny example config, all by relative paths."""
+    from raydiff.data.shapes import write_shapes_dataset
+
+    (tmp_path / "models").mkdir()
+    os.symlink(tiny_model("flux"), tmp_path / "models" / "tiny-flux")
+    write_shapes_dataset(str(tmp_path / "data" / "shapes"), n=16)
+    shutil.copy(Path(__file__).resolve().parents[2] / "examples" / "flux" / "tiny.yaml", tmp_path / "tiny.yaml")
+    return tmp_path
+
+
+def test_ctrl_c_ends_a_cli_run_in_seconds_and_says_where_a_rerun_continues(tiny_model, tmp_path):
+    cwd = project(tmp_path, tiny_model)
+    proc = cli("train", "tiny.yaml", "--set", "train.max_steps=null", "--set", "train.num_epochs=50",
+               "--set", "train.save_steps=3", "--set", "ray.num_cpus=4", cwd=cwd)
+    lines, sent = [], None
+    for line in proc.stdout:
+        lines.append(line.rstrip("\n"))
+        if sent is None and "step 5/" in line:
+            proc.send_signal(signal.SIGINT)
+            sent = time.monotonic()
+    proc.wait(timeout=60)
+    assert proc.returncode == 130, lines[-20:]
+    assert time.monotonic() - sent < 10
+    complete = sorted(p.parent.name for p in (cwd / "runs" / "tiny-flux").glob("checkpoint-*/.raydiff-complete"))
+    assert complete and complete[-1] < "checkpoint-000100"  # stopped long before the planned 200 steps
+    assert lines[-1] == f"[raydiff] a re-run of tiny-flux continues from {cwd}/runs/tiny-flux/{complete[-1]}"
+    # A default run shows raydiff's own lines only: no Ray banners, warnings or forwarded worker logs.
+    assert all(line.startswith("[raydiff] ") for line in lines), [x for x in lines if not x.startswith("[raydiff]")]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.path=models/tiny-flxu", "model.path models/tiny-flxu: no such directory (did you mean "
+                                    "models/tiny-flux?)"),
+    ("model.path=black-forest-labs/FLUX.1-dev", "is neither a local directory nor, with HF_HUB_OFFLINE=1, in the "
+                                                "Hugging Face cache"),
+    ("model.family=sd3", "holds a FluxPipeline; set model.family: flux"),
+    ("ray.num_workers=8", "ray.num_workers 8 x (ray.cpus_per_worker 1) plus data.num_cpus for decoding needs 8.5 "
+                          "CPUs"),
+])
+def test_everyday_mistakes_end_in_seconds_with_one_line_and_leave_nothing(tiny_model, tmp_path, override, message):
+    cwd = project(tmp_path, tiny_model)
+    start = time.monotonic()
+    proc = cli("train", "tiny.yaml", "--set", override, "--set", "ray.num_cpus=4", cwd=cwd)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2, out
+    assert out.strip().splitlines() == [f"raydiff: error: {out.split('raydiff: error: ', 1)[1].strip()}"]
+    assert message in out
+    assert time.monotonic() - start < 10
+    assert not (cwd / "runs").exists()  # no half-made run directory (Ray's storage marker included)
+
+
+def test_a_second_cli_run_of_a_held_name_is_refused_naming_the_holder(tiny_model, tmp_path):
+    cwd = project(tmp_path, tiny_model)
+    (cwd / "runs" / "tiny-flux").mkdir(parents=True)
+    holder = {"host": os.uname().nodename, "pid": os.getpid(), "started": time.time(), "heartbeat": time.time(),
+              "token": "other"}
+    (cwd / "runs" / "tiny-flux" / ".raydiff-lock.json").write_text(json.dumps(holder))
+    proc = cli("train", "tiny.yaml", cwd=cwd)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert f"is in use by another run (pid {os.getpid()} on host {os.uname().nodename}" in out
+
+
+def test_export_and_sample_mistakes_are_one_line(tiny_model, tmp_path):
+    from raydiff.config import dump_config, parse_config
+    from raydiff.training import lora as lora_lib
+    from raydiff.training.module import PipelineTrainingModule
+
+    cfg = parse_config({"model": {"path": tiny_model("flux"), "max_sequence_length": 16},
+                        "data": {"metadata_path": "unused.csv"}, "lora": {"rank": 4}})
+    module = PipelineTrainingModule(cfg)
+    checkpoint = tmp_path / "checkpoint"
+    lora_lib.save_lora(str(checkpoint), module.pipe.diffusers_class, "transformer", module.trainable_state_dict(),
+                       module.lora_config)
+    (checkpoint / "config.yaml").write_text(dump_config(cfg))
+
+    export = cli("export", str(checkpoint), "--format", "comfyui", "--family", "sd3", "--out", "x.safetensors",
+                 cwd=tmp_path)
+    out, _ = export.communicate(timeout=60)
+    assert export.returncode == 2 and out.startswith("raydiff: error: comfyui LoRA names are known for families")
+    # Without --model and --family, sample reads both from the checkpoint's config.yaml.
+    sample = cli("sample", "--lora", str(checkpoint), "--prompt", "a red circle", "--out", "s.png", "--steps", "1",
+                 "--height", "32", "--width", "32", cwd=tmp_path)
+    out, _ = sample.communicate(timeout=120)
+    assert sample.returncode == 0, out
+    assert (tmp_path / "s.png").is_file()
+    alone = cli("sample", "--lora", str(tmp_path / "s.png"), "--prompt", "x", "--out", "t.png", cwd=tmp_path)
+    out, _ = alone.communicate(timeout=60)
+    assert alone.returncode == 2 and "pass --model and --family" in out
+    assert yaml.safe_load((checkpoint / "config.yaml").read_text())["model"]["family"] == "flux"
+
+
+def test_the_driver_draws_rank_0s_progress_bar_in_place_with_lines_above_it(ray_session, capsys):
+    from raydiff.launch.cluster import DriverConsole
+
+    console = DriverConsole("auto", is_tty=True, poll_s=0.05)
+    console.relay.put.remote("start", {"total": 4, "start": 0})
+    for step in range(1, 5):
+        console.relay.put.remote("log", {"step": step, "loss": 0.5, "lr": 1e-3, "samples_per_second": 2.0})
+    console.relay.put.remote("line", "[raydiff] a message")
+    time.sleep(1)
+    console.close()
+    out = capsys.readouterr().out
+    assert "[raydiff] step" not in out  # a bar, redrawn with carriage returns, not a line per step
+    assert "4/4" in out.split("\r")[-1] and "[raydiff] a message\n" in out
