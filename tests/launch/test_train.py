@@ -35,8 +35,8 @@ def test_ddp_run_writes_complete_checkpoints_then_resumes_for_more_epochs(ray_se
     result = launch_training_task(cfg)
     ckpt = result.checkpoint.path
     assert ckpt.endswith("checkpoint-000004")
-    assert sorted(os.listdir(ckpt)) == ["config.yaml", "loss.png", "pytorch_lora_weights.safetensors",
-                                        "trainer_state.json", "training_state.pt"]
+    assert sorted(os.listdir(ckpt)) == [".raydiff-complete", "config.yaml", "loss.png",
+                                        "pytorch_lora_weights.safetensors", "trainer_state.json", "training_state.pt"]
     state = read_state(ckpt)
     assert state["global_step"] == 4 and state["epoch"] == 1
     assert [h["step"] for h in state["log_history"]] == [1, 2, 3, 4]
