@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a hub
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # faster report/finish detection
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")  # faster report/finish detection
 
 import pytest
 
@@ -35,7 +35,7 @@ def ray_session():
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
     try:
         ray.init(num_cpus=4, include_dashboard=True, log_to_driver=True,
-                 runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "HF_HUB_OFFLINE": "1",
+                 runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "HF_HUB_OFFLINE": "1",
                                            "RAY_ADDRESS": f"127.0.0.1:{port}"}})
     finally:
         del os.environ["RAY_GCS_SERVER_PORT"]

@@ -161,7 +161,14 @@ def launch_training_task(cfg: RaydiffConfig, module_factory: Callable | None = N
                     ray.kill(skip_counter(r.name))
 
 
+# Ray Train's controller polls its workers every 2 s by default, and each report or finish waits for
+# a poll: 0.5 s makes checkpoints, Tune reports and the end of a run ~1.5 s sooner for a negligible
+# cost. Ray propagates RAY_TRAIN_* variables from the driver to the controller and workers.
+HEALTH_CHECK_INTERVAL = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
+
 def _train(cfg: RaydiffConfig, module_factory: Callable | None, rows) -> ray.train.Result:
+    os.environ.setdefault(*HEALTH_CHECK_INTERVAL)
     started = init_ray(cfg)
     check_resources(cfg, autoscaling=not started and is_autoscaling())
     console = DriverConsole(cfg.logging.progress_bar, sys.stdout.isatty())

@@ -37,7 +37,7 @@ from raydiff.data.decode import skip_counter_name
 from raydiff.data.metadata import train_and_eval_rows
 from raydiff.launch.cluster import init_ray
 from raydiff.launch.storage import storage_filesystem
-from raydiff.launch.trainer import build_trainer, steps_per_epoch, total_steps
+from raydiff.launch.trainer import HEALTH_CHECK_INTERVAL, build_trainer, steps_per_epoch, total_steps
 
 
 def _domain(key: str, name: str, args: list, grid: bool):
@@ -145,6 +145,7 @@ def tune(config: RaydiffConfig, param_space: dict | None = None,
     config = config.resolved_paths()  # Tune runs each driver in its trial directory
     settings = config.tune
     space = search_space(config, settings.param_space if param_space is None else param_space)
+    os.environ.setdefault(*HEALTH_CHECK_INTERVAL)
     init_ray(config)
 
     def train_driver(sampled: dict) -> None:

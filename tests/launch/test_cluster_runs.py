@@ -64,7 +64,7 @@ class LocalRay:
         env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
         # The same auth mode and token on every node and every client (docs/cluster.md).
         self.env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, "RAY_ADDRESS": self.address,
-                    "HF_HUB_OFFLINE": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+                    "HF_HUB_OFFLINE": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
                     "RAY_USAGE_STATS_ENABLED": "0",
                     "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # SIGTERM tears a node down at once
                     "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}

@@ -68,7 +68,7 @@ def test_fit_stops_at_once_on_ctrl_c_even_while_the_trainer_waits():
 
 
 def cli(*args, cwd, **kwargs):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
     env.pop("RAY_ADDRESS", None)
     return subprocess.Popen([sys.executable, "-m", "raydiff.launch.cli", *args], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)

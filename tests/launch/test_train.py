@@ -89,7 +89,7 @@ def test_skip_bad_samples_counts_them_and_finishes(ray_session, make_config, tmp
 
 
 def run_cli(*args, cwd, timeout=300):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
     env.pop("RAY_ADDRESS", None)
     return subprocess.run([sys.executable, "-m", "raydiff.launch.cli", *args], cwd=cwd, env=env, timeout=timeout,
                           capture_output=True, text=True)

@@ -130,7 +130,7 @@ def test_asha_search_writes_trials_table_and_stops_a_bad_trial(ray_session, make
 def test_cli_tunes_the_tiny_example_on_its_own_local_ray(tiny_model, shapes, tmp_path):
     """`raydiff tune examples/tune/tiny.yaml` as the README runs it, pointed at the session's tiny model
     and data, 2 trials: a new local Ray next to the session's (whose trial cleanup needs RAY_ADDRESS)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
     env.pop("RAY_ADDRESS", None)
     overrides = [f"model.path={tiny_model('flux')}", f"data.base_path={shapes}",
                  f"data.metadata_path={shapes}/metadata.csv", f"ray.storage_path={tmp_path / 'runs'}",
