@@ -48,7 +48,14 @@ class ModelConfig(_Section):
 
 class DataConfig(_Section):
     base_path: str = "."
-    metadata_path: str
+    # One metadata file (read by the driver), or shards: a directory, a glob, a list, or an s3:// prefix
+    # (raydiff/data/shards.py; streamed by the workers, the driver holds no rows).
+    metadata_path: str | list[str]
+    format: Literal["auto", "webdataset"] = Field(
+        "auto", description="auto: by extension (.csv/.json/.jsonl/.parquet metadata, .tar WebDataset)")
+    shuffle_buffer: int = Field(1000, ge=1, description="sharded data: samples in each rank's shuffle buffer")
+    num_samples: int | None = Field(
+        None, ge=1, description="sharded data: samples per epoch; null = counted (parquet footers, else a read)")
     data_file_keys: list[str] = ["image"]
     repeat: int = Field(1, ge=1)
     height: int | None = Field(None, ge=16)
@@ -72,6 +79,17 @@ class DataConfig(_Section):
     buckets: bool = Field(False, description="aspect-ratio buckets at max_pixels; batches come from one bucket")
     caption_dropout: float = Field(0.0, ge=0, le=1, description="probability of training on the empty prompt")
     random_flip: bool = Field(False, description="horizontal flip of half the samples, fixed per sample and seed")
+
+    @property
+    def sharded(self) -> bool:
+        """Whether `metadata_path` names shards streamed by the workers (a list, a directory, a glob, an
+        s3:// prefix, or WebDataset) rather than one metadata file read by the driver."""
+        path = self.metadata_path
+        if isinstance(path, list) or self.format == "webdataset" or set("*?[") & set(path) or path.endswith("/"):
+            return True
+        if "://" in path:
+            return os.path.splitext(path)[1].lower() not in (".csv", ".json", ".jsonl", ".parquet")
+        return os.path.isdir(path)
 
     @model_validator(mode="after")
     def _both_or_neither(self):
@@ -303,6 +321,19 @@ class RaydiffConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _sharded_data_streams(self):
+        d = self.data
+        if not d.sharded:
+            return self
+        refused = {"data.buckets": d.buckets, "data.preprocess: stream": d.preprocess == "stream",
+                   "data.repeat": d.repeat > 1,
+                   "eval.holdout (use eval.metadata_path)": self.eval.holdout > 0}
+        if problems := [k for k, on in refused.items() if on]:
+            raise ValueError(f"{', '.join(problems)}: not available with sharded data (data.metadata_path "
+                             f"{d.metadata_path}), which each worker streams from its shards")
+        return self
+
+    @model_validator(mode="after")
     def _validation_has_its_models(self):
         if self.validation.prompts and self.data.preprocess != "inline":
             raise ValueError(f"validation.prompts needs the VAE and text encoders on the workers, which "
@@ -333,7 +364,8 @@ class RaydiffConfig(_Section):
             return p if "://" in p or os.path.isabs(p) else str(root / p)
 
         cfg.data.base_path = _abs(cfg.data.base_path)
-        cfg.data.metadata_path = _abs(cfg.data.metadata_path)
+        paths = cfg.data.metadata_path
+        cfg.data.metadata_path = [_abs(p) for p in paths] if isinstance(paths, list) else _abs(paths)
         if cfg.data.cache_dir:
             cfg.data.cache_dir = _abs(cfg.data.cache_dir)
         if cfg.eval.metadata_path:

@@ -129,6 +129,8 @@ class StepHooks:
         if not save:
             ray.train.report(metrics)
             return
+        if self.feed.position is not None:  # sharded data: where each rank's stream goes on
+            state.positions = gather(list(self.feed.position), self.world)
         weights = optimizer_state = None
         if self.sharded:
             weights = fsdp.full_state_dict(self.module, self.sharded)
@@ -154,6 +156,15 @@ class StepHooks:
             self.logger.image("validation/grid", written["grid"], state.global_step)
         if final and self.cfg.logging.plot:
             plot_losses(state.log_history, os.path.join(directory, "loss.png"))
+
+
+def gather(value, world: int) -> list:
+    """`value` from every rank, in rank order (a collective when world > 1)."""
+    if world == 1:
+        return [value]
+    everyone = [None] * world
+    torch.distributed.all_gather_object(everyone, value)
+    return everyone
 
 
 def mean_across_ranks(value: float, world: int, device) -> float:

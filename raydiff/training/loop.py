@@ -18,7 +18,7 @@ from raydiff.training.checkpoint import TrainerState, load_checkpoint
 from raydiff.training.checkpoint_store import has_checkpoint, newest_complete_checkpoint, run_storage
 from raydiff.training.evaluation import EvalSet
 from raydiff.training.feed import EpochFeed
-from raydiff.training.hooks import StepHooks
+from raydiff.training.hooks import StepHooks, gather
 from raydiff.training.loop_args import LoopArgs
 from raydiff.training.module import DiffusionTrainingModule, PipelineTrainingModule
 from raydiff.training.step import Stepper, apply_hyperparameters, build_optimizer
@@ -82,11 +82,7 @@ def worker_placement(rank: int, world: int, module: DiffusionTrainingModule) -> 
     me = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
           "models": sorted(getattr(module, "models", {}).keys()), "torch_threads": torch.get_num_threads(),
           "rss_gib": round(rss / 2**30, 3)}
-    if world == 1:
-        return [me]
-    everyone = [None] * world
-    torch.distributed.all_gather_object(everyone, me)
-    return everyone
+    return gather(me, world)
 
 
 def train_loop_per_worker(loop_config: dict, feed: EpochFeed | None = None) -> None:
@@ -116,6 +112,7 @@ def train_loop_per_worker(loop_config: dict, feed: EpochFeed | None = None) -> N
 
     # [2] resume
     state = resume(cfg, module, optimizer, scheduler, sharded, rank, world)
+    feed.restore(state.positions)
     state.workers = worker_placement(rank, world, module)
     stepper = Stepper(cfg, distribute(module, sharded), optimizer, scheduler, device, rank=rank, world=world,
                       sharded=sharded)
@@ -137,4 +134,5 @@ def train_loop_per_worker(loop_config: dict, feed: EpochFeed | None = None) -> N
             state.end_epoch(epoch)  # the split ran out, even if bad samples left it short of the plan
 
     # [4] finish
+    feed.close()
     hooks.finish(state)
