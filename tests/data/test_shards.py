@@ -178,9 +178,9 @@ def test_the_driver_builds_sharded_training_data_without_reading_rows(shapes_row
 
 def test_shards_on_s3_are_listed_counted_and_streamed(shapes_rows, tmp_path, monkeypatch):
     boto3 = pytest.importorskip("boto3")
-    from moto.server import ThreadedMotoServer
-
     import socket
+
+    from moto.server import ThreadedMotoServer
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
