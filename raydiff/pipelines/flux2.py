@@ -108,7 +108,8 @@ class Flux2KleinImagePipeline(FamilyPipeline):
                             "to_add_out", "linear_in", "linear_out", "to_qkv_mlp_proj"]
     lora_original_names = ORIGINAL_NAMES
     # diffusers' FLUX.2 loader reads `diffusion_model.` keys as lora_A/lora_B and refuses alpha keys there;
-    # ComfyUI reads a missing alpha as scale 1. So the ComfyUI file carries alpha / r inside lora_B.
+    # ComfyUI reads a missing alpha as scale 1 (comfy/weight_adapter/lora.py). So the ComfyUI file carries
+    # alpha / r inside lora_B.
     comfyui_lora_suffixes = ("lora_A", "lora_B")
     comfyui_lora_alpha = False
     patch_size = 1  # latents are already 2x2-patchified: one token per grid cell
