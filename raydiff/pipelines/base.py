@@ -94,6 +94,7 @@ class FamilyPipeline:
     # `comfyui`/`kohya` naming (raydiff.training.lora_formats); None = diffusers format only.
     lora_original_names: ClassVar[dict | None] = None
     comfyui_lora_suffixes: ClassVar[tuple[str, str]] = ("lora_A", "lora_B")
+    comfyui_lora_alpha: ClassVar[bool] = True  # False: no `.alpha` keys, alpha / r baked into the up weights
     patch_size: ClassVar[int] = 2  # latent pixels per token side
 
     def __init__(self, pipe, device, *, guidance: float = 1.0, max_sequence_length: int | None = None):
@@ -154,6 +155,14 @@ def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
     b, _, d = tokens.shape
     x = tokens.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
     return x.reshape(b, d // 4, h, w)
+
+
+def scaled_vae_latents(vae, image: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> float32 (B, C, H/f, W/f): an `AutoencoderKL`'s mode, normalised as FLUX,
+    SD3 and Z-Image pipelines invert at decode (`latents / scaling_factor + shift_factor`). The mode, not a
+    sample: deterministic, so cached and inline latents agree."""
+    latents = vae.encode(image.to(vae.device, vae.dtype)).latent_dist.mode()
+    return ((latents - vae.config.shift_factor) * vae.config.scaling_factor).float()
 
 
 def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -6,7 +6,7 @@ import torch
 from diffusers import FluxPipeline
 
 from raydiff.diffusion.flow_matching import DynamicShift, FlowSchedule
-from raydiff.pipelines.base import FamilyPipeline, PipelineUnit, pack_latents, unpack_latents
+from raydiff.pipelines.base import FamilyPipeline, PipelineUnit, pack_latents, scaled_vae_latents, unpack_latents
 
 
 def latent_image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
@@ -34,12 +34,7 @@ def _prompt_embedder(p: FluxImagePipeline, inputs: dict) -> dict:
 
 
 def _input_image_embedder(p: FluxImagePipeline, inputs: dict) -> dict:
-    vae = p.pipe.vae
-    image = inputs["image"].to(p.device, vae.dtype)
-    # The distribution's mode, not a sample: deterministic, so cached and inline latents agree.
-    latents = vae.encode(image).latent_dist.mode()
-    latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
-    return {"latents": latents.float()}
+    return {"latents": scaled_vae_latents(p.pipe.vae, inputs["image"])}
 
 
 def _guidance(p: FluxImagePipeline, inputs: dict) -> dict:

@@ -5,15 +5,17 @@ On disk, for m = "transformer_blocks.0.attn.to_q" and o its name in the family's
 
   diffusers  transformer.m.lora_A.weight / .lora_B.weight; r and alpha in the safetensors metadata
   comfyui    diffusion_model.o.lora_down.weight / .lora_up.weight / .alpha     (FLUX)
-             diffusion_model.o.lora_A.weight / .lora_B.weight / .alpha         (Qwen-Image)
+             diffusion_model.o.lora_A.weight / .lora_B.weight / .alpha         (Qwen-Image, Z-Image)
+             diffusion_model.o.lora_A.weight / .lora_B.weight, alpha / r in B  (FLUX.2)
   kohya      lora_unet_<o, "." -> "_">.lora_down.weight / .lora_up.weight / .alpha
   diffsynth  m.lora_A.default.weight / .lora_B.default.weight, alpha / r baked into B
 
 FLUX's original (BFL) names fuse projections: double_blocks.N.img_attn.qkv = to_q|to_k|to_v and
 single_blocks.N.linear1 = to_q|to_k|to_v|proj_mlp. A fused LoRA stacks the parts' A (rank n*r) and puts
 their B on a block diagonal, so it is exactly the sum of the parts; alpha x n keeps alpha / r.
-Untrained parts are zeros. Each family holds its table of original names (`lora_original_names`) and
-its ComfyUI suffixes (`comfyui_lora_suffixes`); Qwen-Image's original names are diffusers'.
+Untrained parts are zeros. Each family holds its table of original names (`lora_original_names`), its
+ComfyUI suffixes (`comfyui_lora_suffixes`) and whether its ComfyUI files carry alpha keys
+(`comfyui_lora_alpha`); Qwen-Image's and Z-Image's original names are diffusers'.
 
 ComfyUI reads lora_A and lora_down alike; FLUX uses lora_down because diffusers' FLUX loader only
 converts `diffusion_model.` keys on its kohya path, which it enters on `.lora_down.weight`. Only
@@ -148,13 +150,18 @@ def to_format(state_dict: dict[str, torch.Tensor], fmt: str, *, family: str | No
         return {k: v for m, (a, b) in modules.items() for k, v in (
             (f"{m}.lora_A.default.weight", a), (f"{m}.lora_B.default.weight", b * (alpha / a.shape[0])))}
     groups = {orig: (parts, mults) for orig, parts, mults in (_original_of(table, m) for m in modules)}
-    down_key, up_key = ("lora_down", "lora_up") if fmt == "kohya" else get_pipeline_class(family).comfyui_lora_suffixes
+    cls = get_pipeline_class(family)
+    down_key, up_key = ("lora_down", "lora_up") if fmt == "kohya" else cls.comfyui_lora_suffixes
+    with_alpha = fmt == "kohya" or cls.comfyui_lora_alpha
     out = {}
     for orig, (parts, mults) in groups.items():
         down, up, a = _fuse([modules.get(p) for p in parts], mults, alpha)
         name = "lora_unet_" + orig.replace(".", "_") if fmt == "kohya" else "diffusion_model." + orig
+        if not with_alpha:  # read back with scale 1
+            up = up * (a / down.shape[0])
         out[f"{name}.{down_key}.weight"], out[f"{name}.{up_key}.weight"] = down.contiguous(), up.contiguous()
-        out[f"{name}.alpha"] = torch.tensor(float(a))
+        if with_alpha:
+            out[f"{name}.alpha"] = torch.tensor(float(a))
     return out
 
 
