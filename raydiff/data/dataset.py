@@ -21,6 +21,7 @@ from raydiff.config import DataConfig, RaydiffConfig, UserError, to_remote
 from raydiff.data.buckets import bucket_batches, row_buckets
 from raydiff.data.cache import preprocess
 from raydiff.data.cache_io import CacheLayout, RepeatCached, decode_shard_batch, read_empty_prompt
+from raydiff.data.cache_shards import preprocess_sharded
 from raydiff.data.decode import DecodeRow
 from raydiff.data.encode import EncodeBatch, remote_empty_prompt
 from raydiff.data.packing import pack_group
@@ -65,14 +66,25 @@ def build_train_data(cfg: RaydiffConfig, rows: list[dict] | None, seed: int,
     return data
 
 
+def build_cache(cfg: RaydiffConfig) -> None:
+    """`raydiff preprocess`: encode the dataset into `data.cache_dir` (sharded data shard by shard)."""
+    if cfg.data.sharded:
+        preprocess_sharded(cfg)
+    else:
+        preprocess(cfg)
+
+
 def _sharded_data(cfg: RaydiffConfig, seed: int) -> TrainData:
-    """Names and counts only: every worker streams its own share of the shards."""
-    plan = plan_shards(cfg.data, seed)
+    """Names and counts only: every worker streams its own share of the shards (of the cache's files in
+    cache mode, encoding what the cache lacks first)."""
+    d = cfg.data
+    plan = preprocess_sharded(cfg) if d.preprocess == "cache" else plan_shards(d, seed)
+    empty = read_empty_prompt(CacheLayout(d.cache_dir)) if d.preprocess == "cache" and d.caption_dropout else None
     workers = cfg.ray.num_workers
     if len(plan.shards) < workers:
         raise UserError(f"{len(plan.shards)} shards cannot give each of ray.num_workers {workers} workers a "
                         f"share; split the data into at least {workers} shards")
-    return TrainData(None, plan.num_samples, shards=plan)
+    return TrainData(None, plan.num_samples, empty_prompt=empty, shards=plan)
 
 
 def build_eval_dataset(cfg: RaydiffConfig, rows: list[dict], counter_name: str | None = None) -> ray.data.Dataset:

@@ -28,7 +28,7 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 def iter_records(uri: str, kind: str) -> Iterator[dict]:
     """A shard's records in file order: table rows, or WebDataset samples ({"__key__", ext: bytes})."""
     fs, path = filesystem(uri)
-    if kind == "parquet":
+    if kind in ("parquet", "cache"):
         import pyarrow.parquet as pq
 
         with fs.open_input_file(path) as f:

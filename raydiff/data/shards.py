@@ -16,6 +16,7 @@ trains the same number of batches per epoch, and a rank's remainder rolls into i
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import os
 import random
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +28,7 @@ from raydiff.config import DataConfig, UserError
 from raydiff.data.metadata import is_url
 from raydiff.data.records import count_shard, filesystem
 
-KINDS = {".parquet": "parquet", ".jsonl": "jsonl", ".csv": "csv", ".tar": "webdataset"}
+KINDS = {".parquet": "parquet", ".jsonl": "jsonl", ".csv": "csv", ".tar": "webdataset"}  # and "cache" files
 _GLOB = set("*?[")  # data.metadata_path is sharded when DataConfig.sharded says so
 
 
@@ -100,6 +101,13 @@ def _parquet_rows(uri: str) -> int:
     fs, path = filesystem(uri)
     with fs.open_input_file(path) as f:
         return pq.read_metadata(f).num_rows
+
+
+def shard_id(uri: str) -> int:
+    """A 31-bit id from a shard's file name, so sample ids (`shard_id << 32 | record`) stay the same when
+    shards are added to a dataset (flips and caption dropout are decided by sample id)."""
+    digest = hashlib.blake2b(os.path.basename(uri).encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,11 @@ import numpy as np
 import ray
 
 from raydiff.config import DataConfig
+from raydiff.data.cache_io import row_to_sample
 from raydiff.data.decode import DecodeRow, count_skipped
 from raydiff.data.metadata import BadSample, SampleError, resolve_path
 from raydiff.data.records import iter_records
-from raydiff.data.shards import ShardPlan
+from raydiff.data.shards import ShardPlan, shard_id
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -41,7 +42,10 @@ CAPTION_KEYS = ("prompt", "caption", "text", "txt")
 
 def to_row(record: dict, d: DataConfig, kind: str, shard: int, index: int) -> dict | BadSample:
     """A record as the decode stage takes it: prompt, one value per data_file_key (a checked absolute
-    path, a URL, or the file's bytes) and `_row`, a sample id unique across shards."""
+    path, a URL, or the file's bytes) and `_row`, a sample id unique across shards (`shard` is the
+    shard's `shard_id`)."""
+    if kind == "cache":  # an encoded sample, written by raydiff.data.cache_shards
+        return record
     row_id = (shard << 32) + index
     if "__bad__" in record:
         return BadSample(row_id, record.get("__key__"), record["__bad__"])
@@ -88,10 +92,11 @@ def pass_rows(d: DataConfig, plan: ShardPlan, rank: int, world: int, pass_index:
               counter_name: str | None) -> Iterator[dict]:
     """The rank's rows of one pass: its shards in order, bad rows raised or counted and dropped."""
     for shard in plan.rank_shards(pass_index, rank, world):
-        for index, record in enumerate(iter_records(plan.shards[shard], plan.kinds[shard])):
-            row = to_row(record, d, plan.kinds[shard], shard, index)
+        uri, kind = plan.shards[shard], plan.kinds[shard]
+        for index, record in enumerate(iter_records(uri, kind)):
+            row = to_row(record, d, kind, shard_id(uri), index)
             if isinstance(row, BadSample):
-                bad = BadSample(row.row, row.file, f"{row.reason} (shard {plan.shards[shard]}, record {index})")
+                bad = BadSample(row.row, row.file, f"{row.reason} (shard {uri}, record {index})")
                 if not d.skip_bad_samples:
                     raise SampleError(bad)
                 count_skipped(counter_name, bad)
@@ -133,6 +138,8 @@ def stream_rows(d: DataConfig, plan: ShardPlan, rank: int, world: int, start: tu
 
 def decode_chunk(rows: list[dict], d: DataConfig, seed: int, counter_name: str | None) -> list[dict]:
     """A Ray task: decode a chunk of rows (bad ones raised, or dropped and counted)."""
+    if rows and any("#shape" in k for k in rows[0]):  # cached samples are encoded already
+        return [row_to_sample(row) for row in rows]
     decode = DecodeRow(d, seed, counter_name)
     return [sample for row in rows for sample in decode(row)]
 

@@ -28,7 +28,7 @@ def cmd_train(args) -> None:
 
 def cmd_preprocess(args) -> None:
     from raydiff.config import ConfigError
-    from raydiff.data.cache import preprocess
+    from raydiff.data.dataset import build_cache
     from raydiff.launch.cluster import init_ray
 
     cfg = config_of(args)
@@ -36,7 +36,7 @@ def cmd_preprocess(args) -> None:
         raise ConfigError("raydiff preprocess writes to data.cache_dir; set it (and data.preprocess: cache to train "
                           "from it)")
     init_ray(cfg)
-    preprocess(cfg)
+    build_cache(cfg)
 
 
 def cmd_tune(args) -> None:
