@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from raydiff import registry
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # torch dtypes a frozen base may load in
+QUANTIZE_MODES, GPU_ONLY_QUANTIZE = ("int8", "fp8", "nf4"), ("fp8", "nf4")  # model.quantize
+OPTIMIZERS, SHARDED_STATE_OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy"), ("adamw",)  # train.optimizer
 
 
 class _Section(BaseModel):
@@ -32,6 +34,15 @@ class ModelConfig(_Section):
     # FLUX.1-dev distils guidance into an embedding; 1.0 during training (sd-scripts, finetrainers).
     guidance: float = 1.0
     max_sequence_length: int | None = Field(None, ge=1, description="text tokens; null = family default")
+    # The frozen DiT's linears, LoRA on top in fp32: int8/fp8 torchao weight-only, nf4 bitsandbytes (README).
+    quantize: Literal[QUANTIZE_MODES] | None = None
+    quantize_text_encoders: bool = Field(False, description="also quantize the frozen text encoders (model.quantize)")
+
+    @model_validator(mode="after")
+    def _text_encoders_follow_the_dit(self):
+        if self.quantize_text_encoders and self.quantize is None:
+            raise ValueError("model.quantize_text_encoders uses model.quantize's mode; set model.quantize")
+        return self
 
     @field_validator("family")
     @classmethod
@@ -96,7 +107,16 @@ class LoraConfig(_Section):
     init_from: str | None = Field(None, description="a LoRA file or checkpoint dir to continue from")
 
 
+class EMAConfig(_Section):
+    decay: float = Field(0.999, gt=0, lt=1, description="ema = decay * ema + (1 - decay) * weights, per update")
+    start_step: int = Field(0, ge=0, description="until this optimizer step the EMA copies the weights")
+    every: int = Field(1, ge=1, description="update every N optimizer steps after start_step")
+    device: Literal["cpu", "same"] = Field("same", description="where the EMA lives: the weights' device, or "
+                                                               "host memory (full fine-tuning on small GPUs)")
+
+
 class TrainConfig(_Section):
+    optimizer: Literal[OPTIMIZERS] = "adamw"
     learning_rate: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -118,6 +138,14 @@ class TrainConfig(_Section):
     seed: int = 0
     save_steps: int = Field(100, ge=1)
     log_steps: int = Field(10, ge=1)
+    ema: EMAConfig | None = Field(None, description="EMA of the trainable weights; null = off")
+
+    @model_validator(mode="after")
+    def _prodigy_learning_rate(self):
+        if self.optimizer == "prodigy" and self.learning_rate < 0.1:
+            raise ValueError(f"train.optimizer prodigy estimates the step size; train.learning_rate scales it and "
+                             f"should be about 1.0 (got {self.learning_rate:g})")
+        return self
 
 
 class LossConfig(_Section):
@@ -163,6 +191,7 @@ class ValidationConfig(_Section):
     height: int = Field(512, ge=16)
     width: int = Field(512, ge=16)
     num_frames: int = Field(1, ge=1)
+    use_ema: bool = Field(False, description="sample with the EMA weights (train.ema) instead of the trained ones")
 
 
 class RayConfig(_Section):
@@ -300,6 +329,29 @@ class RaydiffConfig(_Section):
             if self.validation.prompts:
                 raise ValueError("validation.prompts is not supported with ray.strategy fsdp (sampling would "
                                  "need every rank); sample checkpoints with `raydiff sample`")
+            if self.train.optimizer not in SHARDED_STATE_OPTIMIZERS:
+                raise ValueError(f"train.optimizer {self.train.optimizer} keeps per-tensor state that ray.strategy "
+                                 f"fsdp cannot shard; use {' or '.join(SHARDED_STATE_OPTIMIZERS)}")
+        return self
+
+    @model_validator(mode="after")
+    def _quantized_models_are_frozen(self):
+        m, trainable = self.model, self.train.trainable_models
+        if m.quantize is None:
+            return self
+        if self.lora is None:
+            raise ValueError("model.quantize freezes the DiT under a LoRA; set a `lora:` section (full fine-tuning "
+                             "trains the weights quantization would freeze)")
+        if "transformer" in trainable or (m.quantize_text_encoders and any(
+                name.startswith("text_encoder") for name in trainable)):
+            raise ValueError(f"model.quantize: train.trainable_models {trainable} would train quantized weights; "
+                             f"quantization is for the frozen base")
+        return self
+
+    @model_validator(mode="after")
+    def _ema_is_configured_for_validation(self):
+        if self.validation.use_ema and self.train.ema is None:
+            raise ValueError("validation.use_ema samples with the EMA weights; set train.ema")
         return self
 
     @model_validator(mode="after")

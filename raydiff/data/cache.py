@@ -54,6 +54,8 @@ def cache_identity(cfg: RaydiffConfig, rows: list[dict], shard_rows: int = SHARD
         settings["flip_seed"] = cfg.train.seed
     model = {"family": m.family, "path": m.path, "revision": m.revision, "dtype": m.dtype,
              "max_sequence_length": m.max_sequence_length, "files": _model_fingerprint(cfg)}
+    if m.quantize_text_encoders:  # quantized encoders give other embeddings (absent otherwise: old caches stay valid)
+        model["quantize_text_encoders"] = m.quantize
     return {"model": model, "settings": settings, "inputs": {"metadata_path": d.metadata_path,
                                                               "hash": _inputs_hash(cfg, rows)}}
 
