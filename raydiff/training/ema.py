@@ -6,7 +6,7 @@ models), as DiT's `update_ema`:
 
 The average is kept in fp32, one tensor per trainable parameter, on the weights' device or in host
 memory (`device: cpu`). Under FSDP each rank averages its own shards: the EMA is sharded like the
-weights, and gathered like them (`applied()` then the usual full-state gather).
+weights, and gathered like them (`weights(reader)` runs the usual full-state gather with it applied).
 
 Checkpoints hold it as `ema_weights.safetensors` in the weights' own format (a diffusers LoRA file, or
 `{component}.{param}` for full fine-tuning): `applied()` swaps the average into the parameters, the
@@ -15,7 +15,7 @@ weights' writer runs, and the trained weights are swapped back, exactly.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -73,3 +73,9 @@ class EMA:
             with torch.no_grad():
                 for p, t in zip(self.params, trained):
                     _local(p).copy_(t)
+
+    def weights(self, read: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """What `read()` (the weights' state-dict reader) returns with the average applied, copied: a reader
+        may return views of the parameters (CPU tensors), which the restore would overwrite."""
+        with self.applied():
+            return {k: v.clone() for k, v in read().items()}

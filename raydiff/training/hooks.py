@@ -155,10 +155,9 @@ class StepHooks:
         """The EMA in the weights' format, on rank 0 (under FSDP gathered from every rank's shards)."""
         if self.ema is None or not (self.sharded or self.rank == 0):
             return None
-        with self.ema.applied():
-            if self.sharded:
-                return fsdp.full_state_dict(self.module, self.sharded)
-            return self.module.trainable_state_dict()
+        if self.sharded:
+            return self.ema.weights(lambda: fsdp.full_state_dict(self.module, self.sharded))
+        return self.ema.weights(self.module.trainable_state_dict)
 
     def _write_samples(self, directory: str, state: TrainerState, final: bool) -> None:
         """Validation samples (at the steps `validation.every_steps` picks) and, at the end, loss.png."""
