@@ -17,6 +17,7 @@ from peft.tuners.lora.torchao import TorchaoLoraLinear
 from torchao.utils import TorchAOBaseTensor
 
 from raydiff.config import ConfigError, parse_config
+from raydiff.data.encode import Encoder, training_components
 from raydiff.pipelines.base import run_units
 from raydiff.pipelines.flux import FluxImagePipeline
 from raydiff.pipelines.quantize import weight_bytes
@@ -78,6 +79,15 @@ def test_text_encoders_are_quantized_when_asked_keeping_their_fp32_modules(tiny_
     assert all(quantized(m.weight) != n.endswith(".wo") for n, m in t5_linears.items())
     assert all(quantized(m.weight) for m in pipe.pipe.text_encoder.modules() if isinstance(m, torch.nn.Linear))
     assert not any(quantized(p) for p in pipe.pipe.vae.parameters())
+
+
+def test_stream_and_cache_workers_load_only_the_quantized_dit(make_config):
+    cfg = make_config(model={"quantize": "int8", "quantize_text_encoders": True}, data={"preprocess": "stream"})
+    module = PipelineTrainingModule(cfg, components=training_components(cfg))
+    assert sorted(module.models) == ["transformer"] and module.pipe.quantized == {"transformer": "int8"}
+    assert quantized(module.models["transformer"].transformer_blocks[0].attn.to_k.base_layer.weight)
+    encoder = Encoder(cfg)  # the stream/cache encoders: text encoders quantized, no DiT
+    assert encoder.pipe.quantized == {"text_encoder": "int8", "text_encoder_2": "int8"}
 
 
 def test_int8_lora_trains_in_fp32_on_top_of_the_quantized_linears(make_config):
