@@ -64,8 +64,11 @@ def cache_settings(cfg: RaydiffConfig) -> dict:
 def model_identity(cfg: RaydiffConfig) -> dict:
     """The model encoded samples depend on: path, revision, dtype, text length, a fingerprint of its files."""
     m = cfg.model
-    return {"family": m.family, "path": m.path, "revision": m.revision, "dtype": m.dtype,
-            "max_sequence_length": m.max_sequence_length, "files": _model_fingerprint(cfg)}
+    model = {"family": m.family, "path": m.path, "revision": m.revision, "dtype": m.dtype,
+             "max_sequence_length": m.max_sequence_length, "files": _model_fingerprint(cfg)}
+    if m.quantize_text_encoders:  # quantized encoders give other embeddings (absent otherwise: old caches stay valid)
+        model["quantize_text_encoders"] = m.quantize
+    return model
 
 
 def _model_fingerprint(cfg: RaydiffConfig) -> str | None:

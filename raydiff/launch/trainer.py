@@ -20,7 +20,13 @@ from raydiff.console import say
 from raydiff.data.dataset import build_eval_dataset, build_train_data
 from raydiff.data.decode import skip_counter, skip_counter_name
 from raydiff.data.metadata import train_and_eval_rows
-from raydiff.launch.checks import check_batch_sizes, check_model, check_resources, warn_job_local_storage
+from raydiff.launch.checks import (
+    check_batch_sizes,
+    check_devices,
+    check_model,
+    check_resources,
+    warn_job_local_storage,
+)
 from raydiff.launch.cluster import DriverConsole, init_ray, is_autoscaling, local_ray_resources, stop_ray
 from raydiff.launch.run_lock import LOCK_FILE, RunLock
 from raydiff.launch.runs import describe_plan, finished_result
@@ -144,6 +150,7 @@ def launch_training_task(cfg: RaydiffConfig, module_factory: Callable | None = N
     r = cfg.ray
     warn_job_local_storage(cfg)
     check_model(cfg)
+    check_devices(cfg)
     rows = train_and_eval_rows(cfg.data, cfg.eval)
     if rows[0] is not None:
         check_batch_sizes(cfg, rows[0])

@@ -73,6 +73,8 @@ class FluxImagePipeline(FamilyPipeline):
     component_names = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
     schedule = FlowSchedule(shift=3.0, sigma_min=0.003 / 1.002, dynamic=DynamicShift(256, 4096, 0.5, 1.15))
     default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    # model.quantize leaves these as loaded: embedders, AdaLayerNorm modulation linears, the final projection.
+    quantize_skip = ("x_embedder", "context_embedder", "time_text_embed.*", "*norm*", "proj_out")
     shared_outputs = frozenset({"text_ids"})  # (L, 3): no batch axis, L could pass for one
     lora_original_names = ORIGINAL_NAMES
     # diffusers' FLUX loader converts `diffusion_model.` keys only on its kohya path, entered on lora_down.

@@ -62,6 +62,9 @@ class QwenImagePipeline(FamilyPipeline):
     schedule = FlowSchedule(mu=0.8, shift_terminal=0.02, dynamic=DynamicShift(256, 8192, 0.5, 0.9))
     default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
                             "to_add_out"]
+    # model.quantize leaves these as loaded: the image/text input projections, the timestep embedder, the
+    # blocks' modulation linears (img_mod.1, txt_mod.1), the output norm's and the final projection.
+    quantize_skip = ("img_in", "txt_in", "time_text_embed.*", "*_mod.*", "norm_out.*", "proj_out")
     lora_original_names = ORIGINAL_NAMES
 
     def make_units(self) -> list[PipelineUnit]:

@@ -41,6 +41,8 @@ class SD3ImagePipeline(FamilyPipeline):
     schedule = FlowSchedule(shift=3.0)
     # Joint attention on both streams: image (to_*) and text (add_*_proj, to_add_out), as most SD3.5 recipes do.
     default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+    # model.quantize leaves these as loaded: embedders, AdaLayerNorm modulation linears, the final projection.
+    quantize_skip = ("context_embedder", "time_text_embed.*", "*norm*", "proj_out")
 
     default_max_sequence_length = 256  # StableDiffusion3Pipeline's default
 

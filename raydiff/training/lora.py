@@ -39,11 +39,14 @@ def adapter_metadata(config: LoraConfig) -> dict:
     return {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
 
 
-def save_lora(directory: str, pipeline_cls, dit_name: str, state_dict: dict, config: LoraConfig) -> None:
-    """Write `pytorch_lora_weights.safetensors` with the family's diffusers pipeline, rank and alpha in metadata."""
+def save_lora(directory: str, pipeline_cls, dit_name: str, state_dict: dict, config: LoraConfig,
+              weight_name: str = LORA_FILE) -> None:
+    """Write `weight_name` (pytorch_lora_weights.safetensors) with the family's diffusers pipeline, rank and
+    alpha in metadata."""
     stripped = {k[len(dit_name) + 1:]: v for k, v in state_dict.items()}
-    pipeline_cls.save_lora_weights(directory, **{f"{dit_name}_lora_layers": stripped,
-                                                 f"{dit_name}_lora_adapter_metadata": adapter_metadata(config)})
+    pipeline_cls.save_lora_weights(directory, weight_name=weight_name,
+                                   **{f"{dit_name}_lora_layers": stripped,
+                                      f"{dit_name}_lora_adapter_metadata": adapter_metadata(config)})
 
 
 def load_lora_into(model: torch.nn.Module, path: str, prefix: str, *, family: str | None = None,
