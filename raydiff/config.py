@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from raydiff import registry
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # torch dtypes a frozen base may load in
+# A two-expert checkpoint (Wan 2.2 A14B): diffusers' pipelines route timesteps >= boundary_ratio x 1000 to
+# `transformer` (high noise) and the rest to `transformer_2` (low noise).
+EXPERT_COMPONENTS = {"high": "transformer", "low": "transformer_2"}
 
 
 class _Section(BaseModel):
@@ -24,7 +27,8 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    family: str = Field("flux", description="a name in raydiff.registry (flux, qwen_image, sd3, wan, or registered)")
+    family: str = Field("flux", description="a name in raydiff.registry (flux, qwen_image, sd3, wan, wan_i2v, "
+                                             "wan_vace, or registered)")
     path: str = Field(..., description="diffusers-format pipeline directory (model_index.json) or a hub id")
     dtype: Literal[DTYPE_NAMES] = "float32"
     revision: str | None = None
@@ -32,6 +36,14 @@ class ModelConfig(_Section):
     # FLUX.1-dev distils guidance into an embedding; 1.0 during training (sd-scripts, finetrainers).
     guidance: float = 1.0
     max_sequence_length: int | None = Field(None, ge=1, description="text tokens; null = family default")
+    expert: Literal["high", "low"] | None = Field(
+        None, description="two-expert checkpoints (Wan 2.2 A14B): train the high-noise `transformer` or the "
+                          "low-noise `transformer_2`, on its share of the timesteps; one run per expert")
+
+    @property
+    def denoiser(self) -> str | None:
+        """The expert's component name, or None (the family's own denoiser)."""
+        return EXPERT_COMPONENTS[self.expert] if self.expert else None
 
     @field_validator("family")
     @classmethod
@@ -89,7 +101,8 @@ class DataConfig(_Section):
 
 
 class LoraConfig(_Section):
-    base_model: str = "transformer"
+    base_model: str | None = Field(None, description="the model the LoRA goes into; null = the denoiser "
+                                                     "(`transformer`, or the model.expert's)")
     target_modules: list[str] | None = Field(None, description="module names; null = the family's default targets")
     rank: int = Field(8, ge=1)
     alpha: float | None = Field(None, gt=0, description="null = rank (scale 1.0)")
@@ -289,6 +302,30 @@ class RaydiffConfig(_Section):
     def _something_trains(self):
         if self.lora is None and not self.train.trainable_models:
             raise ValueError("nothing to train: set a `lora:` section or train.trainable_models")
+        return self
+
+    @model_validator(mode="after")
+    def _expert_is_what_trains(self):
+        denoiser = self.model.denoiser
+        if self.lora is not None and self.lora.base_model is None:
+            self.lora.base_model = denoiser or "transformer"
+        if denoiser is None:
+            return self
+        other = next(c for c in EXPERT_COMPONENTS.values() if c != denoiser)
+        trained = [*self.train.trainable_models, *([self.lora.base_model] if self.lora else [])]
+        if other in trained:
+            key = "lora.base_model" if self.lora and self.lora.base_model == other else "train.trainable_models"
+            raise ValueError(f"model.expert {self.model.expert} trains {denoiser}, but {key} names {other} (the "
+                             f"other expert); train each expert in its own run")
+        if self.validation.prompts:
+            raise ValueError("validation.prompts needs both experts, but a model.expert run loads one; sample "
+                             "checkpoints with `raydiff sample`")
+        return self
+
+    @model_validator(mode="after")
+    def _data_keys_fit_the_family(self):
+        if (problem := registry.data_keys_problem(self.model.family, self.data.data_file_keys)) is not None:
+            raise ValueError(f"data.data_file_keys {self.data.data_file_keys}: {problem}")
         return self
 
     @model_validator(mode="after")

@@ -12,6 +12,7 @@ the driver ships to Ray's processes (training workers, encoder actors) with the 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 
 BUILTIN_FAMILIES = {
     "flux": "raydiff.pipelines.flux:FluxImagePipeline",
@@ -26,6 +27,27 @@ BUILTIN_PIPELINES = {
     "qwen_image": ("QwenImagePipeline",),
     "sd3": ("StableDiffusion3Pipeline",),
     "wan": ("WanPipeline",),
+}
+
+
+@dataclass(frozen=True)
+class DataKeys:
+    """The metadata columns a family's units read as files (`data.data_file_keys`): exactly one of `targets`
+    (what is denoised), any of `conditions`; `requires` pairs (key, the key it needs)."""
+
+    targets: tuple[str, ...]
+    conditions: tuple[str, ...] = ()
+    requires: tuple[tuple[str, str], ...] = ()
+
+
+_IMAGE = DataKeys(("image",))
+# Each family class holds its own as `data_keys`; copied here so the config can check the keys torch-free
+# (tests check the two agree).
+BUILTIN_DATA_KEYS = {
+    "flux": _IMAGE,
+    "qwen_image": _IMAGE,
+    "sd3": _IMAGE,
+    "wan": DataKeys(("video", "image")),  # an image trains as a one-frame video
 }
 _registered: dict[str, str | type] = {}
 
@@ -64,6 +86,31 @@ def pipeline_class_names(family: str) -> tuple[str, ...]:
 def family_for_pipeline(class_name: str) -> str | None:
     """The built-in family that loads a diffusers pipeline class, if any."""
     return next((f for f, names in BUILTIN_PIPELINES.items() if class_name in names), None)
+
+
+def data_keys(family: str) -> DataKeys:
+    """What `family` reads from the metadata (imports a registered family's class, never a built-in)."""
+    if family in BUILTIN_DATA_KEYS:
+        return BUILTIN_DATA_KEYS[family]
+    return get_pipeline_class(family).data_keys
+
+
+def data_keys_problem(family: str, keys: list[str]) -> str | None:
+    """Why `data.data_file_keys` = `keys` cannot feed `family`'s units; None if they can."""
+    spec = data_keys(family)
+    for key in keys:
+        if key not in spec.targets + spec.conditions:
+            known = " or ".join(spec.targets) + (f" and optionally {', '.join(spec.conditions)}" if spec.conditions
+                                                 else "")
+            return f"{family} does not read {key!r}; its units read {known}"
+    targets = [k for k in keys if k in spec.targets]
+    if len(targets) != 1:
+        found = f"found {targets}" if targets else "none is listed"
+        return f"{family} trains on exactly one of {list(spec.targets)}; {found}"
+    for key, needed in spec.requires:
+        if key in keys and needed not in keys:
+            return f"{key!r} needs {needed!r} as well"
+    return None
 
 
 def registered_families() -> dict[str, str | type]:

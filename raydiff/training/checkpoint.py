@@ -65,7 +65,8 @@ def save_checkpoint(directory: str, module, optimizer, scheduler, state: Trainer
     os.makedirs(directory, exist_ok=True)
     weights = module.trainable_state_dict() if weights is None else weights
     if module.lora_config is not None:
-        lora_lib.save_lora(directory, module.pipe.diffusers_class, module.lora_base_model, weights, module.lora_config)
+        lora_lib.save_lora(directory, module.pipe.diffusers_class, lora_lib.key_prefix(module.lora_base_model), weights,
+                           module.lora_config)
     else:
         save_file(weights, os.path.join(directory, FULL_WEIGHTS_FILE))
     optimizer_state = optimizer.state_dict() if optimizer_state is None else optimizer_state
@@ -88,8 +89,8 @@ def load_checkpoint(directory: str, module, optimizer, scheduler, sharded_models
         scheduler.load_state_dict(state["scheduler"])
         return TrainerState.read(directory)
     if module.lora_config is not None:
-        lora_lib.load_lora_into(module.models[module.lora_base_model], directory, module.lora_base_model,
-                                config=module.lora_config)
+        base = module.lora_base_model
+        lora_lib.load_lora_into(module.models[base], directory, lora_lib.key_prefix(base), config=module.lora_config)
     else:
         weights = load_file(os.path.join(directory, FULL_WEIGHTS_FILE))
         for name, model in module.models.items():

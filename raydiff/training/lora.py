@@ -11,7 +11,15 @@ from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dic
 
 from raydiff.training.lora_formats import LORA_FILE, import_lora
 
-__all__ = ["LORA_FILE", "adapter_metadata", "inject_lora", "load_lora_into", "lora_state_dict", "save_lora"]
+__all__ = ["LORA_FILE", "adapter_metadata", "inject_lora", "key_prefix", "load_lora_into", "lora_state_dict",
+           "save_lora"]
+
+
+def key_prefix(component: str) -> str:
+    """The key prefix of a LoRA of `component` in diffusers' files. A LoRA of Wan 2.2's low-noise expert
+    `transformer_2` is saved as `transformer.` keys: diffusers' `save_lora_weights` takes no transformer_2
+    layers, and `load_lora_weights(..., load_into_transformer_2=True)` reads `transformer.` keys into it."""
+    return "transformer" if component == "transformer_2" else component
 
 
 def inject_lora(model: torch.nn.Module, *, target_modules: list[str], rank: int, alpha: float | None) -> LoraConfig:
