@@ -326,6 +326,10 @@ class RaydiffConfig(_Section):
     def _data_keys_fit_the_family(self):
         if (problem := registry.data_keys_problem(self.model.family, self.data.data_file_keys)) is not None:
             raise ValueError(f"data.data_file_keys {self.data.data_file_keys}: {problem}")
+        needs = registry.data_keys(self.model.family).sampling
+        if self.validation.prompts and needs:
+            raise ValueError(f"validation.prompts: {self.model.family} samples need {', '.join(needs)} besides a "
+                             f"prompt; sample checkpoints with `raydiff sample` and its condition options")
         return self
 
     @model_validator(mode="after")

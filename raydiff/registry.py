@@ -19,6 +19,7 @@ BUILTIN_FAMILIES = {
     "qwen_image": "raydiff.pipelines.qwen_image:QwenImagePipeline",
     "sd3": "raydiff.pipelines.sd3:SD3ImagePipeline",
     "wan": "raydiff.pipelines.wan:WanVideoPipeline",
+    "wan_i2v": "raydiff.pipelines.wan_i2v:WanImageToVideoFamily",
 }
 # The diffusers pipeline class each built-in family loads (model_index.json's `_class_name`), so the
 # driver can check a model directory before importing any family (tests check these match the classes).
@@ -27,17 +28,22 @@ BUILTIN_PIPELINES = {
     "qwen_image": ("QwenImagePipeline",),
     "sd3": ("StableDiffusion3Pipeline",),
     "wan": ("WanPipeline",),
+    # A TI2V-5B directory says WanPipeline (with expand_timesteps); its image-to-video is
+    # WanImageToVideoPipeline on the same files. `Class+key`: only with that model_index.json key true.
+    "wan_i2v": ("WanImageToVideoPipeline", "WanPipeline+expand_timesteps"),
 }
 
 
 @dataclass(frozen=True)
 class DataKeys:
     """The metadata columns a family's units read as files (`data.data_file_keys`): exactly one of `targets`
-    (what is denoised), any of `conditions`; `requires` pairs (key, the key it needs)."""
+    (what is denoised), any of `conditions`; `requires` pairs (key, the key it needs). `sampling`: the
+    conditions its diffusers pipeline cannot sample without (so prompts alone cannot make validation samples)."""
 
     targets: tuple[str, ...]
     conditions: tuple[str, ...] = ()
     requires: tuple[tuple[str, str], ...] = ()
+    sampling: tuple[str, ...] = ()
 
 
 _IMAGE = DataKeys(("image",))
@@ -48,6 +54,7 @@ BUILTIN_DATA_KEYS = {
     "qwen_image": _IMAGE,
     "sd3": _IMAGE,
     "wan": DataKeys(("video", "image")),  # an image trains as a one-frame video
+    "wan_i2v": DataKeys(("video",), ("image",), sampling=("image",)),
 }
 _registered: dict[str, str | type] = {}
 
@@ -77,15 +84,24 @@ def get_pipeline_class(family: str) -> type:
 
 
 def pipeline_class_names(family: str) -> tuple[str, ...]:
-    """The diffusers pipeline class names a directory of `family` may hold."""
+    """The diffusers pipeline classes a directory of `family` may hold (`Class+key`: with that config key true)."""
     if family in BUILTIN_PIPELINES:
         return BUILTIN_PIPELINES[family]
     return (get_pipeline_class(family).diffusers_class.__name__,)
 
 
+def holds_family(family: str, model_index: dict) -> bool:
+    """Whether a directory whose model_index.json is `model_index` holds a pipeline `family` loads."""
+    for entry in pipeline_class_names(family):
+        name, *keys = entry.split("+")
+        if model_index.get("_class_name") == name and all(model_index.get(k) for k in keys):
+            return True
+    return False
+
+
 def family_for_pipeline(class_name: str) -> str | None:
-    """The built-in family that loads a diffusers pipeline class, if any."""
-    return next((f for f, names in BUILTIN_PIPELINES.items() if class_name in names), None)
+    """The built-in family that loads a diffusers pipeline class, if any (the first, for a class two load)."""
+    return next((f for f, names in BUILTIN_PIPELINES.items() if class_name in (n.split("+")[0] for n in names)), None)
 
 
 def data_keys(family: str) -> DataKeys:

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from raydiff.config import ConfigError, RaydiffConfig
 from raydiff.console import say
-from raydiff.registry import family_for_pipeline, pipeline_class_names
+from raydiff.registry import family_for_pipeline, holds_family, pipeline_class_names
 
 _MAX_SIZE_CHECKS = 4096  # image headers read to check batch sizes; larger datasets are sampled
 
@@ -38,11 +38,11 @@ def check_model(cfg: RaydiffConfig) -> None:
         except (OSError, ValueError) as err:
             raise ConfigError(f"model.path {path}: cannot read model_index.json: {err}") from None
         found = meta.get("_class_name", "?")
-        if found not in pipeline_class_names(family):
+        if not holds_family(family, meta):
             other = family_for_pipeline(found)
-            hint = f"; set model.family: {other}" if other else ""
-            raise ConfigError(f"model.family is {family!r} (a {' or '.join(pipeline_class_names(family))}), but "
-                              f"{path} holds a {found}{hint}")
+            hint = f"; set model.family: {other}" if other and other != family else ""
+            names = " or ".join(n.replace("+", " with ") for n in pipeline_class_names(family))
+            raise ConfigError(f"model.family is {family!r} (a {names}), but {path} holds a {found}{hint}")
         check_expert(cfg.model.expert, meta.get("boundary_ratio"), path)
         return
     if _looks_local(path):

@@ -152,6 +152,11 @@ class FamilyPipeline:
         raise NotImplementedError
 
     @property
+    def dit(self):
+        """The denoiser this run trains and calls: `dit_name`'s component (a two-expert run's expert)."""
+        return getattr(self.pipe, self.dit_name)
+
+    @property
     def vae_scale_factor(self) -> int:
         return self.pipe.vae_scale_factor
 
@@ -163,6 +168,14 @@ class FamilyPipeline:
     def sampling_kwargs(cls, pipe, guidance: float) -> dict:
         """Keyword arguments that make the diffusers pipeline `pipe` sample with this guidance strength."""
         return {"guidance_scale": guidance}
+
+    @classmethod
+    def sampling_conditions(cls, conditions: dict) -> dict:
+        """Keyword arguments of the diffusers pipeline's call for condition inputs (`raydiff sample --image`,
+        VACE's control video; PIL images, lists of them for videos). A family without conditions takes none."""
+        if conditions:
+            raise ValueError(f"the {cls.family} family samples from a prompt alone; got {sorted(conditions)}")
+        return {}
 
     @staticmethod
     def write_tiny(path: str, seed: int = 0, variant: str | None = None) -> None:

@@ -19,6 +19,10 @@ VIDEO_OR_IMAGE = ("video", "image")  # a unit input: the clip to denoise, or a s
 # Attention (self attn1 and cross attn2) and the MLP: what DiffSynth / musubi Wan LoRAs train.
 WAN_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
 TINY_VARIANTS = ("wan21", "wan22_a14b", "wan22_ti2v_5b")
+# DiffSynth's Wan training grid, linspace(1, 0, 1001)[:-1] with static shift 5, for every Wan model it trains
+# (2.1, 2.2, image-to-video, VACE); its Wan 2.2 scripts train each expert on its share of that grid
+# (timestep ids [0, 417) / [417, 1000) at T2V-A14B's boundary 0.875).
+WAN_SCHEDULE = FlowSchedule(shift=5.0)
 
 
 def normalize_latents(latents: torch.Tensor, mean, std) -> torch.Tensor:
@@ -54,6 +58,13 @@ def token_timesteps(timestep: torch.Tensor, latents: torch.Tensor, patch_size, c
     return timestep[:, None] * mask.flatten()[None]
 
 
+def video_seq_len(dit, latents: torch.Tensor) -> int:
+    """Tokens a Wan DiT (or, not loaded, its (1, 2, 2) patches) makes of (B, C, f, h, w) latents."""
+    pt, ph, pw = dit.config.patch_size if dit is not None else (1, 2, 2)
+    f, h, w = latents.shape[-3:]
+    return (f // pt) * (h // ph) * (w // pw)
+
+
 # --- units -----------------------------------------------------------------------------------
 
 def shape_check(p: FamilyPipeline, inputs: dict) -> dict:
@@ -86,9 +97,7 @@ class WanVideoPipeline(FamilyPipeline):
     family = "wan"
     diffusers_class = WanPipeline
     component_names = ("transformer", "transformer_2", "vae", "text_encoder", "tokenizer")
-    # DiffSynth's Wan training grid, linspace(1, 0, 1001)[:-1] with static shift 5, for 2.1 and 2.2 alike: its
-    # Wan 2.2 scripts train each expert on its share of that grid (timestep ids [0, 417) / [417, 1000) at 0.875).
-    schedule = FlowSchedule(shift=5.0)
+    schedule = WAN_SCHEDULE
     default_lora_targets = WAN_LORA_TARGETS
     data_keys = DataKeys(VIDEO_OR_IMAGE)
     tiny_variants = TINY_VARIANTS
@@ -99,11 +108,6 @@ class WanVideoPipeline(FamilyPipeline):
             PROMPT_EMBEDDER,
             PipelineUnit("input_video_embedder", _input_video_embedder, (VIDEO_OR_IMAGE,), ("latents",), ("vae",)),
         ]
-
-    @property
-    def dit(self):
-        """The denoiser this run uses: `transformer`, or the expert `model.expert` names."""
-        return getattr(self.pipe, self.dit_name)
 
     def model_fn(self, latents, sigma, *, prompt_embeds, **_):
         """latents (B, C, f, h, w), sigma (B,) -> velocity (B, C, f, h, w) float32."""
@@ -121,9 +125,7 @@ class WanVideoPipeline(FamilyPipeline):
         return pred.float()
 
     def image_seq_len(self, latents: torch.Tensor) -> int:
-        pt, ph, pw = self.dit.config.patch_size if self.dit is not None else (1, 2, 2)
-        f, h, w = latents.shape[-3:]
-        return (f // pt) * (h // ph) * (w // pw)
+        return video_seq_len(self.dit, latents)
 
     @staticmethod
     def write_tiny(path: str, seed: int = 0, variant: str | None = None) -> None:

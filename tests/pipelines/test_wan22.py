@@ -48,7 +48,7 @@ def test_each_expert_matches_the_calls_the_pipeline_routes_to_it(a14b):
     ref = diffusers.WanPipeline.from_pretrained(a14b)
     assert ref.config.boundary_ratio == 0.875
     calls = {"high": capture_calls(ref.transformer), "low": capture_calls(ref.transformer_2)}
-    # Euler, shift 5, 4 steps: timesteps 1000, 909, 715, 5 -> two calls per expert.
+    # Euler, shift 5, 4 steps: timesteps 1000, 910 | 717, 24 -> two calls per expert.
     ref(PROMPTS, height=16, width=16, num_frames=9, num_inference_steps=4, guidance_scale=1.0,
         max_sequence_length=MAX_LEN, output_type="latent", generator=torch.Generator().manual_seed(0))
     assert [len(calls["high"]), len(calls["low"])] == [2, 2]
