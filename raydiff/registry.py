@@ -20,6 +20,7 @@ BUILTIN_FAMILIES = {
     "sd3": "raydiff.pipelines.sd3:SD3ImagePipeline",
     "wan": "raydiff.pipelines.wan:WanVideoPipeline",
     "wan_i2v": "raydiff.pipelines.wan_i2v:WanImageToVideoFamily",
+    "wan_vace": "raydiff.pipelines.wan_vace:WanVACEFamily",
 }
 # The diffusers pipeline class each built-in family loads (model_index.json's `_class_name`), so the
 # driver can check a model directory before importing any family (tests check these match the classes).
@@ -31,6 +32,7 @@ BUILTIN_PIPELINES = {
     # A TI2V-5B directory says WanPipeline (with expand_timesteps); its image-to-video is
     # WanImageToVideoPipeline on the same files. `Class+key`: only with that model_index.json key true.
     "wan_i2v": ("WanImageToVideoPipeline", "WanPipeline+expand_timesteps"),
+    "wan_vace": ("WanVACEPipeline",),
 }
 
 
@@ -55,6 +57,8 @@ BUILTIN_DATA_KEYS = {
     "sd3": _IMAGE,
     "wan": DataKeys(("video", "image")),  # an image trains as a one-frame video
     "wan_i2v": DataKeys(("video",), ("image",), sampling=("image",)),
+    "wan_vace": DataKeys(("video", "image"), ("control_video", "mask_video", "reference_images"),
+                         (("mask_video", "control_video"),)),
 }
 _registered: dict[str, str | type] = {}
 

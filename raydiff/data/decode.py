@@ -21,7 +21,8 @@ from raydiff.data.packing import pack_samples
 from raydiff.data.plan import flipped
 
 log = logging.getLogger(__name__)
-VIDEO_KEYS = ("video",)
+VIDEO_KEYS = ("video", "control_video", "mask_video")
+IMAGE_LIST_KEYS = ("reference_images",)  # a list of image paths (or one), decoded to (N, H, W, 3)
 
 
 @ray.remote(num_cpus=0)
@@ -64,9 +65,11 @@ class DecodeSample:
 
     def __call__(self, row: dict) -> list[dict]:
         out = {"prompt": row["prompt"], "_row": row["_row"]}
+        size = None  # the first key's (h, w): a sample's conditions take its size, so they line up with it
         for key in self.cfg.data_file_keys:
             try:
-                out[key] = self.load(key, row[key])
+                out[key] = self.load(key, row[key], size)
+                size = size or out[key].shape[-3:-1]
             except DecodeError as err:
                 bad = BadSample(row["_row"], row[key], str(err))
                 if not self.cfg.skip_bad_samples:
@@ -78,9 +81,15 @@ class DecodeSample:
                 return []
         return [out]
 
-    def load(self, key: str, path: str) -> np.ndarray:
+    def load(self, key: str, path: str | list[str], size: tuple[int, int] | None = None) -> np.ndarray:
+        """One file column of a row, uint8: (H, W, 3), (F, H, W, 3) for VIDEO_KEYS, (N, H, W, 3) for
+        IMAGE_LIST_KEYS; at data.height/width, else `size`, else sized from the file (data.max_pixels)."""
         cfg = self.cfg
-        fixed = (cfg.height, cfg.width) if cfg.height else None
+        fixed = (cfg.height, cfg.width) if cfg.height else size
+        if key in IMAGE_LIST_KEYS:
+            paths = [path] if isinstance(path, str) else list(path)
+            first = self.load("image", paths[0], fixed)
+            return np.stack([first, *(self.load("image", p, first.shape[:2]) for p in paths[1:])])
         if key in VIDEO_KEYS:
             frames = load_video(path, num_frames=cfg.num_frames, max_pixels_before_decode=cfg.max_image_pixels)
             size = target_size(*frames.shape[1:3], fixed=fixed, max_pixels=cfg.max_pixels,
@@ -123,7 +132,6 @@ class DecodeRow:
         for sample in out:
             sample.update({k: row[k] for k in ("_rep", "_key") if k in row})
             if self.cfg.random_flip and flipped(self.seed, row["_row"]):
-                for key in self.cfg.data_file_keys:
-                    axis = 2 if key in VIDEO_KEYS else 1  # width of (F, H, W, 3) or (H, W, 3)
-                    sample[key] = np.ascontiguousarray(np.flip(sample[key], axis=axis))
+                for key in self.cfg.data_file_keys:  # the width axis of (..., H, W, 3)
+                    sample[key] = np.ascontiguousarray(np.flip(sample[key], axis=-2))
         return out
