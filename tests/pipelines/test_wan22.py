@@ -3,6 +3,7 @@ its share of the timesteps, its LoRA loadable with `load_into_transformer_2`), T
 (per-token timesteps) and stills as one-frame videos."""
 
 import math
+import os
 import re
 
 import diffusers
@@ -202,3 +203,30 @@ def test_encode_ahead_gives_the_inline_loss(tiny_model, variant, expert, size):
     batch = {"prompt": np.array(PROMPTS, dtype=object), "_row": np.array([0, 1]), "video": uint8_clips(size=size)}
     inline, ahead = inline_and_ahead_losses(raw, batch)
     assert math.isfinite(inline) and inline == pytest.approx(ahead, rel=1e-5)
+
+
+def test_sample_loads_a_low_expert_lora_into_transformer_2(a14b, tmp_path, monkeypatch):
+    import raydiff.training.validation as validation
+    from raydiff.launch.sample import sample
+
+    module = PipelineTrainingModule(parse_config(wan_config(a14b, model={"expert": "low"})))
+    randomize_lora(module, seed=4)
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad])
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(str(ckpt), module, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
+                    _state(), "model: {family: wan, expert: low}\n")
+    pipes, sample_images = [], validation.sample_images
+    monkeypatch.setattr(validation, "sample_images", lambda family, pipe, *a, **kw: (
+        pipes.append(pipe), sample_images(family, pipe, *a, **kw))[1])
+    out = sample(a14b, str(ckpt), "a fox", str(tmp_path / "on.png"), family="wan", steps=4, height=16, width=16,
+                 num_frames=9, guidance=1.0, expert="low")
+    assert os.path.getsize(out) > 0
+    # The tiny VAE hardly reacts to its latents (pixels move ~1e-5), so the LoRA is checked where it acts.
+    pipe = pipes[0]
+    assert pipe.get_list_adapters() == {"transformer_2": ["raydiff"]}
+    latents, embeds = torch.randn(1, 16, 3, 2, 2), torch.randn(1, MAX_LEN, 32)
+    with torch.no_grad():
+        on = pipe.transformer_2(latents, torch.tensor([500.0]), embeds, return_dict=False)[0]
+        pipe.transformer_2.disable_adapters()
+        off = pipe.transformer_2(latents, torch.tensor([500.0]), embeds, return_dict=False)[0]
+    assert (on - off).abs().max() > 1e-3

@@ -169,3 +169,21 @@ def test_checkpoints_and_keys_are_checked_before_ray_starts(tiny_model):
     with pytest.raises(ConfigError, match="wan_i2v samples need image"):
         parse_config(wan_config("m", family="wan_i2v", validation={"prompts": ["a"]}))
     assert parse_config(wan_config("m", family="wan_i2v", data_file_keys=["video", "image"]))
+
+
+def test_sample_command_takes_the_image(tiny_model, tmp_path, monkeypatch, capsys):
+    import raydiff.training.validation as validation
+    from raydiff.launch.cli import main
+
+    calls, sample_images = [], validation.sample_images
+    monkeypatch.setattr(validation, "sample_images", lambda *a, **kw: (calls.append(kw), sample_images(*a, **kw))[1])
+    Image.fromarray(np.full((16, 16, 3), 200, np.uint8)).save(tmp_path / "first.png")
+    argv = ["sample", "--model", tiny_model("wan_i2v"), "--family", "wan_i2v", "--prompt", "a fox", "--steps", "2",
+            "--height", "16", "--width", "16", "--num-frames", "5", "--out", str(tmp_path / "out.png")]
+    main([*argv, "--image", str(tmp_path / "first.png")])
+    assert (tmp_path / "out.png").stat().st_size > 0
+    image = calls[0]["call_kwargs"]["image"]
+    assert image.size == (16, 16) and np.asarray(image)[0, 0].tolist() == [200, 200, 200]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and "wan_i2v samples from an image (--image)" in capsys.readouterr().err

@@ -124,3 +124,25 @@ def test_condition_keys_are_checked_by_the_config():
     ok = parse_config(wan_config("m", family="wan_vace", data_file_keys=["image", "reference_images"]))
     assert ok.data.data_file_keys == ["image", "reference_images"]
     assert parse_config(wan_config("m", family="wan_vace", validation={"prompts": ["a"]}))  # samples from a prompt
+
+
+def test_sample_command_takes_the_control_inputs(tiny_model, tmp_path, monkeypatch, capsys):
+    import raydiff.training.validation as validation
+    from raydiff.data.shapes import write_clips_dataset
+    from raydiff.launch.cli import main
+
+    calls, sample_images = [], validation.sample_images
+    monkeypatch.setattr(validation, "sample_images", lambda *a, **kw: (calls.append(kw), sample_images(*a, **kw))[1])
+    write_clips_dataset(str(tmp_path), n=2, frames=11)
+    Image.fromarray(clip(3, frames=1)[0]).save(tmp_path / "ref.png")
+    argv = ["sample", "--model", tiny_model("wan_vace"), "--family", "wan_vace", "--prompt", "a fox", "--steps", "2",
+            "--height", "16", "--width", "16", "--out", str(tmp_path / "out.png")]
+    main([*argv, "--control-video", str(tmp_path / "clip0.mp4"), "--mask-video", str(tmp_path / "clip1.mp4"),
+          "--reference-image", str(tmp_path / "ref.png")])
+    assert (tmp_path / "out.png").stat().st_size > 0
+    kwargs = calls[0]["call_kwargs"]
+    assert sorted(kwargs) == ["mask", "reference_images", "video"]
+    assert len(kwargs["video"]) == len(kwargs["mask"]) == 9 and len(kwargs["reference_images"]) == 1  # 11 -> 4k + 1
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--mask-video", str(tmp_path / "clip1.mp4")])
+    assert exit_.value.code == 2 and "a mask video needs a control video" in capsys.readouterr().err
