@@ -89,6 +89,31 @@ def _input_video_embedder(p: WanVideoPipeline, inputs: dict) -> dict:
     return {"latents": encode_video(p, video_input(inputs))}
 
 
+# --- LoRA names in Wan's original checkpoints (ComfyUI, musubi/kohya) ---------------------------
+# The official Wan module paths, which ComfyUI's WanModel keeps (comfy/ldm/wan/model.py); none is fused.
+
+def block_names(original: str, ours: str) -> dict:
+    """{original name: ((diffusers name,), None)} for the linear layers of a Wan transformer block."""
+    layers = {"self_attn.q": "attn1.to_q", "self_attn.k": "attn1.to_k", "self_attn.v": "attn1.to_v",
+              "self_attn.o": "attn1.to_out.0", "cross_attn.q": "attn2.to_q", "cross_attn.k": "attn2.to_k",
+              "cross_attn.v": "attn2.to_v", "cross_attn.o": "attn2.to_out.0", "cross_attn.k_img": "attn2.add_k_proj",
+              "cross_attn.v_img": "attn2.add_v_proj", "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2"}
+    return {f"{original}.{{i}}.{o}": ((f"{ours}.{{i}}.{d}",), None) for o, d in layers.items()}
+
+
+ORIGINAL_NAMES = {
+    **block_names("blocks", "blocks"),
+    "head.head": (("proj_out",), None),
+    "time_projection.1": (("condition_embedder.time_proj",), None),
+    "time_embedding.0": (("condition_embedder.time_embedder.linear_1",), None),
+    "time_embedding.2": (("condition_embedder.time_embedder.linear_2",), None),
+    "text_embedding.0": (("condition_embedder.text_embedder.linear_1",), None),
+    "text_embedding.2": (("condition_embedder.text_embedder.linear_2",), None),
+    "img_emb.proj.1": (("condition_embedder.image_embedder.ff.net.0.proj",), None),
+    "img_emb.proj.3": (("condition_embedder.image_embedder.ff.net.2",), None),
+}
+
+
 SHAPE_CHECK = PipelineUnit("shape_check", shape_check, (VIDEO_OR_IMAGE,), ("num_frames", "height", "width"))
 PROMPT_EMBEDDER = PipelineUnit("prompt_embedder", prompt_embedder, ("prompt",), ("prompt_embeds",), ("text_encoder",))
 
@@ -101,6 +126,7 @@ class WanVideoPipeline(FamilyPipeline):
     default_lora_targets = WAN_LORA_TARGETS
     data_keys = DataKeys(VIDEO_OR_IMAGE)
     tiny_variants = TINY_VARIANTS
+    lora_original_names = ORIGINAL_NAMES
 
     def make_units(self) -> list[PipelineUnit]:
         return [

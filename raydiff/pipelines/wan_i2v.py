@@ -17,6 +17,7 @@ from PIL import Image
 
 from raydiff.pipelines.base import FamilyPipeline, PipelineUnit
 from raydiff.pipelines.wan import (
+    ORIGINAL_NAMES,
     PROMPT_EMBEDDER,
     SHAPE_CHECK,
     TINY_VARIANTS,
@@ -91,6 +92,7 @@ class WanImageToVideoFamily(FamilyPipeline):
     default_lora_targets = [*WAN_LORA_TARGETS, "add_k_proj", "add_v_proj"]
     data_keys = DataKeys(("video",), ("image",), sampling=("image",))
     tiny_variants = TINY_VARIANTS
+    lora_original_names = ORIGINAL_NAMES
 
     def make_units(self) -> list[PipelineUnit]:
         return [

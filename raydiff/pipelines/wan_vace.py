@@ -19,11 +19,13 @@ from diffusers import WanVACEPipeline
 
 from raydiff.pipelines.base import FamilyPipeline, PipelineUnit
 from raydiff.pipelines.wan import (
+    ORIGINAL_NAMES,
     PROMPT_EMBEDDER,
     SHAPE_CHECK,
     VIDEO_OR_IMAGE,
     WAN_LORA_TARGETS,
     WAN_SCHEDULE,
+    block_names,
     encode_video,
     tiny_components,
     video_input,
@@ -32,6 +34,14 @@ from raydiff.pipelines.wan import (
 from raydiff.registry import DataKeys
 
 CONDITIONS = ("control_video", "mask_video", "reference_images")
+# ComfyUI's VaceWanAttentionBlock (comfy/ldm/wan/model.py): a Wan block plus before_proj (the first only) and
+# after_proj, diffusers' proj_in / proj_out.
+VACE_ORIGINAL_NAMES = {
+    **ORIGINAL_NAMES,
+    **block_names("vace_blocks", "vace_blocks"),
+    "vace_blocks.{i}.before_proj": (("vace_blocks.{i}.proj_in",), None),
+    "vace_blocks.{i}.after_proj": (("vace_blocks.{i}.proj_out",), None),
+}
 
 
 def fold_mask(mask: torch.Tensor, refs: int, spatial: int, temporal: int) -> torch.Tensor:
@@ -90,6 +100,7 @@ class WanVACEFamily(FamilyPipeline):
     default_lora_targets = WAN_LORA_TARGETS  # matches the DiT's blocks and the VACE blocks alike
     data_keys = DataKeys(VIDEO_OR_IMAGE, CONDITIONS, (("mask_video", "control_video"),))
     tiny_variants = ("wan21",)
+    lora_original_names = VACE_ORIGINAL_NAMES
 
     def make_units(self) -> list[PipelineUnit]:
         return [
