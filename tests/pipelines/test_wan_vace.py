@@ -146,3 +146,12 @@ def test_sample_command_takes_the_control_inputs(tiny_model, tmp_path, monkeypat
     with pytest.raises(SystemExit) as exit_:
         main([*argv, "--mask-video", str(tmp_path / "clip1.mp4")])
     assert exit_.value.code == 2 and "a mask video needs a control video" in capsys.readouterr().err
+
+
+def test_fsdp_and_compile_see_the_vace_blocks_as_repeated_blocks(tiny_model):
+    from raydiff.pipelines.base import repeated_blocks
+
+    dit = WanVACEFamily.from_pretrained(tiny_model("wan_vace"), components=["transformer"]).pipe.transformer
+    kinds = {type(b).__name__ for b in repeated_blocks(dit)}
+    assert kinds == {"WanTransformerBlock", "WanVACETransformerBlock"}  # wrapped (and compiled) one by one
+    assert len(repeated_blocks(dit)) == len(dit.blocks) + len(dit.vace_blocks)
