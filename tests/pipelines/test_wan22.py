@@ -26,6 +26,7 @@ from raydiff.config import ConfigError, parse_config
 from raydiff.launch.checks import check_model
 from raydiff.pipelines.base import run_units
 from raydiff.pipelines.wan import WanVideoPipeline
+from raydiff.registry import get_pipeline_class
 from raydiff.training.checkpoint import save_checkpoint
 from raydiff.training.evaluation import eval_sigmas
 from raydiff.training.module import PipelineTrainingModule
@@ -230,3 +231,26 @@ def test_sample_loads_a_low_expert_lora_into_transformer_2(a14b, tmp_path, monke
         pipe.transformer_2.disable_adapters()
         off = pipe.transformer_2(latents, torch.tensor([500.0]), embeds, return_dict=False)[0]
     assert (on - off).abs().max() > 1e-3
+
+
+def test_real_size_example_configs_validate(tiny_model):
+    from pathlib import Path
+
+    from raydiff.config import load_config
+    from raydiff.training.lora import resolve_targets
+
+    root = Path(__file__).resolve().parents[2] / "examples"
+    high, low = (load_config(root / "wan22" / f"lora_wan22_a14b_{e}.yaml") for e in ("high", "low"))
+    assert (high.model.expert, high.lora.base_model) == ("high", "transformer")
+    assert (low.model.expert, low.lora.base_model) == ("low", "transformer_2")
+    assert high.data.cache_dir != low.data.cache_dir
+    ti2v = load_config(root / "wan22" / "lora_wan22_ti2v_5b.yaml")
+    assert ti2v.data.height % 32 == ti2v.data.width % 32 == 0 and ti2v.data.num_frames % 4 == 1
+    assert load_config(root / "wan22" / "lora_wan22_ti2v_5b.yaml", ["model.family=wan_i2v"]).model.family == "wan_i2v"
+    i2v = load_config(root / "wan" / "lora_wan21_i2v_14b.yaml")
+    assert i2v.model.family == "wan_i2v" and set(i2v.lora.target_modules) >= {"add_k_proj", "add_v_proj"}
+    vace = load_config(root / "wan" / "lora_wan_vace_1_3b.yaml")
+    dit = get_pipeline_class("wan_vace").from_pretrained(tiny_model("wan_vace"), components=["transformer"]).dit
+    assert all(t.startswith("vace_blocks.") for t in resolve_targets(dit, vace.lora.target_modules))
+    for cfg in (high, low, ti2v, i2v, vace):
+        assert cfg.data.num_frames % 4 == 1 and cfg.data.preprocess == "cache"
