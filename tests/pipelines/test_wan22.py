@@ -254,3 +254,18 @@ def test_real_size_example_configs_validate(tiny_model):
     assert all(t.startswith("vace_blocks.") for t in resolve_targets(dit, vace.lora.target_modules))
     for cfg in (high, low, ti2v, i2v, vace):
         assert cfg.data.num_frames % 4 == 1 and cfg.data.preprocess == "cache"
+
+
+def test_raydiff_train_refuses_keys_wan_cannot_read_before_ray_starts(tmp_path, capsys):
+    import ray
+    import yaml
+
+    from raydiff.launch.cli import main
+
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(wan_config(str(tmp_path), data_file_keys=["video", "image"])))
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", str(path)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "data.data_file_keys ['video', 'image']: wan trains on exactly one of" in err
+    assert not ray.is_initialized()
