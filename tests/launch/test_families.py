@@ -11,6 +11,7 @@ from safetensors import safe_open
 from raydiff.config import load_config
 from raydiff.data.shapes import write_clips_dataset, write_shapes_dataset, write_vace_dataset
 from raydiff.launch.trainer import launch_training_task
+from raydiff.registry import get_pipeline_class
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -32,7 +33,7 @@ WRITERS = {"shapes": lambda d: write_shapes_dataset(d, n=8), "clips": write_clip
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_family_trains_from_its_tiny_example(case, ray_session, tiny_model, tmp_path):
+def test_family_trains_from_its_tiny_example(case, ray_session, tiny_model, tmp_path, lora_key_warnings):
     example, variant, data_kind = CASES[case]
     family = load_config(ROOT / "examples" / example, ["model.path=unused"]).model.family
     data = tmp_path / "data"
@@ -57,3 +58,8 @@ def test_family_trains_from_its_tiny_example(case, ray_session, tiny_model, tmp_
             assert all(k.startswith("transformer.blocks.") for k in f.keys())
     if cfg.eval.every_steps:
         assert any("eval_loss" in h for h in state["log_history"])
+    # The LoRA trained on Ray loads into the family's diffusers pipeline without key warnings.
+    pipe = get_pipeline_class(family).diffusers_class.from_pretrained(cfg.model.path)
+    into = {"load_into_transformer_2": True} if cfg.model.expert == "low" else {}
+    assert lora_key_warnings(lambda: pipe.load_lora_weights(ckpt, **into)) == []
+    assert getattr(pipe, cfg.model.denoiser or "transformer").peft_config
