@@ -12,6 +12,7 @@ the driver ships to Ray's processes (training workers, encoder actors) with the 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 
 BUILTIN_FAMILIES = {
     "flux": "raydiff.pipelines.flux:FluxImagePipeline",
@@ -20,6 +21,8 @@ BUILTIN_FAMILIES = {
     "wan": "raydiff.pipelines.wan:WanVideoPipeline",
     "z_image": "raydiff.pipelines.z_image:ZImagePipeline",
     "flux2_klein": "raydiff.pipelines.flux2:Flux2KleinImagePipeline",
+    "wan_i2v": "raydiff.pipelines.wan_i2v:WanImageToVideoFamily",
+    "wan_vace": "raydiff.pipelines.wan_vace:WanVACEFamily",
 }
 # The diffusers pipeline class each built-in family loads (model_index.json's `_class_name`), so the
 # driver can check a model directory before importing any family (tests check these match the classes).
@@ -30,6 +33,38 @@ BUILTIN_PIPELINES = {
     "wan": ("WanPipeline",),
     "z_image": ("ZImagePipeline",),
     "flux2_klein": ("Flux2KleinPipeline",),
+    # A TI2V-5B directory says WanPipeline (with expand_timesteps); its image-to-video is
+    # WanImageToVideoPipeline on the same files. `Class+key`: only with that model_index.json key true.
+    "wan_i2v": ("WanImageToVideoPipeline", "WanPipeline+expand_timesteps"),
+    "wan_vace": ("WanVACEPipeline",),
+}
+
+
+@dataclass(frozen=True)
+class DataKeys:
+    """The metadata columns a family's units read as files (`data.data_file_keys`): exactly one of `targets`
+    (what is denoised), any of `conditions`; `requires` pairs (key, the key it needs). `sampling`: the
+    conditions its diffusers pipeline cannot sample without (so prompts alone cannot make validation samples)."""
+
+    targets: tuple[str, ...]
+    conditions: tuple[str, ...] = ()
+    requires: tuple[tuple[str, str], ...] = ()
+    sampling: tuple[str, ...] = ()
+
+
+_IMAGE = DataKeys(("image",))
+# Each family class holds its own as `data_keys`; copied here so the config can check the keys torch-free
+# (tests check the two agree).
+BUILTIN_DATA_KEYS = {
+    "flux": _IMAGE,
+    "qwen_image": _IMAGE,
+    "sd3": _IMAGE,
+    "wan": DataKeys(("video", "image")),  # an image trains as a one-frame video
+    "wan_i2v": DataKeys(("video",), ("image",), sampling=("image",)),
+    "wan_vace": DataKeys(("video", "image"), ("control_video", "mask_video", "reference_images"),
+                         (("mask_video", "control_video"),)),
+    "z_image": _IMAGE,
+    "flux2_klein": _IMAGE,
 }
 _registered: dict[str, str | type] = {}
 
@@ -59,15 +94,49 @@ def get_pipeline_class(family: str) -> type:
 
 
 def pipeline_class_names(family: str) -> tuple[str, ...]:
-    """The diffusers pipeline class names a directory of `family` may hold."""
+    """The diffusers pipeline classes a directory of `family` may hold (`Class+key`: with that config key true)."""
     if family in BUILTIN_PIPELINES:
         return BUILTIN_PIPELINES[family]
     return (get_pipeline_class(family).diffusers_class.__name__,)
 
 
+def holds_family(family: str, model_index: dict) -> bool:
+    """Whether a directory whose model_index.json is `model_index` holds a pipeline `family` loads."""
+    for entry in pipeline_class_names(family):
+        name, *keys = entry.split("+")
+        if model_index.get("_class_name") == name and all(model_index.get(k) for k in keys):
+            return True
+    return False
+
+
 def family_for_pipeline(class_name: str) -> str | None:
-    """The built-in family that loads a diffusers pipeline class, if any."""
-    return next((f for f, names in BUILTIN_PIPELINES.items() if class_name in names), None)
+    """The built-in family that loads a diffusers pipeline class, if any (the first, for a class two load)."""
+    return next((f for f, names in BUILTIN_PIPELINES.items() if class_name in (n.split("+")[0] for n in names)), None)
+
+
+def data_keys(family: str) -> DataKeys:
+    """What `family` reads from the metadata (imports a registered family's class, never a built-in)."""
+    if family in BUILTIN_DATA_KEYS:
+        return BUILTIN_DATA_KEYS[family]
+    return get_pipeline_class(family).data_keys
+
+
+def data_keys_problem(family: str, keys: list[str]) -> str | None:
+    """Why `data.data_file_keys` = `keys` cannot feed `family`'s units; None if they can."""
+    spec = data_keys(family)
+    for key in keys:
+        if key not in spec.targets + spec.conditions:
+            known = " or ".join(spec.targets) + (f" and optionally {', '.join(spec.conditions)}" if spec.conditions
+                                                 else "")
+            return f"{family} does not read {key!r}; its units read {known}"
+    targets = [k for k in keys if k in spec.targets]
+    if len(targets) != 1:
+        found = f"found {targets}" if targets else "none is listed"
+        return f"{family} trains on exactly one of {list(spec.targets)}; {found}"
+    for key, needed in spec.requires:
+        if key in keys and needed not in keys:
+            return f"{key!r} needs {needed!r} as well"
+    return None
 
 
 def registered_families() -> dict[str, str | type]:

@@ -45,15 +45,16 @@ def ray_session():
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
-    """tiny_model("flux") -> path of a tiny random pipeline, written once per session."""
-    cache: dict[str, str] = {}
+    """tiny_model("flux") or tiny_model("wan", "wan22_a14b") -> path of a tiny random pipeline, written once
+    per session."""
+    cache: dict[tuple, str] = {}
 
-    def make(family: str = "flux") -> str:
-        if family not in cache:
-            path = str(tmp_path_factory.mktemp(f"tiny-{family}"))
-            get_pipeline_class(family).write_tiny(path)
-            cache[family] = path
-        return cache[family]
+    def make(family: str = "flux", variant: str | None = None) -> str:
+        if (family, variant) not in cache:
+            path = str(tmp_path_factory.mktemp(f"tiny-{family}-{variant or 'default'}"))
+            get_pipeline_class(family).write_tiny(path, **({"variant": variant} if variant else {}))
+            cache[family, variant] = path
+        return cache[family, variant]
 
     return make
 

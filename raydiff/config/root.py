@@ -8,7 +8,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, model_validator
 
+from raydiff import registry
 from raydiff.config.sections import (
+    EXPERT_COMPONENTS,
     SHARDED_STATE_OPTIMIZERS,
     DataConfig,
     EvalConfig,
@@ -69,6 +71,34 @@ class RaydiffConfig(_Section):
     def _something_trains(self):
         if self.lora is None and not self.train.trainable_models:
             raise ValueError("nothing to train: set a `lora:` section or train.trainable_models")
+        return self
+
+    @model_validator(mode="after")
+    def _expert_is_what_trains(self):
+        denoiser = self.model.denoiser
+        if self.lora is not None and self.lora.base_model is None:
+            self.lora.base_model = denoiser or "transformer"
+        if denoiser is None:
+            return self
+        other = next(c for c in EXPERT_COMPONENTS.values() if c != denoiser)
+        trained = [*self.train.trainable_models, *([self.lora.base_model] if self.lora else [])]
+        if other in trained:
+            key = "lora.base_model" if self.lora and self.lora.base_model == other else "train.trainable_models"
+            raise ValueError(f"model.expert {self.model.expert} trains {denoiser}, but {key} names {other} (the "
+                             f"other expert); train each expert in its own run")
+        if self.validation.prompts:
+            raise ValueError("validation.prompts needs both experts, but a model.expert run loads one; sample "
+                             "checkpoints with `raydiff sample`")
+        return self
+
+    @model_validator(mode="after")
+    def _data_keys_fit_the_family(self):
+        if (problem := registry.data_keys_problem(self.model.family, self.data.data_file_keys)) is not None:
+            raise ValueError(f"data.data_file_keys {self.data.data_file_keys}: {problem}")
+        needs = registry.data_keys(self.model.family).sampling
+        if self.validation.prompts and needs:
+            raise ValueError(f"validation.prompts: {self.model.family} samples need {', '.join(needs)} besides a "
+                             f"prompt; sample checkpoints with `raydiff sample` and its condition options")
         return self
 
     @model_validator(mode="after")

@@ -13,6 +13,9 @@ from raydiff import registry
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # torch dtypes a frozen base may load in
 QUANTIZE_MODES, GPU_ONLY_QUANTIZE = ("int8", "fp8", "nf4"), ("fp8", "nf4")  # model.quantize
 OPTIMIZERS, SHARDED_STATE_OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy"), ("adamw",)  # train.optimizer
+# A two-expert checkpoint (Wan 2.2 A14B): diffusers' pipelines route timesteps >= boundary_ratio x 1000 to
+# `transformer` (high noise) and the rest to `transformer_2` (low noise).
+EXPERT_COMPONENTS = {"high": "transformer", "low": "transformer_2"}
 
 
 class _Section(BaseModel):
@@ -20,7 +23,8 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    family: str = Field("flux", description="a name in raydiff.registry (flux, qwen_image, sd3, wan, or registered)")
+    family: str = Field("flux", description="a name in raydiff.registry (see registry.BUILTIN_FAMILIES, "
+                                             "or registered)")
     path: str = Field(..., description="diffusers-format pipeline directory (model_index.json) or a hub id")
     dtype: Literal[DTYPE_NAMES] = "float32"
     revision: str | None = None
@@ -31,12 +35,20 @@ class ModelConfig(_Section):
     # The frozen DiT's linears, LoRA on top in fp32: int8/fp8 torchao weight-only, nf4 bitsandbytes (README).
     quantize: Literal[QUANTIZE_MODES] | None = None
     quantize_text_encoders: bool = Field(False, description="also quantize the frozen text encoders (model.quantize)")
+    expert: Literal["high", "low"] | None = Field(
+        None, description="two-expert checkpoints (Wan 2.2 A14B): train the high-noise `transformer` or the "
+                          "low-noise `transformer_2`, on its share of the timesteps; one run per expert")
 
     @model_validator(mode="after")
     def _text_encoders_follow_the_dit(self):
         if self.quantize_text_encoders and self.quantize is None:
             raise ValueError("model.quantize_text_encoders uses model.quantize's mode; set model.quantize")
         return self
+
+    @property
+    def denoiser(self) -> str | None:
+        """The expert's component name, or None (the family's own denoiser)."""
+        return EXPERT_COMPONENTS[self.expert] if self.expert else None
 
     @field_validator("family")
     @classmethod
@@ -110,7 +122,8 @@ class DataConfig(_Section):
 
 
 class LoraConfig(_Section):
-    base_model: str = "transformer"
+    base_model: str | None = Field(None, description="the model the LoRA goes into; null = the denoiser "
+                                                     "(`transformer`, or the model.expert's)")
     target_modules: list[str] | None = Field(None, description="module names; null = the family's default targets")
     rank: int = Field(8, ge=1)
     alpha: float | None = Field(None, gt=0, description="null = rank (scale 1.0)")

@@ -100,7 +100,9 @@ def _inputs_hash(cfg: RaydiffConfig, rows: list[dict]) -> str:
     return h.hexdigest()
 
 
-def _file_stamp(path: str) -> str:
+def _file_stamp(path: str | list[str]) -> str:
+    if isinstance(path, (list, tuple)):
+        return "+".join(_file_stamp(p) for p in path)
     if is_url(path):
         return "url"
     try:

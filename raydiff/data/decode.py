@@ -21,7 +21,8 @@ from raydiff.data.packing import pack_samples
 from raydiff.data.plan import flipped
 
 log = logging.getLogger(__name__)
-VIDEO_KEYS = ("video",)
+VIDEO_KEYS = ("video", "control_video", "mask_video")
+IMAGE_LIST_KEYS = ("reference_images",)  # a list of image paths (or one), decoded to (N, H, W, 3)
 
 
 @ray.remote(num_cpus=0)
@@ -84,9 +85,11 @@ class DecodeSample:
 
     def __call__(self, row: dict) -> list[dict]:
         out = {"prompt": row["prompt"], "_row": row["_row"]}
+        size = None  # the first key's (h, w): a sample's conditions take its size, so they line up with it
         for key in self.cfg.data_file_keys:
             try:
-                out[key] = self.load(key, row[key])
+                out[key] = self.load(key, row[key], size)
+                size = size or out[key].shape[-3:-1]
             except DecodeError as err:
                 source = row[key] if isinstance(row[key], str) else row.get("_source", "embedded bytes")
                 bad = BadSample(row["_row"], source, str(err))
@@ -96,12 +99,18 @@ class DecodeSample:
                 return []
         return [out]
 
-    def load(self, key: str, path: str | bytes) -> np.ndarray:
-        """Decode one file: a local path, a URL (read through pyarrow's filesystems) or the bytes."""
+    def load(self, key: str, path: str | bytes | list, size: tuple[int, int] | None = None) -> np.ndarray:
+        """One file column of a row, uint8: (H, W, 3), (F, H, W, 3) for VIDEO_KEYS, (N, H, W, 3) for
+        IMAGE_LIST_KEYS; at data.height/width, else `size`, else sized from the file (data.max_pixels).
+        A file is a local path, a URL (read through pyarrow's filesystems) or its bytes."""
+        cfg = self.cfg
+        fixed = (cfg.height, cfg.width) if cfg.height else size
+        if key in IMAGE_LIST_KEYS:
+            paths = [path] if isinstance(path, (str, bytes)) else list(path)
+            first = self.load("image", paths[0], fixed)
+            return np.stack([first, *(self.load("image", p, first.shape[:2]) for p in paths[1:])])
         if isinstance(path, str) and is_url(path):
             path = read_url(path)
-        cfg = self.cfg
-        fixed = (cfg.height, cfg.width) if cfg.height else None
         if key in VIDEO_KEYS:
             frames = load_video(path, num_frames=cfg.num_frames, max_pixels_before_decode=cfg.max_image_pixels)
             size = target_size(*frames.shape[1:3], fixed=fixed, max_pixels=cfg.max_pixels,
@@ -144,7 +153,6 @@ class DecodeRow:
         for sample in out:  # the row's annotations (_rep, _key; a stream's _pass, _index) travel on
             sample.update({k: v for k, v in row.items() if k.startswith("_") and k not in ("_size", "_row")})
             if self.cfg.random_flip and flipped(self.seed, row["_row"]):
-                for key in self.cfg.data_file_keys:
-                    axis = 2 if key in VIDEO_KEYS else 1  # width of (F, H, W, 3) or (H, W, 3)
-                    sample[key] = np.ascontiguousarray(np.flip(sample[key], axis=axis))
+                for key in self.cfg.data_file_keys:  # the width axis of (..., H, W, 3)
+                    sample[key] = np.ascontiguousarray(np.flip(sample[key], axis=-2))
         return out

@@ -39,7 +39,8 @@ def training_components(cfg: RaydiffConfig) -> list[str] | None:
     if cfg.data.preprocess == "inline":
         return None
     cls = get_pipeline_class(cfg.model.family)
-    wanted = [cls.dit_name, *trainable_names(cfg), *(c for c in cls.component_names if c.startswith("tokenizer"))]
+    denoiser = cfg.model.denoiser or cls.dit_name
+    wanted = [denoiser, *trainable_names(cfg), *(c for c in cls.component_names if c.startswith("tokenizer"))]
     return [c for c in dict.fromkeys(wanted) if c in cls.component_names]
 
 
@@ -60,7 +61,8 @@ class Encoder:
                                         trust_remote_code=cfg.model.trust_remote_code, guidance=cfg.model.guidance,
                                         max_sequence_length=cfg.model.max_sequence_length,
                                         quantize=cfg.model.quantize,
-                                        quantize_text_encoders=cfg.model.quantize_text_encoders)
+                                        quantize_text_encoders=cfg.model.quantize_text_encoders,
+                                        expert=cfg.model.expert)
         self.units, _ = split_units(self.pipe, trainable_names(cfg))
         self.media_keys = tuple(cfg.data.data_file_keys)
 

@@ -199,22 +199,31 @@ def _check_row(
     row["prompt"] = prompt if isinstance(prompt, str) else str(prompt)
     for key in keys:
         value = row.get(key)
-        if isinstance(value, bytes):
-            try:
-                value = value.decode("utf-8")
-            except UnicodeDecodeError:
-                return BadSample(index, None, f"column {key!r} is not valid UTF-8")
-        if value is None or (isinstance(value, float) and math.isnan(value)) or value == "":
-            return BadSample(index, None, f"empty value in column {key!r}")
-        if not isinstance(value, str):
-            return BadSample(index, str(value), f"column {key!r} must be a path string")
-        resolved = resolve_path(value, base_path, allow_outside_base)
-        if resolved is None:
-            return BadSample(index, value, ESCAPE_REASON)
-        if not is_url(resolved) and not os.path.exists(resolved):
-            return BadSample(index, value, "file not found")
-        row[key] = resolved
+        # A list of paths (json, jsonl, parquet) is checked path by path: VACE's reference images.
+        values = list(value) if isinstance(value, (list, tuple)) and value else [value]
+        resolved = [_check_path(index, key, v, base_path, allow_outside_base) for v in values]
+        if bad := next((r for r in resolved if isinstance(r, BadSample)), None):
+            return bad
+        row[key] = resolved if isinstance(value, (list, tuple)) else resolved[0]
     return row
+
+
+def _check_path(index: int, key: str, value: Any, base_path: str, allow_outside_base: bool) -> str | BadSample:
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            return BadSample(index, None, f"column {key!r} is not valid UTF-8")
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value in ("", []):
+        return BadSample(index, None, f"empty value in column {key!r}")
+    if not isinstance(value, str):
+        return BadSample(index, str(value), f"column {key!r} must be a path string (or a list of them)")
+    resolved = resolve_path(value, base_path, allow_outside_base)
+    if resolved is None:
+        return BadSample(index, value, ESCAPE_REASON)
+    if not is_url(resolved) and not os.path.exists(resolved):
+        return BadSample(index, value, "file not found")
+    return resolved
 
 
 def resolve_path(value: str, base_path: str, allow_outside_base: bool = False) -> str | None:

@@ -1,8 +1,10 @@
 """Small synthetic datasets written on demand, so the demo, the tiny examples and the tests need no
-download and the repository holds no binaries: coloured shapes (images) and moving squares (clips).
+download and the repository holds no binaries: coloured shapes (images), moving squares (clips) and clips
+with VACE conditions (control clip, mask clip, reference image).
 
     python -c "from raydiff.data.shapes import write_shapes_dataset as w; w('data/shapes')"
     python -c "from raydiff.data.shapes import write_clips_dataset as w; w('data/clips')"
+    python -c "from raydiff.data.shapes import write_vace_dataset as w; w('data/vace')"
 """
 
 from __future__ import annotations
@@ -51,6 +53,38 @@ def write_shapes_dataset(directory: str, n: int = 16, size: tuple[int, int] | li
         writer = csv.DictWriter(f, fieldnames=["image", "prompt"])
         writer.writeheader()
         writer.writerows(rows)
+    return path
+
+
+def write_vace_dataset(directory: str, n: int = 4, frames: int = 11, size: int = 16) -> str:
+    """`write_clips_dataset` plus, per clip, a control clip (the next clip), a mask clip (right half white: to
+    regenerate) and a reference image (its first frame); metadata `metadata.jsonl` with video, control_video,
+    mask_video, reference_images (a list) and prompt. Returns the metadata path."""
+    import json
+
+    import av
+    import numpy as np
+
+    write_clips_dataset(directory, n=n, frames=frames, size=size)
+    mask = np.zeros((size, size, 3), np.uint8)
+    mask[:, size // 2:] = 255
+    with av.open(os.path.join(directory, "mask.mp4"), "w") as container:
+        stream = container.add_stream("mpeg4", rate=8)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for _ in range(frames):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(mask, format="rgb24")))
+        container.mux(stream.encode())
+    rows = []
+    for i in range(n):
+        with av.open(os.path.join(directory, f"clip{i}.mp4")) as container:
+            first = next(container.decode(video=0)).to_image()
+        first.save(os.path.join(directory, f"ref{i}.png"))
+        rows.append({"video": f"clip{i}.mp4", "control_video": f"clip{(i + 1) % n}.mp4", "mask_video": "mask.mp4",
+                     "reference_images": [f"ref{i}.png"], "prompt": f"a red square moving right {i}"})
+    path = os.path.join(directory, "metadata.jsonl")
+    with open(path, "w") as f:
+        f.write("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
 
 

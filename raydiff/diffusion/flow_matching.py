@@ -6,6 +6,7 @@ Conventions (docs/flow_matching.md): ``x_t = (1-σ)·x0 + σ·ε``, target ``ε 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -135,17 +136,84 @@ def sample_u(density: str, batch: int, generator: torch.Generator, *, logit_mean
 
 def sample_sigmas(schedule: FlowSchedule, sampling: str, batch: int, generator: torch.Generator, *,
                   shift: float | None = None, mu: float | None = None, logit_mean: float = 0.0,
-                  logit_std: float = 1.0, mode_scale: float = 1.29) -> Tensor:
+                  logit_std: float = 1.0, mode_scale: float = 1.29,
+                  sigma_range: tuple[float, float] | None = None) -> Tensor:
     """(B,) float32 training σ on the generator's device, one per sample.
 
     ``"diffsynth"``: uniform index into the shifted 1000-entry grid (DiffSynth's default);
     otherwise ``u ~ sample_u(sampling)`` shifted continuously with ``schedule.shift_sigmas``.
+    ``sigma_range=(lo, hi)``: the same law restricted to ``lo <= σ < hi`` (``hi > 1`` keeps σ = 1), e.g. one
+    expert's share of a two-expert schedule: grid entries in range, or the continuous law's inverse CDF
+    between the range's probabilities (draws then differ from the unrestricted ones).
     """
+    density = dict(logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale)
     if sampling == "diffsynth":
-        idx = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch,), generator=generator, device=generator.device)
-        return schedule.grid(shift=shift, mu=mu).to(idx.device)[idx].float()
-    u = sample_u(sampling, batch, generator, logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale)
+        grid = _grid_in_range(schedule, sigma_range, shift=shift, mu=mu)
+        idx = torch.randint(0, len(grid), (batch,), generator=generator, device=generator.device)
+        return grid.to(idx.device)[idx].float()
+    if sigma_range is not None:
+        p_lo, p_hi = _probability_range(schedule, sampling, tuple(sigma_range), shift, mu, **density)
+        p = p_lo + (p_hi - p_lo) * torch.rand((batch,), generator=generator, device=generator.device).double()
+        return sigma_quantile(schedule, sampling, p, shift=shift, mu=mu, **density).float()
+    u = sample_u(sampling, batch, generator, **density)
     return schedule.shift_sigmas(u.double(), shift=shift, mu=mu).float()
+
+
+def _grid_in_range(schedule: FlowSchedule, sigma_range: tuple[float, float] | None, **shift_kw) -> Tensor:
+    """The shifted grid (descending, float64), only the entries with lo <= σ < hi when a range is given."""
+    grid = schedule.grid(**shift_kw)
+    if sigma_range is None:
+        return grid
+    lo, hi = sigma_range
+    kept = grid[(grid >= lo) & ((grid < hi) | (hi > 1))]
+    if len(kept) == 0:
+        raise ValueError(f"no training timestep has sigma in [{lo}, {hi})")
+    return kept
+
+
+def sigma_quantile(schedule: FlowSchedule, sampling: str, p: Tensor, *, shift: float | None = None,
+                   mu: float | None = None, logit_mean: float = 0.0, logit_std: float = 1.0,
+                   mode_scale: float = 1.29) -> Tensor:
+    """σ at cumulative probabilities ``p`` ∈ [0, 1] (any shape) of a continuous training σ law: its inverse CDF.
+
+    u-densities are inverted analytically; every shift is increasing in u, so σ quantiles are shifted u quantiles.
+    """
+    p = p.double()
+    if sampling == "uniform":
+        u = p
+    elif sampling == "logit_normal":
+        u = torch.sigmoid(logit_mean + logit_std * torch.special.ndtri(p))
+    elif sampling == "mode":
+        # The mode map is decreasing in the uniform draw for -1 < s < 1/(π/2 - 1) ≈ 1.75, so quantile p is f(1-p).
+        if not -1 < mode_scale < 1 / (math.pi / 2 - 1):
+            raise ValueError(f"mode_scale {mode_scale} makes the mode density non-monotone")
+        v = 1 - p
+        u = 1 - v - mode_scale * (torch.cos(math.pi * v / 2) ** 2 - 1 + v)
+    else:
+        raise ValueError(f"unknown sampling {sampling!r}; expected one of {SAMPLINGS}")
+    return schedule.shift_sigmas(u, shift=shift, mu=mu)
+
+
+@functools.lru_cache(maxsize=64)
+def _probability_range(schedule: FlowSchedule, sampling: str, sigma_range: tuple[float, float],
+                       shift: float | None, mu: float | None, **density) -> tuple[float, float]:
+    """(P(σ < lo), P(σ < hi)) under a continuous law, by bisection on its (increasing) quantile function.
+    Cached: a run asks for the same range every step."""
+
+    def cdf(value: float) -> float:
+        if value > 1:
+            return 1.0
+        a, b = 0.0, 1.0
+        for _ in range(60):  # 2^-60: far below float32 σ resolution
+            mid = (a + b) / 2
+            q = float(sigma_quantile(schedule, sampling, torch.tensor(mid), shift=shift, mu=mu, **density))
+            a, b = (mid, b) if q < value else (a, mid)
+        return b
+
+    lo, hi = (cdf(v) for v in sigma_range)
+    if hi <= lo:
+        raise ValueError(f"the {sampling} sigma law puts no probability on [{sigma_range[0]}, {sigma_range[1]})")
+    return lo, hi
 
 
 def diffsynth_weight(sigma: Tensor, schedule: FlowSchedule, *, shift: float | None = None,
@@ -196,37 +264,36 @@ def flow_target(x0: Tensor, noise: Tensor) -> Tensor:
     return noise - x0
 
 
-def weighted_mse(pred: Tensor, target: Tensor, weight: Tensor) -> Tensor:
+def weighted_mse(pred: Tensor, target: Tensor, weight: Tensor, mask: Tensor | None = None) -> Tensor:
     """Scalar fp32 loss: per-sample MSE (mean over non-batch dims) × weight (B,), mean over the batch.
 
+    ``mask`` (broadcastable to pred, 1 = counted): the per-sample mean runs over the masked elements only, e.g.
+    without a first frame that the denoiser is given clean (Wan 2.2 TI2V image-to-video).
     Upcast before subtracting: bf16 differences of nearby values lose most of their bits.
     """
-    per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+    squared = (pred.float() - target.float()).pow(2)
+    if mask is None:
+        per_sample = squared.flatten(1).mean(1)
+    else:
+        mask = mask.to(squared.device, squared.dtype).expand_as(squared)
+        per_sample = (squared * mask).flatten(1).sum(1) / mask.flatten(1).sum(1)
     return (per_sample * weight.float()).mean()
 
 
 def sigma_quantiles(schedule: FlowSchedule, sampling: str, n: int, *, shift: float | None = None,
                     mu: float | None = None, logit_mean: float = 0.0, logit_std: float = 1.0,
-                    mode_scale: float = 1.29) -> Tensor:
-    """(n,) float32 ascending σ at the midpoints ``(i+0.5)/n`` of n equal-probability bins of the training σ law.
+                    mode_scale: float = 1.29, sigma_range: tuple[float, float] | None = None) -> Tensor:
+    """(n,) float32 ascending σ at the midpoints ``(i+0.5)/n`` of n equal-probability bins of the training σ law
+    (restricted to ``sigma_range`` as ``sample_sigmas`` restricts it).
 
     No randomness, so an eval loss over these σ (with fixed noise) is comparable across runs and trials.
-    u-densities are inverted analytically; every shift is increasing in u, so σ quantiles are shifted u quantiles.
     """
     p = (torch.arange(n, dtype=torch.float64) + 0.5) / n
     if sampling == "diffsynth":
-        grid = schedule.grid(shift=shift, mu=mu).sort().values
-        return grid[(p * NUM_TRAIN_TIMESTEPS).long().clamp(max=NUM_TRAIN_TIMESTEPS - 1)].float()
-    if sampling == "uniform":
-        u = p
-    elif sampling == "logit_normal":
-        u = torch.sigmoid(logit_mean + logit_std * torch.special.ndtri(p))
-    elif sampling == "mode":
-        # The mode map is decreasing in the uniform draw for -1 < s < 1/(π/2 - 1) ≈ 1.75, so quantile p is f(1-p).
-        if not -1 < mode_scale < 1 / (math.pi / 2 - 1):
-            raise ValueError(f"mode_scale {mode_scale} makes the mode density non-monotone")
-        v = 1 - p
-        u = 1 - v - mode_scale * (torch.cos(math.pi * v / 2) ** 2 - 1 + v)
-    else:
-        raise ValueError(f"unknown sampling {sampling!r}; expected one of {SAMPLINGS}")
-    return schedule.shift_sigmas(u, shift=shift, mu=mu).float()
+        grid = _grid_in_range(schedule, sigma_range, shift=shift, mu=mu).sort().values
+        return grid[(p * len(grid)).long().clamp(max=len(grid) - 1)].float()
+    density = dict(logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale)
+    if sigma_range is not None:
+        p_lo, p_hi = _probability_range(schedule, sampling, tuple(sigma_range), shift, mu, **density)
+        p = p_lo + (p_hi - p_lo) * p
+    return sigma_quantile(schedule, sampling, p, shift=shift, mu=mu, **density).float()

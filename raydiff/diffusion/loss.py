@@ -7,8 +7,9 @@ import torch
 from raydiff.config import LossConfig
 from raydiff.diffusion.flow_matching import flow_target, loss_weight, noisy_latents, sample_sigmas, weighted_mse
 
-# Inputs that are data, not conditions of the denoiser.
-_NOT_CONDITIONS = {"latents", "image", "video", "prompt"}
+# Inputs that are data or loss settings, not conditions of the denoiser. `loss_mask` (a unit's output,
+# broadcastable to the latents) leaves out elements the denoiser is given clean.
+_NOT_CONDITIONS = {"latents", "image", "video", "prompt", "loss_mask"}
 
 
 def shift_kwargs(pipe, cfg: LossConfig, latents: torch.Tensor) -> dict:
@@ -23,14 +24,15 @@ def shift_kwargs(pipe, cfg: LossConfig, latents: torch.Tensor) -> dict:
 def FlowMatchSFTLoss(pipe, inputs: dict, cfg: LossConfig, generator: torch.Generator) -> torch.Tensor:
     """Scalar loss for one batch. `inputs` holds `latents` x0 (B, C, ...) and the denoiser's conditions.
 
-    Per sample: sigma from the configured density, eps ~ N(0, 1), x_t = (1 - sigma) x0 + sigma eps,
-    target eps - x0, fp32 MSE weighted by w(sigma). Random numbers come from `generator` (CPU) so a
-    step is reproducible from (seed, step, rank) whatever the device.
+    Per sample: sigma from the configured density (within `pipe.sigma_range`, e.g. one expert's share),
+    eps ~ N(0, 1), x_t = (1 - sigma) x0 + sigma eps, target eps - x0, fp32 MSE weighted by w(sigma) (over
+    `loss_mask` when a unit gives one). Random numbers come from `generator` (CPU) so a step is reproducible
+    from (seed, step, rank) whatever the device.
     """
     x0 = inputs["latents"]
     kw = shift_kwargs(pipe, cfg, x0)
     sigma = sample_sigmas(pipe.schedule, cfg.timestep_sampling, x0.shape[0], generator, logit_mean=cfg.logit_mean,
-                          logit_std=cfg.logit_std, mode_scale=cfg.mode_scale, **kw)
+                          logit_std=cfg.logit_std, mode_scale=cfg.mode_scale, sigma_range=pipe.sigma_range, **kw)
     noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)
     return flow_matching_loss(pipe, inputs, sigma, noise, weight=loss_weight(cfg.weighting, sigma, pipe.schedule, **kw))
 
@@ -43,4 +45,4 @@ def flow_matching_loss(pipe, inputs: dict, sigma: torch.Tensor, noise: torch.Ten
     conditions = {k: v for k, v in inputs.items() if k not in _NOT_CONDITIONS}
     pred = pipe.model_fn(noisy_latents(x0, noise, sigma), sigma, **conditions)
     weight = torch.ones_like(sigma) if weight is None else weight.to(x0.device)
-    return weighted_mse(pred, flow_target(x0, noise), weight)
+    return weighted_mse(pred, flow_target(x0, noise), weight, inputs.get("loss_mask"))

@@ -1,7 +1,8 @@
 """What the driver checks before training starts, so that everyday mistakes end in seconds with one clear
 line (`raydiff: error: ...`, exit 2) instead of a worker's traceback minutes later.
 
-    check_model(cfg)            model.path exists (or, offline, is cached) and holds the configured family
+    check_model(cfg)            model.path exists (or, offline, is cached), holds the configured family and,
+                                for two experts, model.expert names one
     check_batch_sizes(cfg, rows) batch_size > 1 needs samples of one size
     check_resources(cfg)        the cluster can hold the workers and a decode task (needs a running Ray)
     check_devices(cfg)          model.quantize fp8/nf4 and train.optimizer find their libraries and a CUDA GPU
@@ -19,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from raydiff.config import GPU_ONLY_QUANTIZE, ConfigError, RaydiffConfig
 from raydiff.console import say
-from raydiff.registry import family_for_pipeline, pipeline_class_names
+from raydiff.registry import family_for_pipeline, holds_family, pipeline_class_names
 
 _MAX_SIZE_CHECKS = 4096  # image headers read to check batch sizes; larger datasets are sampled
 
@@ -34,14 +35,16 @@ def check_model(cfg: RaydiffConfig) -> None:
             raise ConfigError(f"model.path {path} is not a diffusers pipeline directory (no model_index.json)")
         try:
             with open(index) as f:
-                found = json.load(f).get("_class_name", "?")
+                meta = json.load(f)
         except (OSError, ValueError) as err:
             raise ConfigError(f"model.path {path}: cannot read model_index.json: {err}") from None
-        if found not in pipeline_class_names(family):
+        found = meta.get("_class_name", "?")
+        if not holds_family(family, meta):
             other = family_for_pipeline(found)
-            hint = f"; set model.family: {other}" if other else ""
-            raise ConfigError(f"model.family is {family!r} (a {' or '.join(pipeline_class_names(family))}), but "
-                              f"{path} holds a {found}{hint}")
+            hint = f"; set model.family: {other}" if other and other != family else ""
+            names = " or ".join(n.replace("+", " with ") for n in pipeline_class_names(family))
+            raise ConfigError(f"model.family is {family!r} (a {names}), but {path} holds a {found}{hint}")
+        check_expert(cfg.model.expert, meta.get("boundary_ratio"), path)
         return
     if _looks_local(path):
         raise ConfigError(f"model.path {path}: no such directory{_close_names(path)}")
@@ -52,6 +55,16 @@ def check_model(cfg: RaydiffConfig) -> None:
         if not isinstance(cached, str):
             raise ConfigError(f"model.path {path} is neither a local directory nor, with HF_HUB_OFFLINE=1, in the "
                               f"Hugging Face cache; download it first or point model.path at a local copy")
+
+
+def check_expert(expert: str | None, boundary_ratio: float | None, path: str) -> None:
+    """`model.expert` is set exactly when the pipeline has two experts (a `boundary_ratio` in its
+    model_index.json, as diffusers writes it for Wan 2.2 A14B)."""
+    if expert is not None and boundary_ratio is None:
+        raise ConfigError(f"model.expert {expert}: {path} has one denoiser (no boundary_ratio); unset model.expert")
+    if expert is None and boundary_ratio is not None:
+        raise ConfigError(f"{path} has two experts (boundary_ratio {boundary_ratio}); set model.expert: high or "
+                          f"low, one run per expert")
 
 
 def _looks_local(path: str) -> bool:

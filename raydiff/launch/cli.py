@@ -52,10 +52,16 @@ def cmd_demo(args) -> None:
 
 
 def cmd_tiny_model(args) -> None:
+    from raydiff.config import UserError
     from raydiff.registry import get_pipeline_class
 
-    get_pipeline_class(args.family).write_tiny(args.dir, seed=args.seed)
-    print(f"[raydiff] wrote a tiny random {args.family} pipeline to {os.path.abspath(args.dir)}")
+    cls = get_pipeline_class(args.family)
+    if args.variant is not None and args.variant not in cls.tiny_variants:
+        choices = ", ".join(cls.tiny_variants) or "none"
+        raise UserError(f"--variant {args.variant}: the {args.family} family's variants are: {choices}")
+    cls.write_tiny(args.dir, seed=args.seed, **({"variant": args.variant} if args.variant else {}))
+    which = f" ({args.variant})" if args.variant else ""
+    print(f"[raydiff] wrote a tiny random {args.family}{which} pipeline to {os.path.abspath(args.dir)}")
 
 
 def cmd_export(args) -> None:
@@ -118,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("family", choices=family_names())
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--variant", default=None, help="a checkpoint variant of the family, e.g. wan: wan21 (default), "
+                                                   "wan22_a14b, wan22_ti2v_5b")
     p.set_defaults(func=cmd_tiny_model)
 
     p = sub.add_parser("export", help="convert a checkpoint's LoRA for other tools (ComfyUI, kohya, DiffSynth)")

@@ -18,13 +18,17 @@ ADAPTER = "raydiff"
 
 def sample(model: str, lora: str | None, prompt: str, out: str, *, family: str = "flux", lora_scale: float = 1.0,
            steps: int = 20, guidance: float = 3.5, height: int = 512, width: int = 512, seed: int = 0,
-           num_frames: int = 1, dtype: str | None = None, device: str | None = None) -> str:
+           num_frames: int = 1, dtype: str | None = None, device: str | None = None, expert: str | None = None,
+           conditions: dict | None = None) -> str:
     """Render `prompt` with `model` (a diffusers-format directory or hub id) and the LoRA at `lora` (a
     checkpoint directory or a `.safetensors` file; None = the base model) scaled by `lora_scale`, and
     save a PNG to `out` (video families: the first frame). Returns `out`.
 
     `device` defaults to CUDA when available; `dtype` to bfloat16 on CUDA and float32 on CPU. The
-    starting noise comes from a CPU generator seeded with `seed`, as in validation samples.
+    starting noise comes from a CPU generator seeded with `seed`, as in validation samples. `expert`: the
+    two-expert model's expert the LoRA was trained on (`low` loads it into `transformer_2`). `conditions`:
+    condition files by data key (`image` for wan_i2v; `control_video`, `mask_video`, `reference_images` (a
+    list) for wan_vace); a control video sets the frame count.
     """
     from raydiff.pipelines.base import DTYPES
     from raydiff.registry import get_pipeline_class
@@ -41,16 +45,44 @@ def sample(model: str, lora: str | None, prompt: str, out: str, *, family: str =
         if not os.path.exists(lora):
             raise FileNotFoundError(f"no LoRA checkpoint or file at {lora}")
         location, weight_name = (lora, None) if os.path.isdir(lora) else os.path.split(os.path.abspath(lora))
-        pipe.load_lora_weights(location, weight_name=weight_name, adapter_name=ADAPTER)
+        # A low-noise expert's LoRA has `transformer.` keys (diffusers' convention) and goes into transformer_2.
+        into = {"load_into_transformer_2": True} if expert == "low" else {}
+        pipe.load_lora_weights(location, weight_name=weight_name, adapter_name=ADAPTER, **into)
         # peft scales the adapter's output by lora_scale * alpha / r at every call; works for every family's
         # transformer (FLUX/SD3's joint_attention_kwargs and Wan/Qwen's attention_kwargs differ by name).
         pipe.set_adapters([ADAPTER], adapter_weights=[lora_scale])
     pipe.to(device)
+    # A control video brings its own length: all its frames (4k + 1), or at most --num-frames when set above 1.
+    loaded = load_conditions(conditions or {}, num_frames if num_frames > 1 else 1_000_000)
+    if "control_video" in loaded:
+        num_frames = len(loaded["control_video"])
     settings = ValidationSettings(prompts=[prompt], seed=seed, steps=steps, guidance=guidance, height=height,
                                   width=width, num_frames=num_frames)
-    image = sample_images(family_cls, pipe, settings)[0]
+    image = sample_images(family_cls, pipe, settings, call_kwargs=family_cls.sampling_conditions(loaded))[0]
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     image.save(out)
+    return out
+
+
+def load_conditions(paths: dict, num_frames: int) -> dict:
+    """Condition files by data key -> PIL images as diffusers pipelines take them: an image, a video's first
+    `num_frames` frames (4k + 1) as a list, a list of images for `reference_images`."""
+    from PIL import Image
+
+    from raydiff.data.decode import IMAGE_LIST_KEYS, VIDEO_KEYS
+    from raydiff.data.operators import DecodeError, load_image, load_video
+
+    out = {}
+    for key, path in paths.items():
+        try:
+            if key in VIDEO_KEYS:
+                out[key] = [Image.fromarray(f) for f in load_video(path, num_frames=num_frames)]
+            elif key in IMAGE_LIST_KEYS:
+                out[key] = [Image.fromarray(load_image(p)) for p in ([path] if isinstance(path, str) else path)]
+            else:
+                out[key] = Image.fromarray(load_image(path))
+        except DecodeError as err:
+            raise DecodeError(f"{path}: {err}") from None
     return out
 
 
@@ -94,6 +126,7 @@ def family_of_directory(model: str | None) -> str | None:
 
 def cmd_sample(args) -> None:
     from raydiff.config import UserError
+    from raydiff.registry import get_pipeline_class
 
     if args.lora is not None and not os.path.exists(args.lora):
         raise UserError(f"--lora {args.lora}: no checkpoint directory or LoRA file there")
@@ -106,9 +139,20 @@ def cmd_sample(args) -> None:
                         + (f", and {model} names no pipeline of a known family" if model else ""))
     if not os.path.isdir(model) and model.startswith((".", "/", "~")):
         raise UserError(f"model {model}: no such directory")
+    conditions = {key: value for key, value in (("image", args.image), ("control_video", args.control_video),
+                                                ("mask_video", args.mask_video),
+                                                ("reference_images", args.reference_image)) if value}
+    for path in [p for v in conditions.values() for p in ([v] if isinstance(v, str) else v)]:
+        if not os.path.exists(path):
+            raise UserError(f"{path}: no such file")
+    try:
+        get_pipeline_class(family).sampling_conditions({k: None for k in conditions})  # names only, before loading
+    except ValueError as err:
+        raise UserError(str(err)) from None
     path = sample(model, args.lora, args.prompt, args.out, family=family, lora_scale=args.lora_scale,
                   steps=args.steps, guidance=args.guidance, height=args.height, width=args.width, seed=args.seed,
-                  num_frames=args.num_frames, dtype=args.dtype, device=args.device)
+                  num_frames=args.num_frames, dtype=args.dtype, device=args.device,
+                  expert=args.expert or trained.get("expert"), conditions=conditions)
     say(f"[raydiff] wrote {os.path.abspath(path)}")
 
 
@@ -135,4 +179,10 @@ def add_sample_parser(subparsers) -> None:
     p.add_argument("--num-frames", type=int, default=1, help="video families (4k + 1); the first frame is saved")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="default: bfloat16 on CUDA, else float32")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--expert", choices=("high", "low"), default=None,
+                   help="the Wan 2.2 expert a LoRA file was trained on (default: the checkpoint's model.expert)")
+    p.add_argument("--image", default=None, help="image-to-video families (wan_i2v): the first frame")
+    p.add_argument("--control-video", default=None, help="wan_vace: the control video (sets the frame count)")
+    p.add_argument("--mask-video", default=None, help="wan_vace: white where the control video is regenerated")
+    p.add_argument("--reference-image", action="append", default=[], help="wan_vace: a reference image; repeatable")
     p.set_defaults(func=cmd_sample)

@@ -15,15 +15,17 @@ Tensor conventions shared by all families:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 import torch
 
-from raydiff.config import DTYPE_NAMES
+from raydiff.config import DTYPE_NAMES, EXPERT_COMPONENTS
 from raydiff.diffusion.flow_matching import FlowSchedule
 from raydiff.pipelines.quantize import quantize_model, text_encoder_skip
+from raydiff.registry import DataKeys
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 _MIXED_PRECISION = {"bf16": "bfloat16", "fp16": "float16"}
@@ -39,18 +41,25 @@ def autocast_dtype(mixed_precision: str) -> torch.dtype | None:
 class PipelineUnit:
     """One preprocessing step: reads `input_params` from the inputs dict, returns `output_params`.
 
+    An input given as a tuple of names needs one of them (Wan reads a `video` or an `image`).
     `onload_model_names` lists the components it calls; a unit that calls no trainable model and
     draws no random numbers can run ahead of training (in a Ray Data stage or a cache).
     """
 
     name: str
     fn: Callable[[Any, dict], dict]
-    input_params: tuple[str, ...]
+    input_params: tuple[str | tuple[str, ...], ...]
     output_params: tuple[str, ...]
     onload_model_names: tuple[str, ...] = ()
 
+    @property
+    def input_names(self) -> set[str]:
+        """Every name the unit may read (alternatives flattened)."""
+        return {n for p in self.input_params for n in ((p,) if isinstance(p, str) else p)}
+
     def __call__(self, pipe, inputs: dict) -> dict:
-        missing = [p for p in self.input_params if p not in inputs]
+        missing = [p if isinstance(p, str) else " or ".join(p) for p in self.input_params
+                   if not any(n in inputs for n in ((p,) if isinstance(p, str) else p))]
         if missing:
             raise KeyError(f"unit {self.name!r} needs {missing}; inputs hold {sorted(inputs)}")
         out = self.fn(pipe, inputs)
@@ -65,6 +74,7 @@ class TrainingPipeline(Protocol):
     dit_name: str
     component_names: tuple[str, ...]
     schedule: FlowSchedule
+    sigma_range: tuple[float, float] | None
     shared_outputs: frozenset[str]
     units: list[PipelineUnit]
     pipe: Any  # the diffusers pipeline holding the components
@@ -89,6 +99,9 @@ class FamilyPipeline:
     schedule: ClassVar[FlowSchedule]  # training timestep defaults
     default_lora_targets: ClassVar[list[str]]  # `lora.target_modules` when the config leaves it unset
     default_max_sequence_length: ClassVar[int] = 512  # text tokens; the diffusers pipeline's default
+    data_keys: ClassVar[DataKeys] = DataKeys(("image",))  # what the units read from the metadata
+    # Only σ in [lo, hi) train: a two-expert checkpoint's share for the expert being trained (set per instance).
+    sigma_range: tuple[float, float] | None = None
     # Unit outputs without a batch axis whose first dimension could pass for one (FLUX's text ids).
     shared_outputs: ClassVar[frozenset[str]] = frozenset()
     # LoRA export: {original module name: (diffusers parts, each part's width multiple or None)} for
@@ -101,11 +114,24 @@ class FamilyPipeline:
     # linears, the final projection: small layers whose error every token would share).
     quantize_skip: ClassVar[tuple[str, ...]] = ("*embed*", "*norm*", "proj_out")
     quantized: dict[str, str] = {}  # component -> quantization mode, set by `from_pretrained`
+    tiny_variants: ClassVar[tuple[str, ...]] = ()  # `write_tiny(variant=...)` choices, the first the default
 
-    def __init__(self, pipe, device, *, guidance: float = 1.0, max_sequence_length: int | None = None):
+    def __init__(self, pipe, device, *, guidance: float = 1.0, max_sequence_length: int | None = None,
+                 expert: str | None = None):
         self.pipe, self.device = pipe, torch.device(device)
         self.guidance = guidance  # a distilled-guidance embedding's input (FLUX.1-dev); others ignore it
         self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
+        self.expert = expert
+        boundary = pipe.config.get("boundary_ratio")
+        if (expert is None) != (boundary is None):
+            raise ValueError(f"model.expert {expert}: this {type(pipe).__name__} has "
+                             + ("one denoiser (no boundary_ratio)" if boundary is None else
+                                f"two experts (boundary_ratio {boundary}); set model.expert: high or low"))
+        if expert is not None:
+            # As the pipeline routes them: timesteps >= boundary_ratio x 1000 (sigma >= boundary) go to the
+            # high-noise `transformer`, the rest to `transformer_2`; each expert trains on its own share.
+            self.dit_name = EXPERT_COMPONENTS[expert]
+            self.sigma_range = (boundary, math.inf) if expert == "high" else (0.0, boundary)
         self.units = self.make_units()
 
     @classmethod
@@ -118,11 +144,14 @@ class FamilyPipeline:
         encoders. `quantize` (int8 | fp8 | nf4): the DiT (and with `quantize_text_encoders` the text
         encoders) is quantized layer by layer on its way to `device` (raydiff.pipelines.quantize)."""
         skip = {} if components is None else {c: None for c in cls.component_names if c not in components}
+        dit_name = EXPERT_COMPONENTS.get(options.get("expert"), cls.dit_name)
+        if options.get("expert"):  # the other expert is never loaded: a 14B model each
+            skip.update({c: None for c in EXPERT_COMPONENTS.values() if c != dit_name})
         kwargs = dict(dtype=dtype, revision=revision, **skip)
         if trust_remote_code:  # only ever when the user's config says so
             kwargs["trust_remote_code"] = True
         pipe = cls.diffusers_class.from_pretrained(path, **kwargs)
-        quantized = cls.quantize_plan(pipe, quantize, quantize_text_encoders)
+        quantized = cls.quantize_plan(pipe, quantize, quantize_text_encoders, dit_name)
         for name, component in pipe.components.items():
             if name in quantized:
                 quantize_model(component, quantize, skip=quantized[name], device=device)
@@ -133,11 +162,13 @@ class FamilyPipeline:
         return family
 
     @classmethod
-    def quantize_plan(cls, pipe, quantize: str | None, text_encoders: bool) -> dict[str, tuple[str, ...]]:
-        """{component: module patterns left unquantized} for the loaded components `quantize` applies to."""
+    def quantize_plan(cls, pipe, quantize: str | None, text_encoders: bool,
+                      dit_name: str) -> dict[str, tuple[str, ...]]:
+        """{component: module patterns left unquantized} for the loaded components `quantize` applies to
+        (`dit_name`: the denoiser, a two-expert run's expert)."""
         if quantize is None:
             return {}
-        plan = {cls.dit_name: cls.quantize_skip}
+        plan = {dit_name: cls.quantize_skip}
         if text_encoders:
             plan.update({name: text_encoder_skip(m) for name, m in pipe.components.items()
                          if name.startswith("text_encoder") and isinstance(m, torch.nn.Module)})
@@ -149,6 +180,11 @@ class FamilyPipeline:
     def model_fn(self, latents: torch.Tensor, sigma: torch.Tensor, **conditions) -> torch.Tensor:
         """Denoiser prediction (velocity), same shape as `latents`, float32."""
         raise NotImplementedError
+
+    @property
+    def dit(self):
+        """The denoiser this run trains and calls: `dit_name`'s component (a two-expert run's expert)."""
+        return getattr(self.pipe, self.dit_name)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -163,9 +199,18 @@ class FamilyPipeline:
         """Keyword arguments that make the diffusers pipeline `pipe` sample with this guidance strength."""
         return {"guidance_scale": guidance}
 
+    @classmethod
+    def sampling_conditions(cls, conditions: dict) -> dict:
+        """Keyword arguments of the diffusers pipeline's call for condition inputs (`raydiff sample --image`,
+        VACE's control video; PIL images, lists of them for videos). A family without conditions takes none."""
+        if conditions:
+            raise ValueError(f"the {cls.family} family samples from a prompt alone; got {sorted(conditions)}")
+        return {}
+
     @staticmethod
-    def write_tiny(path: str, seed: int = 0) -> None:
-        """Write a complete tiny random diffusers-format pipeline to `path`, offline."""
+    def write_tiny(path: str, seed: int = 0, variant: str | None = None) -> None:
+        """Write a complete tiny random diffusers-format pipeline to `path`, offline (`variant`: one of
+        `tiny_variants`, for families that cover several checkpoints)."""
         raise NotImplementedError
 
 
@@ -212,7 +257,7 @@ def split_units(pipe: TrainingPipeline, trainable: Sequence[str]) -> tuple[list[
     encode, step, step_outputs = [], [], set()
     for unit in pipe.units:
         uses_trainable = set(unit.onload_model_names) & set(trainable)
-        if uses_trainable or set(unit.input_params) & step_outputs:
+        if uses_trainable or unit.input_names & step_outputs:
             step.append(unit)
             step_outputs |= set(unit.output_params)
         else:

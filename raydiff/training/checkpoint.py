@@ -83,7 +83,8 @@ def save_checkpoint(directory: str, module, optimizer, scheduler, state: Trainer
 
 def _save_weights(directory: str, module, weights: dict, name: str | None = None) -> None:
     if module.lora_config is not None:
-        lora_lib.save_lora(directory, module.pipe.diffusers_class, module.lora_base_model, weights, module.lora_config,
+        prefix = lora_lib.key_prefix(module.lora_base_model)
+        lora_lib.save_lora(directory, module.pipe.diffusers_class, prefix, weights, module.lora_config,
                            weight_name=name or lora_lib.LORA_FILE)
     else:
         save_file(weights, os.path.join(directory, name or FULL_WEIGHTS_FILE))
@@ -94,8 +95,8 @@ def _load_weights(path: str, module, sharded_models: Sequence[str]) -> None:
     if sharded_models:
         load_full_state(module, sharded_models, load_file(path))
     elif module.lora_config is not None:
-        lora_lib.load_lora_into(module.models[module.lora_base_model], path, module.lora_base_model,
-                                config=module.lora_config)
+        base = module.lora_base_model
+        lora_lib.load_lora_into(module.models[base], path, lora_lib.key_prefix(base), config=module.lora_config)
     else:
         weights = load_file(path)
         for name, model in module.models.items():

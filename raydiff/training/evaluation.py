@@ -47,7 +47,7 @@ def eval_sigmas(pipe, loss_cfg, n: int, latents: torch.Tensor) -> torch.Tensor:
     """(n,) float32 ascending σ: quantiles of the configured training σ law at these latents' resolution."""
     return sigma_quantiles(pipe.schedule, loss_cfg.timestep_sampling, n, logit_mean=loss_cfg.logit_mean,
                            logit_std=loss_cfg.logit_std, mode_scale=loss_cfg.mode_scale,
-                           **shift_kwargs(pipe, loss_cfg, latents))
+                           sigma_range=pipe.sigma_range, **shift_kwargs(pipe, loss_cfg, latents))
 
 
 @torch.no_grad()

@@ -6,17 +6,46 @@ Saved keys look like `transformer.transformer_blocks.0.attn.to_q.lora_A.weight` 
 
 from __future__ import annotations
 
+import fnmatch
+
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 
 from raydiff.training.lora_formats import LORA_FILE, import_lora
 
-__all__ = ["LORA_FILE", "adapter_metadata", "inject_lora", "load_lora_into", "lora_state_dict", "save_lora"]
+__all__ = ["LORA_FILE", "adapter_metadata", "inject_lora", "key_prefix", "load_lora_into", "lora_state_dict",
+           "resolve_targets", "save_lora"]
+
+
+def key_prefix(component: str) -> str:
+    """The key prefix of a LoRA of `component` in diffusers' files. A LoRA of Wan 2.2's low-noise expert
+    `transformer_2` is saved as `transformer.` keys: diffusers' `save_lora_weights` takes no transformer_2
+    layers, and `load_lora_weights(..., load_into_transformer_2=True)` reads `transformer.` keys into it."""
+    return "transformer" if component == "transformer_2" else component
+
+
+def resolve_targets(model: torch.nn.Module, target_modules: list[str]) -> list[str]:
+    """`lora.target_modules` as peft takes them: a plain name matches a module path's last parts (peft's rule,
+    `to_q`); a name with `*` is a shell pattern over whole module paths (`vace_blocks.*.to_q`: only the VACE
+    blocks' projections) and becomes the linear layers it matches."""
+    patterns = [t for t in target_modules if "*" in t]
+    if not patterns:
+        return list(target_modules)
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    out = [t for t in target_modules if "*" not in t]
+    for pattern in patterns:
+        matched = [n for n in linear if fnmatch.fnmatchcase(n, pattern)]
+        if not matched:
+            raise ValueError(f"lora.target_modules pattern {pattern!r} matches no linear layer of "
+                             f"{type(model).__name__}, e.g. {linear[:3]}")
+        out += [n for n in matched if n not in out]
+    return out
 
 
 def inject_lora(model: torch.nn.Module, *, target_modules: list[str], rank: int, alpha: float | None) -> LoraConfig:
     """Add a peft LoRA adapter (B = 0, so the model is unchanged until trained); LoRA params in fp32
     even when the frozen base is bf16, so small updates are not rounded away."""
+    target_modules = resolve_targets(model, target_modules)
     config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(target_modules), init_lora_weights=True)
     try:
         model.add_adapter(config)

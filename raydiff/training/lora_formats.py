@@ -5,7 +5,7 @@ On disk, for m = "transformer_blocks.0.attn.to_q" and o its name in the family's
 
   diffusers  transformer.m.lora_A.weight / .lora_B.weight; r and alpha in the safetensors metadata
   comfyui    diffusion_model.o.lora_down.weight / .lora_up.weight / .alpha     (FLUX)
-             diffusion_model.o.lora_A.weight / .lora_B.weight / .alpha         (Qwen-Image, Z-Image)
+             diffusion_model.o.lora_A.weight / .lora_B.weight / .alpha         (Qwen-Image, Z-Image, Wan)
              diffusion_model.o.lora_A.weight / .lora_B.weight, alpha / r in B  (FLUX.2)
   kohya      lora_unet_<o, "." -> "_">.lora_down.weight / .lora_up.weight / .alpha
   diffsynth  m.lora_A.default.weight / .lora_B.default.weight, alpha / r baked into B
@@ -15,7 +15,9 @@ single_blocks.N.linear1 = to_q|to_k|to_v|proj_mlp. A fused LoRA stacks the parts
 their B on a block diagonal, so it is exactly the sum of the parts; alpha x n keeps alpha / r.
 Untrained parts are zeros. Each family holds its table of original names (`lora_original_names`), its
 ComfyUI suffixes (`comfyui_lora_suffixes`) and whether its ComfyUI files carry alpha keys
-(`comfyui_lora_alpha`); Qwen-Image's and Z-Image's original names are diffusers'.
+(`comfyui_lora_alpha`); Qwen-Image's and Z-Image's original names are diffusers'. Wan's are the official
+checkpoints' (blocks.N.self_attn.q, ...), which ComfyUI's WanModel keeps; a Wan 2.2 low-noise expert's LoRA
+exports like any other (ComfyUI loads it onto the low-noise model).
 
 ComfyUI reads lora_A and lora_down alike; FLUX uses lora_down because diffusers' FLUX loader only
 converts `diffusion_model.` keys on its kohya path, which it enters on `.lora_down.weight`. Only

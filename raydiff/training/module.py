@@ -42,7 +42,8 @@ def switch_pipe_to_training_mode(pipe, *, trainable_models: Sequence[str] = (), 
         lora_config = lora_lib.inject_lora(base, target_modules=list(targets), rank=lora_rank, alpha=lora_alpha)
         base.train()
         if lora_checkpoint:
-            lora_lib.load_lora_into(base, lora_checkpoint, lora_base_model, family=pipe.family, config=lora_config)
+            lora_lib.load_lora_into(base, lora_checkpoint, lora_lib.key_prefix(lora_base_model), family=pipe.family,
+                                    config=lora_config)
     if gradient_checkpointing:
         for name in {*trainable_models, *([lora_base_model] if lora_base_model else [])}:
             # diffusers' default checkpoint function is non-reentrant, which DDP and frozen inputs need.
@@ -73,7 +74,8 @@ class DiffusionTrainingModule(torch.nn.Module):
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """LoRA in diffusers' key format, or the full trainable models as `{name}.{param}`."""
         if self.lora_config is not None:
-            return lora_lib.lora_state_dict(self.models[self.lora_base_model], self.lora_base_model)
+            base = self.lora_base_model
+            return lora_lib.lora_state_dict(self.models[base], lora_lib.key_prefix(base))
         return {f"{n}.{k}": v.detach().cpu().contiguous() for n, m in self.models.items()
                 for k, v in m.state_dict().items() if m.training}
 
@@ -108,7 +110,7 @@ class PipelineTrainingModule(DiffusionTrainingModule):
                                    components=components, revision=cfg.model.revision,
                                    trust_remote_code=cfg.model.trust_remote_code, guidance=cfg.model.guidance,
                                    max_sequence_length=cfg.model.max_sequence_length, quantize=cfg.model.quantize,
-                                   quantize_text_encoders=cfg.model.quantize_text_encoders)
+                                   quantize_text_encoders=cfg.model.quantize_text_encoders, expert=cfg.model.expert)
         self.loss_config = cfg.loss
         self.lora_base_model = cfg.lora.base_model if cfg.lora else None
         self.lora_config = switch_pipe_to_training_mode(

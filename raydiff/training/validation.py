@@ -38,17 +38,19 @@ class ValidationSettings:
     num_frames: int = 1
 
 
-# Components a text-to-image/video call never needs (IP-Adapter parts, Wan 2.2's second expert).
-_OPTIONAL = {"image_encoder", "feature_extractor", "transformer_2"}
+# Components a call may lack (IP-Adapter parts, a one-expert Wan's second expert, a CLIP-less Wan I2V's
+# image encoder and processor).
+_OPTIONAL = {"image_encoder", "feature_extractor", "transformer_2", "image_processor"}
 
 
 def sample_images(family, diffusers_pipe, settings: ValidationSettings, *, device=None,
-                  max_sequence_length: int | None = None) -> list[Image.Image]:
+                  max_sequence_length: int | None = None, call_kwargs: dict | None = None) -> list[Image.Image]:
     """One image per prompt at batch 1 from `diffusers_pipe` (of the family class `family`), generator
     seeded with `settings.seed + i` on `device` (None = CPU, so images do not depend on the accelerator).
     Video pipelines give their first frame.
     `max_sequence_length`: text tokens (None = the pipeline's default); pass the training value so
-    prompts are encoded as in training."""
+    prompts are encoded as in training. `call_kwargs`: condition inputs of the call (the family's
+    `sampling_conditions`: an image to animate, a control video)."""
     missing = [name for name, c in diffusers_pipe.components.items() if c is None and name not in _OPTIONAL]
     if missing:
         raise ValueError(f"sampling needs every component; this pipeline was loaded without {missing}")
@@ -63,7 +65,8 @@ def sample_images(family, diffusers_pipe, settings: ValidationSettings, *, devic
             generator = torch.Generator(device or "cpu").manual_seed(settings.seed + i)
             out = diffusers_pipe(prompt=prompt, num_inference_steps=settings.steps, height=settings.height,
                                  width=settings.width, generator=generator, output_type="pil",
-                                 **family.sampling_kwargs(diffusers_pipe, settings.guidance), **extra)
+                                 **family.sampling_kwargs(diffusers_pipe, settings.guidance), **extra,
+                                 **(call_kwargs or {}))
             images.append(out.frames[0][0] if hasattr(out, "frames") else out.images[0])
     return images
 

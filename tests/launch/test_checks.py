@@ -63,11 +63,14 @@ def test_an_uncached_hub_id_is_refused_offline(monkeypatch, tmp_path):
         check_model(config(model={"path": "black-forest-labs/FLUX.1-dev"}))
 
 
-def test_the_registry_names_each_builtin_familys_pipeline_class():
-    from raydiff.registry import BUILTIN_FAMILIES, get_pipeline_class, pipeline_class_names
+def test_the_registry_names_each_builtin_familys_pipeline_class_and_data_keys():
+    from raydiff.registry import BUILTIN_DATA_KEYS, BUILTIN_FAMILIES, get_pipeline_class, pipeline_class_names
 
+    assert set(BUILTIN_DATA_KEYS) == set(BUILTIN_FAMILIES)
     for family in BUILTIN_FAMILIES:
-        assert get_pipeline_class(family).diffusers_class.__name__ in pipeline_class_names(family)
+        cls = get_pipeline_class(family)
+        assert cls.diffusers_class.__name__ in pipeline_class_names(family)
+        assert cls.data_keys == BUILTIN_DATA_KEYS[family], family  # the torch-free copy the config checks
 
 
 # --- batch sizes -----------------------------------------------------------------------------------

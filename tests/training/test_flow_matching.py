@@ -276,3 +276,62 @@ def test_sigma_quantiles_match_empirical(sampling):
     samples = sample_sigmas(FLUX, sampling, 400_000, gen(0)).double().numpy()
     p = (np.arange(10) + 0.5) / 10
     np.testing.assert_allclose(sigma_quantiles(FLUX, sampling, 10).numpy(), np.quantile(samples, p), atol=5e-3)
+
+
+# --- one expert's share of the schedule (sigma_range) -------------------------------------------------------
+
+HIGH, LOW = (0.875, math.inf), (0.0, 0.875)  # Wan 2.2 T2V-A14B: boundary_ratio 0.875
+
+
+def test_diffsynth_range_keeps_the_grid_entries_an_expert_sees():
+    # Wan grid entry i is 5u/(1+4u), u = 1 - i/1000; 5u/(1+4u) >= 0.875 <=> u >= 7/12 <=> i <= 416: 417 entries,
+    # DiffSynth's Wan2.2-A14B scripts' timestep boundary 0.417 (high: ids [0, 417), low: [417, 1000)).
+    high = sample_sigmas(WAN, "diffsynth", 20_000, gen(0), sigma_range=HIGH)
+    low = sample_sigmas(WAN, "diffsynth", 20_000, gen(0), sigma_range=LOW)
+    grid = WAN.grid().float()
+    assert torch.isin(high, grid[:417]).all() and len(torch.unique(high)) == 417
+    assert torch.isin(low, grid[417:]).all() and len(torch.unique(low)) == 583
+    assert high.max().item() == 1.0 and low.max().item() < 0.875
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "logit_normal", "mode"])
+def test_continuous_range_is_the_law_conditioned_on_the_range(sampling):
+    full = sample_sigmas(WAN, sampling, 400_000, gen(0)).double().numpy()
+    p = (np.arange(10) + 0.5) / 10
+    for lo, hi in (HIGH, LOW):
+        part = sample_sigmas(WAN, sampling, 50_000, gen(1), sigma_range=(lo, hi)).double().numpy()
+        assert (part >= lo).all() and (part < hi).all()
+        kept = full[(full >= lo) & (full < hi)]  # rejection sampling from the unrestricted law, for comparison
+        # Compared through the empirical CDF, whose error does not depend on the density at the quantile.
+        quantiles = sigma_quantiles(WAN, sampling, 10, sigma_range=(lo, hi)).double().numpy()
+        for draws in (part, kept):
+            np.testing.assert_allclose((draws[:, None] < quantiles[None]).mean(0), p, atol=0.01)
+
+
+def test_range_quantiles_hand_values():
+    # Unshifted uniform restricted to [0.5, 1]: bin midpoints of [0.5, 1].
+    got = sigma_quantiles(FlowSchedule(), "uniform", 2, sigma_range=(0.5, math.inf)).tolist()
+    assert got == pytest.approx([0.625, 0.875], abs=1e-6)
+    # Wan shift 5, uniform u below 7/12 (sigma < 0.875): the median u is 7/24.
+    u = 7 / 24
+    assert sigma_quantiles(WAN, "uniform", 1, sigma_range=LOW).item() == pytest.approx(5 * u / (1 + 4 * u), rel=1e-6)
+    # diffsynth, high share: the 417 largest grid entries, ascending; p = 0.5 -> entry 208 of them.
+    ascending = sorted(5 * (1 - i / 1000) / (1 + 4 * (1 - i / 1000)) for i in range(417))
+    assert sigma_quantiles(WAN, "diffsynth", 1, sigma_range=HIGH).item() == pytest.approx(ascending[208], rel=1e-6)
+
+
+def test_range_draws_are_deterministic_and_an_empty_range_fails():
+    a = sample_sigmas(WAN, "logit_normal", 8, gen(3), sigma_range=LOW)
+    assert torch.equal(a, sample_sigmas(WAN, "logit_normal", 8, gen(3), sigma_range=LOW))
+    with pytest.raises(ValueError, match="no training timestep"):
+        sample_sigmas(WAN, "diffsynth", 2, gen(0), sigma_range=(0.0, 1e-4))
+
+
+def test_weighted_mse_mask_averages_over_counted_elements():
+    pred = torch.zeros(2, 1, 3, 1, 1)
+    target = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).view(2, 1, 3, 1, 1)
+    mask = torch.tensor([0.0, 1.0, 1.0]).view(1, 1, 3, 1, 1)  # the first frame is left out
+    # sample 0: (4 + 9) / 2 = 6.5; sample 1: (25 + 36) / 2 = 30.5; weights (1, 2): (6.5 + 61) / 2 = 33.75
+    assert weighted_mse(pred, target, torch.tensor([1.0, 2.0]), mask).item() == pytest.approx(33.75)
+    assert weighted_mse(pred, target, torch.ones(2), torch.ones(1, 1, 3, 1, 1)).item() == pytest.approx(
+        weighted_mse(pred, target, torch.ones(2)).item())

@@ -235,7 +235,7 @@ def test_unknown_names_and_families_are_refused(trained, tmp_path):
     with pytest.raises(ValueError, match="unknown LoRA format"):
         export_lora(t.lora_dir, "civitai", str(tmp_path / "x.safetensors"), family="flux")
     with pytest.raises(ValueError, match="known for families"):
-        export_lora(t.lora_dir, "kohya", str(tmp_path / "x.safetensors"), family="wan")
+        export_lora(t.lora_dir, "kohya", str(tmp_path / "x.safetensors"), family="sd3")  # SD3: no names known
     with pytest.raises(ValueError, match="no known original name"):
         to_format({"transformer.x_embedder.lora_A.weight": torch.zeros(4, 8),
                    "transformer.x_embedder.lora_B.weight": torch.zeros(8, 4)}, "kohya", family="flux", alpha=4)
