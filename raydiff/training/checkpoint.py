@@ -1,6 +1,6 @@
 """Checkpoint I/O. A checkpoint is a directory that describes itself:
 
-  pytorch_lora_weights.safetensors  LoRA in diffusers' key format, rank/alpha in metadata
+  pytorch_lora_weights.safetensors  the adapter in diffusers' key format; type, rank, alpha in metadata
   trainable_weights.safetensors     (full fine-tuning instead of LoRA)
   training_state.pt                 optimizer + LR scheduler state, read with weights_only=True
                                     (FSDP: the full optimizer state, keyed by parameter name)
@@ -65,7 +65,7 @@ def save_checkpoint(directory: str, module, optimizer, scheduler, state: Trainer
     os.makedirs(directory, exist_ok=True)
     weights = module.trainable_state_dict() if weights is None else weights
     if module.lora_config is not None:
-        lora_lib.save_lora(directory, module.pipe.diffusers_class, module.lora_base_model, weights, module.lora_config)
+        lora_lib.save_lora(directory, weights, module.lora_config)
     else:
         save_file(weights, os.path.join(directory, FULL_WEIGHTS_FILE))
     optimizer_state = optimizer.state_dict() if optimizer_state is None else optimizer_state

@@ -1,6 +1,7 @@
 """LoRA formats: every export loads into a fresh diffusers pipeline and predicts exactly what the trained
-LoRA does; every format imports back to the diffusers state dict; FLUX's fused layers match diffusers'
-own kohya/ComfyUI conversion at real FLUX widths."""
+LoRA does; every format imports back to the trained state dict (scale folded in); FLUX's fused layers match
+diffusers' own kohya/ComfyUI conversion at real FLUX widths; ComfyUI's and DiffSynth-Studio's loaders
+(transcribed in foreign_loaders.py) compute the trained delta W from the files meant for them."""
 
 from __future__ import annotations
 
@@ -36,9 +37,7 @@ TARGETS = {
     "qwen_image": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                    "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2", "img_mod.1"],
 }
-# FLUX DiffSynth files use diffusers' module names without the `transformer.` prefix, which diffusers'
-# FLUX loader does not read (its Qwen-Image loader does).
-LOADABLE = [(f, fmt) for f in PIPELINES for fmt in FORMATS if (f, fmt) != ("flux", "diffsynth")]
+LOADABLE = [(f, fmt) for f in PIPELINES for fmt in FORMATS]  # FLUX's diffsynth export is the kohya layout
 
 
 class Trained:
@@ -53,7 +52,7 @@ class Trained:
             if "lora_B" in name:
                 p.data.normal_(0, 0.2)
         self.state_dict = lora_state_dict(self.pipe.pipe.transformer, "transformer")
-        save_lora(lora_dir, self.pipe.diffusers_class, "transformer", self.state_dict, config)
+        save_lora(lora_dir, self.state_dict, config)
         with torch.no_grad():
             out = run_units(self.pipe, {"prompt": ["a red circle"], "image": torch.zeros(1, 3, 32, 32)})
             self.latents = torch.randn(out["latents"].shape, generator=torch.Generator().manual_seed(1))
@@ -130,21 +129,22 @@ def test_a_kohya_file_exports_back_to_a_loadable_diffusers_file(trained, tmp_pat
 
 @pytest.mark.parametrize("family", PIPELINES)
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_import_round_trips_to_the_diffusers_state_dict(trained, tmp_path, family, fmt):
+def test_import_round_trips_to_the_trained_state_dict_with_the_scale_folded_in(trained, tmp_path, family, fmt):
     t = trained(family)
     out = export_lora(t.lora_dir, fmt, str(tmp_path / f"{fmt}.safetensors"), family=family)
     state_dict, info = import_lora(out, family=family)
     assert set(state_dict) == set(t.state_dict)
-    if fmt == "diffsynth":  # DiffSynth has no alpha: the scale is baked into B
-        assert info == {"r": RANK, "lora_alpha": RANK}
-        for k, v in t.state_dict.items():
-            expected = v * (ALPHA / RANK) if ".lora_B." in k else v
-            torch.testing.assert_close(state_dict[k], expected, atol=0, rtol=0)
-        return
-    assert info == {"r": RANK, "lora_alpha": ALPHA}
+    assert info == {"type": "lora", "r": RANK, "lora_alpha": RANK}  # every export is at scale 1: alpha = rank
     # The fused qkv's parts come back as slices of one tensor: exact too.
     for k, v in t.state_dict.items():
-        assert torch.equal(state_dict[k], v), k
+        assert torch.equal(state_dict[k], v * (ALPHA / RANK) if ".lora_B." in k else v), k
+
+
+def test_a_checkpoint_imports_as_trained(trained):
+    t = trained("flux")
+    state_dict, info = import_lora(t.lora_dir, family="flux")
+    assert info == {"type": "lora", "r": RANK, "lora_alpha": ALPHA}
+    assert all(torch.equal(state_dict[k], v) for k, v in t.state_dict.items()) and set(state_dict) == set(t.state_dict)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -166,7 +166,7 @@ def test_export_reads_the_family_from_the_checkpoint_config(trained, tmp_path):
         export_lora(str(checkpoint), "kohya", str(tmp_path / "k.safetensors"))
     (checkpoint / "config.yaml").write_text("model:\n  family: flux\n")
     out = export_lora(str(checkpoint), "kohya", str(tmp_path / "k.safetensors"))
-    assert import_lora(out, family="flux")[1] == {"r": RANK, "lora_alpha": ALPHA}
+    assert import_lora(out, family="flux")[1] == {"type": "lora", "r": RANK, "lora_alpha": RANK}
 
 
 def test_flux_fused_layers_match_diffusers_conversion():
@@ -197,8 +197,8 @@ def test_flux_fused_layers_match_diffusers_conversion():
                          "transformer.transformer_blocks.0.attn.to_k"}
         assert all(not converted[f"{m}.lora_B.weight"].any() for m in extra)
         back, info = from_format(exported, family="flux")
-        assert info == {"r": RANK, "lora_alpha": ALPHA} and set(back) == set(sd)
-        assert all(torch.equal(back[k], v) for k, v in sd.items())
+        assert info == {"type": "lora", "r": RANK, "lora_alpha": RANK} and set(back) == set(sd)
+        assert all(torch.equal(back[k], v * (ALPHA / RANK) if ".lora_B." in k else v) for k, v in sd.items())
 
 
 def test_non_block_diagonal_fused_layers_share_their_down_weight():
@@ -207,7 +207,7 @@ def test_non_block_diagonal_fused_layers_share_their_down_weight():
     parts, info = from_format({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": down,
                                "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": up,
                                "lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(2.0)}, family="flux")
-    assert info == {"r": 4, "lora_alpha": 2}
+    assert info == {"type": "lora", "r": 4, "lora_alpha": 2}
     for j, name in enumerate(["to_q", "to_k", "to_v"]):
         assert torch.equal(parts[f"transformer.transformer_blocks.0.attn.{name}.lora_A.weight"], down)
         assert torch.equal(parts[f"transformer.transformer_blocks.0.attn.{name}.lora_B.weight"], up[8 * j:8 * (j + 1)])
@@ -231,6 +231,6 @@ def test_modules_with_different_alphas_get_their_scale_baked_into_b():
         key = f"lora_unet_transformer_blocks_0_{name}"
         sd |= {f"{key}.lora_down.weight": a, f"{key}.lora_up.weight": b, f"{key}.alpha": torch.tensor(alpha)}
     out, info = from_format(sd, family="qwen_image")
-    assert info == {"r": 4, "lora_alpha": 4}
+    assert info == {"type": "lora", "r": 4, "lora_alpha": 4}
     torch.testing.assert_close(out["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"], b * 2)
     torch.testing.assert_close(out["transformer.transformer_blocks.0.attn.to_k.lora_B.weight"], b * 0.5)
