@@ -11,9 +11,11 @@ import shutil
 import warnings
 
 import diffusers
+import foreign_loaders
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from raydiff.pipelines.base import run_units
 from raydiff.pipelines.flux import FluxImagePipeline
@@ -40,12 +42,26 @@ TARGETS = {
 LOADABLE = [(f, fmt) for f in PIPELINES for fmt in FORMATS]  # FLUX's diffsynth export is the kohya layout
 
 
+# Every module of both block types that FLUX's original names cover (complete q/k/v groups, which DiffSynth's
+# diffusers path needs to fuse); Qwen-Image's default targets plus the MLPs and modulation.
+WHOLE_BLOCKS = {
+    "flux": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+             "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "norm1.linear",
+             "norm1_context.linear", "proj_mlp", "single_transformer_blocks.*.proj_out", "norm.linear"],
+    "qwen_image": TARGETS["qwen_image"],
+}
+
+
 class Trained:
-    def __init__(self, family: str, model_dir: str, lora_dir: str):
+    """A tiny pipeline with a LoRA of random B (train-like: A random, B no longer zero), saved as a checkpoint
+    would be, and its prediction on a fixed input."""
+
+    def __init__(self, family: str, model_dir: str, lora_dir: str, targets=None, alpha: float = ALPHA):
         self.family, self.model_dir, self.lora_dir = family, model_dir, lora_dir
         self.pipe = PIPELINES[family].from_pretrained(model_dir)
-        switch_pipe_to_training_mode(self.pipe, lora_base_model="transformer", lora_target_modules=TARGETS[family],
-                                     lora_rank=RANK, lora_alpha=ALPHA, gradient_checkpointing=False)
+        switch_pipe_to_training_mode(self.pipe, lora_base_model="transformer",
+                                     lora_target_modules=targets or TARGETS[family], lora_rank=RANK, lora_alpha=alpha,
+                                     gradient_checkpointing=False)
         config = self.pipe.pipe.transformer.peft_config["default"]
         torch.manual_seed(0)
         for name, p in self.pipe.pipe.transformer.named_parameters():
@@ -60,15 +76,27 @@ class Trained:
             self.cond = {k: v for k, v in out.items() if k not in ("latents", "image", "prompt")}
             self.pred = self.pipe.model_fn(self.latents, self.sigma, **self.cond)
 
+    def deltas(self) -> dict[str, torch.Tensor]:
+        """{diffusers module: delta W} of the trained adapter, from peft's own layers."""
+        return delta_weights(self.pipe.pipe.transformer)
+
+
+def delta_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        return {name: m.get_delta_weight(m.active_adapters[0]) for name, m in model.named_modules()
+                if hasattr(m, "get_delta_weight") and m.active_adapters}
+
 
 @pytest.fixture(scope="module")
 def trained(tiny_model, tmp_path_factory):
     cache = {}
 
-    def make(family: str) -> Trained:
-        if family not in cache:
-            cache[family] = Trained(family, tiny_model(family), str(tmp_path_factory.mktemp(f"lora-{family}")))
-        return cache[family]
+    def make(family: str, alpha: float = ALPHA, whole_blocks: bool = False) -> Trained:
+        key = (family, alpha, whole_blocks)
+        if key not in cache:
+            cache[key] = Trained(family, tiny_model(family), str(tmp_path_factory.mktemp(f"lora-{family}")),
+                                 WHOLE_BLOCKS[family] if whole_blocks else None, alpha)
+        return cache[key]
 
     return make
 
@@ -234,3 +262,89 @@ def test_modules_with_different_alphas_get_their_scale_baked_into_b():
     assert info == {"type": "lora", "r": 4, "lora_alpha": 4}
     torch.testing.assert_close(out["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"], b * 2)
     torch.testing.assert_close(out["transformer.transformer_blocks.0.attn.to_k.lora_B.weight"], b * 0.5)
+
+
+# --- the same delta W in diffusers, ComfyUI and DiffSynth-Studio (foreign_loaders.py) ------------------------
+
+def _comfyui_key_map(t: Trained) -> dict:
+    dit = t.pipe.pipe.transformer
+    if t.family == "flux":
+        c = dit.config
+        return foreign_loaders.comfyui_flux_key_map(c.num_layers, c.num_single_layers,
+                                                     c.num_attention_heads * c.attention_head_dim)
+    return foreign_loaders.comfyui_qwen_key_map([n.removesuffix(".base_layer") for n, m in dit.named_modules()
+                                                 if isinstance(m, torch.nn.Linear)])
+
+
+def assert_comfyui_applies(t: Trained, path: str, trained_deltas: dict) -> None:
+    """ComfyUI loads every key of `path` and adds, to each (slice of a) weight, the trained module's delta W;
+    rows of a fused weight that no trained module covers stay unchanged."""
+    key_map = _comfyui_key_map(t)
+    patches, not_loaded = foreign_loaders.comfyui_deltas(load_file(path), key_map)
+    assert patches and not not_loaded, not_loaded
+    for (target, offset), delta in patches.items():
+        covered = torch.zeros(delta.shape[0], dtype=torch.bool)
+        for module, ours in trained_deltas.items():
+            to, part = key_map["transformer." + module]
+            if to != target or offset not in (None, part):  # a patch on one part holds that part's delta only
+                continue
+            rows = slice(0, delta.shape[0]) if part in (None, offset) else slice(part[1], part[1] + part[2])
+            torch.testing.assert_close(delta[rows], ours, atol=1e-6, rtol=1e-5)
+            covered[rows] = True
+        assert covered.any(), target
+        assert not delta[~covered].any(), target
+
+
+@pytest.mark.parametrize("family", PIPELINES)
+def test_alpha_twice_the_rank_means_the_same_in_diffusers_comfyui_and_diffsynth(trained, tmp_path, family):
+    """Train-like weights at alpha = 2 x rank: each loader computes the trained delta W from the files meant for
+    it, and diffusers and ComfyUI agree on the diffusers-format file (the scale is folded in, so loaders that
+    ignore the metadata alpha read it right)."""
+    t = trained(family, alpha=2 * RANK, whole_blocks=True)
+    ours = t.deltas()
+    files = {fmt: export_lora(t.lora_dir, fmt, str(tmp_path / f"{fmt}.safetensors"), family=family)
+             for fmt in FORMATS}
+    fresh = t.pipe.diffusers_class.from_pretrained(t.model_dir)
+    fresh.load_lora_weights(files["diffusers"])
+    loaded = delta_weights(fresh.transformer)
+    assert set(loaded) == set(ours)
+    for module, delta in ours.items():
+        torch.testing.assert_close(loaded[module], delta, atol=1e-6, rtol=1e-5)
+    for fmt in ("diffusers", "comfyui", "kohya"):
+        assert_comfyui_applies(t, files[fmt], ours)
+    if family == "flux":  # DiffSynth's FLUX loader: the kohya layout, and diffusers names it fuses itself
+        reference = foreign_loaders.diffsynth_flux_deltas(
+            {f"transformer.{m}.lora_{ab}.weight": w for m, d in ours.items()
+             for ab, w in (("A", torch.eye(d.shape[1])), ("B", d))})
+        for fmt in ("diffsynth", "diffusers"):
+            applied = foreign_loaders.diffsynth_flux_deltas(load_file(files[fmt]))
+            assert set(applied) == set(reference), fmt
+            for module, delta in reference.items():
+                torch.testing.assert_close(applied[module], delta, atol=1e-6, rtol=1e-5)
+    else:  # DiffSynth's general loader, on its own names and on ComfyUI's `diffusion_model.` ones
+        for fmt in ("diffsynth", "comfyui"):
+            applied = foreign_loaders.diffsynth_general_deltas(load_file(files[fmt]))
+            assert set(applied) == set(ours), fmt
+            for module, delta in ours.items():
+                torch.testing.assert_close(applied[module], delta, atol=1e-6, rtol=1e-5)
+
+
+def test_flux_diffsynth_export_is_the_layout_diffsynths_flux_loader_maps(trained, tmp_path):
+    """Every key DiffSynth's FLUX loader must map (all but `.alpha`) has a DiffSynth module name, and the
+    module names are those of DiffSynth's FLUX DiT (diffsynth/models/flux_dit.py)."""
+    t = trained("flux", whole_blocks=True)
+    lora = load_file(export_lora(t.lora_dir, "diffsynth", str(tmp_path / "d.safetensors"), family="flux"))
+    names = {k: foreign_loaders._diffsynth_flux_name(k) for k in lora if not k.endswith(".alpha")}
+    assert all(names.values()), [k for k, v in names.items() if v is None]
+    modules = {n.rsplit(".lora_", 1)[0] for n in names.values()}
+    assert modules == {"blocks.0.norm1_a.linear", "blocks.0.norm1_b.linear", "blocks.0.attn.a_to_qkv",
+                       "blocks.0.attn.b_to_qkv", "blocks.0.attn.a_to_out", "blocks.0.attn.b_to_out", "blocks.0.ff_a.0",
+                       "blocks.0.ff_a.2", "blocks.0.ff_b.0", "blocks.0.ff_b.2", "single_blocks.0.norm.linear",
+                       "single_blocks.0.to_qkv_mlp", "single_blocks.0.proj_out"}
+    # The 0.0.x raw DiffSynth training output (`blocks.0.attn.a_to_qkv.lora_A.default.weight`, alpha = rank)
+    # imports too: DiffSynth's own FluxLoRAConverter.align_to_diffsynth_format renames the kohya layout to it.
+    raw = {names[k].replace(".weight", ".default.weight"): v for k, v in lora.items() if k in names}
+    state_dict, info = from_format(raw, family="flux")
+    assert info == {"type": "lora", "r": RANK, "lora_alpha": RANK} and set(state_dict) == set(t.state_dict)
+    for k, v in t.state_dict.items():
+        torch.testing.assert_close(state_dict[k], v * (ALPHA / RANK) if ".lora_B." in k else v, atol=0, rtol=0)
