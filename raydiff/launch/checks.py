@@ -2,6 +2,7 @@
 line (`raydiff: error: ...`, exit 2) instead of a worker's traceback minutes later.
 
     check_model(cfg)            model.path exists (or, offline, is cached) and holds the configured family
+    check_lora(cfg)             lora.target_modules match as meant and lora.init_from loads into the adapter
     check_batch_sizes(cfg, rows) batch_size > 1 needs samples of one size
     check_resources(cfg)        the cluster can hold the workers and a decode task (needs a running Ray)
 """
@@ -51,6 +52,37 @@ def check_model(cfg: RaydiffConfig) -> None:
         if not isinstance(cached, str):
             raise ConfigError(f"model.path {path} is neither a local directory nor, with HF_HUB_OFFLINE=1, in the "
                               f"Hugging Face cache; download it first or point model.path at a local copy")
+
+
+def check_lora(cfg: RaydiffConfig) -> None:
+    """What a worker does with the `lora:` section, done on the base model's skeleton (built from its config on
+    the meta device, no weights read): resolve `lora.target_modules` (README: target matching), inject the
+    adapter, load `lora.init_from` into it. Only when one of those two keys is set: it imports diffusers and
+    peft, which a driver otherwise never does."""
+    lora = cfg.lora
+    if lora is None or not (lora.init_from or lora.target_modules):
+        return
+    if lora.init_from and not os.path.exists(lora.init_from):
+        raise ConfigError(f"lora.init_from {lora.init_from}: no such file or checkpoint directory")
+    from safetensors import SafetensorError
+
+    from raydiff.registry import get_pipeline_class
+    from raydiff.training import lora as lora_lib
+
+    model = lora_lib.empty_component(cfg.model.path, lora.base_model, revision=cfg.model.revision)
+    if model is None:  # not a diffusers model (a text encoder): peft reports its own mismatches in the worker
+        return
+    try:
+        config = lora_lib.inject_lora(
+            model, target_modules=lora.target_modules or get_pipeline_class(cfg.model.family).default_lora_targets,
+            rank=lora.rank, alpha=lora.alpha, adapter_type=lora.type, lokr_factor=lora.lokr_factor)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if lora.init_from:
+        try:
+            lora_lib.load_lora_into(model, lora.init_from, lora.base_model, family=cfg.model.family, config=config)
+        except (ValueError, OSError, SafetensorError) as err:
+            raise ConfigError(f"lora.init_from: {err}") from None
 
 
 def _looks_local(path: str) -> bool:

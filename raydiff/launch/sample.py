@@ -1,8 +1,9 @@
 """`raydiff sample`: one image from a base model plus a trained LoRA (or fully fine-tuned weights),
 with plain diffusers.
 
-The LoRA is loaded the way any diffusers user would load it (`load_lora_weights` on the family's
-pipeline), so a checkpoint that samples here loads everywhere diffusers does.
+The adapter is loaded the way any diffusers user would load it (`load_lora_weights` on the family's
+pipeline; `load_lora_adapter` on its transformer for LoKr), so a checkpoint that samples here loads everywhere
+diffusers does. LoHa, which diffusers cannot load, goes in as peft's own layers.
 """
 
 from __future__ import annotations
@@ -40,11 +41,7 @@ def sample(model: str, lora: str | None, prompt: str, out: str, *, family: str =
     elif lora is not None:
         if not os.path.exists(lora):
             raise FileNotFoundError(f"no LoRA checkpoint or file at {lora}")
-        location, weight_name = (lora, None) if os.path.isdir(lora) else os.path.split(os.path.abspath(lora))
-        pipe.load_lora_weights(location, weight_name=weight_name, adapter_name=ADAPTER)
-        # peft scales the adapter's output by lora_scale * alpha / r at every call; works for every family's
-        # transformer (FLUX/SD3's joint_attention_kwargs and Wan/Qwen's attention_kwargs differ by name).
-        pipe.set_adapters([ADAPTER], adapter_weights=[lora_scale])
+        load_adapter(pipe, lora, family, lora_scale)
     pipe.to(device)
     settings = ValidationSettings(prompts=[prompt], seed=seed, steps=steps, guidance=guidance, height=height,
                                   width=width, num_frames=num_frames)
@@ -52,6 +49,32 @@ def sample(model: str, lora: str | None, prompt: str, out: str, *, family: str =
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     image.save(out)
     return out
+
+
+def load_adapter(pipe, lora: str, family: str, scale: float) -> None:
+    """Load the adapter file or checkpoint `lora` into `pipe`'s transformer, its output scaled by `scale`: LoRA
+    and DoRA with `load_lora_weights`, LoKr with the transformer's `load_lora_adapter` (what diffusers users
+    call), LoHa and LyCORIS-named files as peft layers (diffusers loads neither)."""
+    from safetensors import safe_open
+
+    from raydiff.training.adapters import type_of
+    from raydiff.training.lora import attach_adapter
+    from raydiff.training.lora_formats import PREFIX, detect_format, lora_file
+
+    path = lora_file(lora)
+    with safe_open(path, "pt") as f:
+        keys = list(f.keys())
+    kind, (location, weight_name) = type_of(keys), os.path.split(os.path.abspath(path))
+    if kind in ("lora", "dora"):
+        pipe.load_lora_weights(location, weight_name=weight_name, adapter_name=ADAPTER)
+        # peft scales the adapter's output by lora_scale * alpha / r at every call; works for every family's
+        # transformer (FLUX/SD3's joint_attention_kwargs and Wan/Qwen's attention_kwargs differ by name).
+        pipe.set_adapters([ADAPTER], adapter_weights=[scale])
+    elif kind == "lokr" and detect_format(keys) == "diffusers":
+        pipe.transformer.load_lora_adapter(location, weight_name=weight_name, prefix=PREFIX, adapter_name=ADAPTER)
+        pipe.transformer.set_adapters([ADAPTER], weights=[scale])
+    else:
+        attach_adapter(pipe.transformer, path, family=family, adapter_name=ADAPTER, scale=scale)
 
 
 def load_full_weights(pipe, path: str) -> None:

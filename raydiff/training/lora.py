@@ -16,8 +16,8 @@ from peft import LoHaConfig, LoKrConfig, LoraConfig, get_peft_model_state_dict, 
 from raydiff.training import adapters
 from raydiff.training.lora_formats import LORA_FILE, import_lora, write_lora_file
 
-__all__ = ["LORA_FILE", "adapter_info", "check_adapter_setup", "inject_lora", "load_lora_into", "lora_state_dict",
-           "resolve_targets", "save_lora"]
+__all__ = ["LORA_FILE", "adapter_info", "attach_adapter", "empty_component", "inject_lora", "load_lora_into",
+           "lora_state_dict", "resolve_targets", "save_lora"]
 
 _LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)  # what peft adapts here
 _ADAPTER_PARAMS = ("lora_", "lokr_", "hada_")
@@ -151,20 +151,19 @@ def empty_component(path: str, name: str, *, revision: str | None = None):
         return cls.from_config(cls.load_config(path, subfolder=name, revision=revision))
 
 
-def check_adapter_setup(model_path: str, family: str, lora, *, revision: str | None = None) -> None:
-    """Everything a worker does with the `lora:` section before training, on the base model's skeleton (meta
-    tensors): resolve `target_modules`, inject the adapter and load `init_from`. Raises ValueError."""
-    from raydiff.registry import get_pipeline_class
+def attach_adapter(model: torch.nn.Module, path: str, *, family: str | None, adapter_name: str,
+                   scale: float = 1.0) -> None:
+    """Add the adapter in `path` (any format) to `model` as peft layers named `adapter_name`, its output
+    multiplied by `scale`: for what diffusers cannot load itself (LoHa, LyCORIS-named LoKr)."""
+    from peft import inject_adapter_in_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
-    model = empty_component(model_path, lora.base_model, revision=revision)
-    if model is None:  # not a diffusers model: the file can still be read and its type and rank checked
-        if lora.init_from:
-            _, info = import_lora(lora.init_from, family=family)
-            _scale_factor(info, {"type": lora.type, "r": lora.rank, "lora_alpha": lora.alpha or lora.rank},
-                          lora.init_from)
-        return
-    targets = lora.target_modules or get_pipeline_class(family).default_lora_targets
-    config = inject_lora(model, target_modules=targets, rank=lora.rank, alpha=lora.alpha, adapter_type=lora.type,
-                         lokr_factor=lora.lokr_factor)
-    if lora.init_from:
-        load_lora_into(model, lora.init_from, lora.base_model, family=family, config=config)
+    sd, info = import_lora(path, family=family)
+    sd = {k.split(".", 1)[1]: v for k, v in sd.items()}
+    config = peft_config(info["type"], rank=info["r"], alpha=info["lora_alpha"] or info["r"],
+                         target_modules=sorted(adapters.by_module(sd)), lokr_factor=info.get("lokr_factor", -1))
+    inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    set_peft_model_state_dict(model, sd, adapter_name=adapter_name)
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.set_scale(adapter_name, scale)

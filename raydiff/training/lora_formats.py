@@ -40,7 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from raydiff.registry import family_names, get_pipeline_class
-from raydiff.training import adapters
+from raydiff.training import adapters, model_card
 
 FORMATS = ("diffusers", "comfyui", "kohya", "diffsynth")
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name, which load_lora_weights looks for
@@ -360,8 +360,8 @@ def import_lora(path: str, *, family: str | None) -> tuple[dict[str, torch.Tenso
 
 def export_lora(checkpoint: str, fmt: str, out: str, *, family: str | None = None) -> str:
     """Write the adapter of `checkpoint` (a checkpoint directory or a .safetensors file in any format) to the
-    file `out` in format `fmt`, scale folded in (module docstring). The family (needed for every format but
-    diffusers) defaults to the checkpoint's config.yaml. Returns `out`."""
+    file `out` in format `fmt`, scale folded in (module docstring), with a model card (README.md) beside it.
+    The family (needed for every format but diffusers) defaults to the checkpoint's config.yaml. Returns `out`."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown LoRA format {fmt!r}; choose from {FORMATS}")
     family = family or family_of(checkpoint)  # None is fine where no names need mapping
@@ -373,4 +373,6 @@ def export_lora(checkpoint: str, fmt: str, out: str, *, family: str | None = Non
         write_lora_file(out, exported, {**info, "lora_alpha": info["r"]})
     else:
         save_file(exported, out, metadata={"format": "pt"})
+    facts = model_card.export_facts(checkpoint, {**info, "lora_alpha": info["r"]}, family)
+    model_card.write_card(os.path.dirname(os.path.abspath(out)), facts, weights=os.path.basename(out), fmt=fmt)
     return out
