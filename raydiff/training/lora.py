@@ -98,6 +98,7 @@ def lora_state_dict(model: torch.nn.Module, prefix: str) -> dict[str, torch.Tens
 def save_lora(directory: str, state_dict: dict, config) -> None:
     """Write `pytorch_lora_weights.safetensors` as trained (scale unfolded, so resuming is exact), with the peft
     config diffusers loads it with and raydiff's type, rank and alpha in the metadata."""
+    os.makedirs(directory, exist_ok=True)
     write_lora_file(os.path.join(directory, LORA_FILE), state_dict, adapter_info(config))
 
 
