@@ -220,3 +220,42 @@ def diffsynth_general_deltas(lora: dict) -> dict[str, torch.Tensor]:
             down = down * (lora[alpha_key] / down.shape[0])
         out[target] = lora[key] @ down
     return out
+
+
+# --- checks built on them --------------------------------------------------------------------------------------
+
+def delta_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """{module: delta W} of every active peft adapter layer (LoRA, LoKr, LoHa), from peft's own layers."""
+    with torch.no_grad():
+        return {name: m.get_delta_weight(m.active_adapters[0]) for name, m in model.named_modules()
+                if hasattr(m, "get_delta_weight") and m.active_adapters}
+
+
+def comfyui_key_map(family: str, dit: torch.nn.Module) -> dict:
+    """ComfyUI's key map for the model `dit` is (diffusers' module names; adapted layers count as theirs)."""
+    if family == "flux":
+        c = dit.config
+        return comfyui_flux_key_map(c.num_layers, c.num_single_layers, c.num_attention_heads * c.attention_head_dim)
+    return comfyui_qwen_key_map([n.removesuffix(".base_layer") for n, m in dit.named_modules()
+                                 if isinstance(m, torch.nn.Linear)])
+
+
+def assert_comfyui_applies(family: str, dit: torch.nn.Module, path: str, trained_deltas: dict) -> None:
+    """ComfyUI loads every key of `path` and adds, to each (slice of a) weight, the trained module's delta W;
+    rows of a fused weight that no trained module covers stay unchanged."""
+    from safetensors.torch import load_file
+
+    key_map = comfyui_key_map(family, dit)
+    patches, not_loaded = comfyui_deltas(load_file(path), key_map)
+    assert patches and not not_loaded, not_loaded
+    for (target, offset), delta in patches.items():
+        covered = torch.zeros(delta.shape[0], dtype=torch.bool)
+        for module, ours in trained_deltas.items():
+            to, part = key_map["transformer." + module]
+            if to != target or offset not in (None, part):  # a patch on one part holds that part's delta only
+                continue
+            rows = slice(0, delta.shape[0]) if part in (None, offset) else slice(part[1], part[1] + part[2])
+            torch.testing.assert_close(delta[rows], ours, atol=1e-6, rtol=1e-5)
+            covered[rows] = True
+        assert covered.any(), target
+        assert not delta[~covered].any(), target

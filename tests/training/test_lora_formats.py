@@ -14,6 +14,7 @@ import diffusers
 import foreign_loaders
 import pytest
 import torch
+from foreign_loaders import assert_comfyui_applies, delta_weights
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -79,12 +80,6 @@ class Trained:
     def deltas(self) -> dict[str, torch.Tensor]:
         """{diffusers module: delta W} of the trained adapter, from peft's own layers."""
         return delta_weights(self.pipe.pipe.transformer)
-
-
-def delta_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    with torch.no_grad():
-        return {name: m.get_delta_weight(m.active_adapters[0]) for name, m in model.named_modules()
-                if hasattr(m, "get_delta_weight") and m.active_adapters}
 
 
 @pytest.fixture(scope="module")
@@ -266,35 +261,6 @@ def test_modules_with_different_alphas_get_their_scale_baked_into_b():
 
 # --- the same delta W in diffusers, ComfyUI and DiffSynth-Studio (foreign_loaders.py) ------------------------
 
-def _comfyui_key_map(t: Trained) -> dict:
-    dit = t.pipe.pipe.transformer
-    if t.family == "flux":
-        c = dit.config
-        return foreign_loaders.comfyui_flux_key_map(c.num_layers, c.num_single_layers,
-                                                     c.num_attention_heads * c.attention_head_dim)
-    return foreign_loaders.comfyui_qwen_key_map([n.removesuffix(".base_layer") for n, m in dit.named_modules()
-                                                 if isinstance(m, torch.nn.Linear)])
-
-
-def assert_comfyui_applies(t: Trained, path: str, trained_deltas: dict) -> None:
-    """ComfyUI loads every key of `path` and adds, to each (slice of a) weight, the trained module's delta W;
-    rows of a fused weight that no trained module covers stay unchanged."""
-    key_map = _comfyui_key_map(t)
-    patches, not_loaded = foreign_loaders.comfyui_deltas(load_file(path), key_map)
-    assert patches and not not_loaded, not_loaded
-    for (target, offset), delta in patches.items():
-        covered = torch.zeros(delta.shape[0], dtype=torch.bool)
-        for module, ours in trained_deltas.items():
-            to, part = key_map["transformer." + module]
-            if to != target or offset not in (None, part):  # a patch on one part holds that part's delta only
-                continue
-            rows = slice(0, delta.shape[0]) if part in (None, offset) else slice(part[1], part[1] + part[2])
-            torch.testing.assert_close(delta[rows], ours, atol=1e-6, rtol=1e-5)
-            covered[rows] = True
-        assert covered.any(), target
-        assert not delta[~covered].any(), target
-
-
 @pytest.mark.parametrize("family", PIPELINES)
 def test_alpha_twice_the_rank_means_the_same_in_diffusers_comfyui_and_diffsynth(trained, tmp_path, family):
     """Train-like weights at alpha = 2 x rank: each loader computes the trained delta W from the files meant for
@@ -311,7 +277,7 @@ def test_alpha_twice_the_rank_means_the_same_in_diffusers_comfyui_and_diffsynth(
     for module, delta in ours.items():
         torch.testing.assert_close(loaded[module], delta, atol=1e-6, rtol=1e-5)
     for fmt in ("diffusers", "comfyui", "kohya"):
-        assert_comfyui_applies(t, files[fmt], ours)
+        assert_comfyui_applies(family, t.pipe.pipe.transformer, files[fmt], ours)
     if family == "flux":  # DiffSynth's FLUX loader: the kohya layout, and diffusers names it fuses itself
         reference = foreign_loaders.diffsynth_flux_deltas(
             {f"transformer.{m}.lora_{ab}.weight": w for m, d in ours.items()
