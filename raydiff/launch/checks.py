@@ -13,12 +13,13 @@ import json
 import math
 import os
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from raydiff.config import ConfigError, RaydiffConfig
-from raydiff.console import say
+from raydiff.console import quiet_imports, quiet_libraries, say
 from raydiff.registry import family_for_pipeline, pipeline_class_names
 
 _MAX_SIZE_CHECKS = 4096  # image headers read to check batch sizes; larger datasets are sampled
@@ -64,12 +65,13 @@ def check_lora(cfg: RaydiffConfig) -> None:
         return
     if lora.init_from and not os.path.exists(lora.init_from):
         raise ConfigError(f"lora.init_from {lora.init_from}: no such file or checkpoint directory")
-    from safetensors import SafetensorError
-
     from raydiff.registry import get_pipeline_class
-    from raydiff.training import lora as lora_lib
 
-    model = lora_lib.empty_component(cfg.model.path, lora.base_model, revision=cfg.model.revision)
+    with quiet_imports():
+        from raydiff.training import lora as lora_lib
+
+        model = lora_lib.empty_component(cfg.model.path, lora.base_model, revision=cfg.model.revision)
+    quiet_libraries()
     if model is None:  # not a diffusers model (a text encoder): peft reports its own mismatches in the worker
         return
     try:
@@ -80,8 +82,11 @@ def check_lora(cfg: RaydiffConfig) -> None:
         raise ConfigError(str(err)) from None
     if lora.init_from:
         try:
-            lora_lib.load_lora_into(model, lora.init_from, lora.base_model, family=cfg.model.family, config=config)
-        except (ValueError, OSError, SafetensorError) as err:
+            with warnings.catch_warnings():  # loading into meta parameters is a no-op: it checks names and shapes
+                warnings.filterwarnings("ignore", message=".*non-meta parameter in the checkpoint to a meta parameter")
+                lora_lib.load_lora_into(model, lora.init_from, lora.base_model, family=cfg.model.family,
+                                        config=config)
+        except (ValueError, OSError) as err:
             raise ConfigError(f"lora.init_from: {err}") from None
 
 

@@ -36,7 +36,7 @@ from collections.abc import Iterable
 
 import torch
 import yaml
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from raydiff.registry import family_names, get_pipeline_class
@@ -353,7 +353,10 @@ def import_lora(path: str, *, family: str | None) -> tuple[dict[str, torch.Tenso
     {"type", "r", "lora_alpha"}). `family` maps ComfyUI, kohya and DiffSynth-FLUX names; diffusers files need
     none."""
     path = lora_file(path)
-    state_dict = load_file(path)
+    try:
+        state_dict = load_file(path)
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not a safetensors file ({err})") from None
     metadata = read_metadata(path) if detect_format(state_dict) == "diffusers" else None
     return from_format(state_dict, family=family, metadata=metadata)
 
