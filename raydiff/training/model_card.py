@@ -22,10 +22,11 @@ _DIFFUSERS_CLASSES = {"flux": "FluxPipeline", "qwen_image": "QwenImagePipeline",
 
 
 def trigger_words(prompts: list[str], limit: int = 5) -> list[str]:
-    """Words in at least half the prompts (case-folded, common English words left out), most frequent first:
-    the tokens a LoRA's captions share, such as an instance token."""
+    """Words in most prompts (more than half, and at least two; case-folded, common English words left out), most
+    frequent first: the tokens a LoRA's captions share, such as an instance token."""
     counts = Counter(w for p in prompts for w in set(re.findall(r"[\w-]+", p.lower())) if w not in _STOP_WORDS)
-    return [w for w, n in counts.most_common(limit) if n * 2 >= len(prompts)] if prompts else []
+    common = sorted((w for w, n in counts.items() if n * 2 > len(prompts) and n > 1), key=lambda w: (-counts[w], w))
+    return common[:limit]
 
 
 def dataset_summary(rows: list[dict], repeat: int) -> dict:
@@ -101,7 +102,7 @@ def _summary(facts: dict) -> list[str]:
     if a:
         scale = (a["lora_alpha"] or a["r"]) / a["r"] if a.get("r") else 1
         targets = ", ".join(f"`{t}`" for t in a["target_modules"]) if a.get("target_modules") else "family default"
-        rows += [("adapter", f"{a['type']}, rank {a['r']}, alpha {a['lora_alpha']} (scale {scale:g}) on {targets}")]
+        rows += [("adapter", f"{a['type']}, rank {a['r']}, alpha {a['lora_alpha']:g} (scale {scale:g}) on {targets}")]
     else:
         rows += [("adapter", "none: full fine-tuning of the trainable models")]
     rows += [("steps", facts["steps"]), ("learning rate", facts["learning_rate"]),
