@@ -165,8 +165,7 @@ def test_export_and_sample_mistakes_are_one_line(tiny_model, tmp_path):
                         "data": {"metadata_path": "unused.csv"}, "lora": {"rank": 4}})
     module = PipelineTrainingModule(cfg)
     checkpoint = tmp_path / "checkpoint"
-    lora_lib.save_lora(str(checkpoint), module.trainable_state_dict(),
-                       module.lora_config)
+    lora_lib.save_lora(str(checkpoint), module.trainable_state_dict(), module.lora_config)
     (checkpoint / "config.yaml").write_text(dump_config(cfg))
 
     export = cli("export", str(checkpoint), "--format", "comfyui", "--family", "sd3", "--out", "x.safetensors",

@@ -89,8 +89,7 @@ def far_off_lora(cfg, directory: Path) -> str:
     for name, p in module.named_parameters():
         if "lora_A" in name or "lora_B" in name:
             p.data.normal_(0, 0.5)
-    save_lora(str(directory), module.trainable_state_dict(),
-              module.lora_config)
+    save_lora(str(directory), module.trainable_state_dict(), module.lora_config)
     return str(directory)
 
 
