@@ -21,6 +21,15 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     warnings.filterwarnings("ignore", message=".*torch_dtype.*is deprecated")
+    # peft: a LoRA over torchao weights cannot be merged back into them, which training never does.
+    warnings.filterwarnings("ignore", message=".*instantiated without `get_apply_tensor_subclass`")
+    # Imported by peft/transformers when installed (model.quantize, train.optimizer): torchao logs the CUDA
+    # extensions a CPU build cannot load, torch a deprecation per torchao enum, bitsandbytes an optional
+    # CPU kernel package, diffusers tensor types torchao 0.18 no longer has. None of it concerns raydiff.
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree", "bitsandbytes", "diffusers.quantizers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     import diffusers
     import transformers
 

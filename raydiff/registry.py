@@ -18,6 +18,8 @@ BUILTIN_FAMILIES = {
     "qwen_image": "raydiff.pipelines.qwen_image:QwenImagePipeline",
     "sd3": "raydiff.pipelines.sd3:SD3ImagePipeline",
     "wan": "raydiff.pipelines.wan:WanVideoPipeline",
+    "z_image": "raydiff.pipelines.z_image:ZImagePipeline",
+    "flux2_klein": "raydiff.pipelines.flux2:Flux2KleinImagePipeline",
 }
 # The diffusers pipeline class each built-in family loads (model_index.json's `_class_name`), so the
 # driver can check a model directory before importing any family (tests check these match the classes).
@@ -26,6 +28,8 @@ BUILTIN_PIPELINES = {
     "qwen_image": ("QwenImagePipeline",),
     "sd3": ("StableDiffusion3Pipeline",),
     "wan": ("WanPipeline",),
+    "z_image": ("ZImagePipeline",),
+    "flux2_klein": ("Flux2KleinPipeline",),
 }
 _registered: dict[str, str | type] = {}
 

@@ -42,20 +42,33 @@ def cache_identity(cfg: RaydiffConfig, rows: list[dict], shard_rows: int = SHARD
     """What a cache depends on: the model (path, a fingerprint of its files except the trainable ones),
     the preprocessing settings and a content hash of the inputs (metadata bytes, each file's size and
     mtime). `data.repeat`, `shuffle` and the seed (unless flipping) only change the reading."""
-    m, d = cfg.model, cfg.data
-    settings = {"format": FORMAT, "shard_rows": shard_rows, "data_file_keys": d.data_file_keys,
-                "height": d.height, "width": d.width, "max_pixels": d.max_pixels,
-                "division_factor": d.division_factor, "buckets": d.buckets, "random_flip": d.random_flip,
-                "max_image_pixels": d.max_image_pixels, "skip_bad_samples": d.skip_bad_samples,
-                "encoded_without": trainable_names(cfg)}
+    settings = {"format": FORMAT, "shard_rows": shard_rows, **cache_settings(cfg)}
+    return {"model": model_identity(cfg), "settings": settings,
+            "inputs": {"metadata_path": cfg.data.metadata_path, "hash": _inputs_hash(cfg, rows)}}
+
+
+def cache_settings(cfg: RaydiffConfig) -> dict:
+    """The preprocessing settings encoded samples depend on."""
+    d = cfg.data
+    settings = {"data_file_keys": d.data_file_keys, "height": d.height, "width": d.width,
+                "max_pixels": d.max_pixels, "division_factor": d.division_factor, "buckets": d.buckets,
+                "random_flip": d.random_flip, "max_image_pixels": d.max_image_pixels,
+                "skip_bad_samples": d.skip_bad_samples, "encoded_without": trainable_names(cfg)}
     if any(k in VIDEO_KEYS for k in d.data_file_keys):
         settings["num_frames"] = d.num_frames
     if d.random_flip:
         settings["flip_seed"] = cfg.train.seed
+    return settings
+
+
+def model_identity(cfg: RaydiffConfig) -> dict:
+    """The model encoded samples depend on: path, revision, dtype, text length, a fingerprint of its files."""
+    m = cfg.model
     model = {"family": m.family, "path": m.path, "revision": m.revision, "dtype": m.dtype,
              "max_sequence_length": m.max_sequence_length, "files": _model_fingerprint(cfg)}
-    return {"model": model, "settings": settings, "inputs": {"metadata_path": d.metadata_path,
-                                                              "hash": _inputs_hash(cfg, rows)}}
+    if m.quantize_text_encoders:  # quantized encoders give other embeddings (absent otherwise: old caches stay valid)
+        model["quantize_text_encoders"] = m.quantize
+    return model
 
 
 def _model_fingerprint(cfg: RaydiffConfig) -> str | None:

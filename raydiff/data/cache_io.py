@@ -136,6 +136,19 @@ def table_to_columns(table: pa.Table) -> dict[str, np.ndarray]:
     return out
 
 
+def row_to_sample(row: dict) -> dict:
+    """One cached row (a dict from a cache file) -> its sample: tensors rebuilt from bytes, shape, dtype."""
+    out = {}
+    for name, value in row.items():
+        if "#" in name:
+            continue
+        if f"{name}#shape" in row:
+            out[name] = np.frombuffer(value, dtype=np.dtype(row[f"{name}#dtype"])).reshape(row[f"{name}#shape"])
+        else:
+            out[name] = value
+    return out
+
+
 def decode_shard_batch(batch: pa.Table) -> dict[str, np.ndarray]:
     """Ray Data `map_batches` over `read_parquet(cache shards)`: back to encoded numpy columns."""
     return table_to_columns(batch)

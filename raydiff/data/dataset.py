@@ -17,14 +17,16 @@ from dataclasses import dataclass
 import numpy as np
 import ray
 
-from raydiff.config import DataConfig, RaydiffConfig, to_remote
+from raydiff.config import DataConfig, RaydiffConfig, UserError, to_remote
 from raydiff.data.buckets import bucket_batches, row_buckets
 from raydiff.data.cache import preprocess
 from raydiff.data.cache_io import CacheLayout, RepeatCached, decode_shard_batch, read_empty_prompt
+from raydiff.data.cache_shards import preprocess_sharded
 from raydiff.data.decode import DecodeRow
 from raydiff.data.encode import EncodeBatch, remote_empty_prompt
 from raydiff.data.packing import pack_group
 from raydiff.data.plan import order_rows
+from raydiff.data.shards import ShardPlan, plan_shards
 
 
 @dataclass
@@ -33,20 +35,25 @@ class TrainData:
 
     `packed`: rows are whole bucket batches (iterate with batch_size=1). `num_samples`: samples per
     epoch before the split; `num_batches`: bucket batches per epoch (None unless packed).
-    `empty_prompt`: encoded empty prompt for caption dropout in stream/cache mode.
+    `empty_prompt`: encoded empty prompt for caption dropout in stream/cache mode. `shards`: the shard
+    plan of sharded data, whose workers build their own pipelines (then `dataset` is None).
     """
 
-    dataset: ray.data.Dataset
+    dataset: ray.data.Dataset | None
     num_samples: int
     packed: bool = False
     num_batches: int | None = None
     empty_prompt: dict[str, np.ndarray] | None = None
+    shards: ShardPlan | None = None  # sharded data: each worker streams its share (raydiff.data.stream)
 
 
-def build_train_data(cfg: RaydiffConfig, rows: list[dict], seed: int, counter_name: str | None = None) -> TrainData:
+def build_train_data(cfg: RaydiffConfig, rows: list[dict] | None, seed: int,
+                     counter_name: str | None = None) -> TrainData:
     """`rows` from `read_rows` (repeated) -> the dataset for the configured mode. `seed` is `train.seed`:
-    it orders the samples and picks the flips."""
+    it orders the samples and picks the flips. Sharded data (`rows` None) gets a shard plan instead."""
     ray.data.DataContext.get_current().enable_progress_bars = False
+    if cfg.data.sharded:
+        return _sharded_data(cfg, seed)
     if cfg.data.preprocess == "cache":
         data = _cached_data(cfg, rows, seed)
     else:
@@ -57,6 +64,27 @@ def build_train_data(cfg: RaydiffConfig, rows: list[dict], seed: int, counter_na
     rows_per_block = 1 if data.packed else cfg.train.batch_size
     data.dataset = data.dataset.repartition(target_num_rows_per_block=rows_per_block, strict=True)
     return data
+
+
+def build_cache(cfg: RaydiffConfig) -> None:
+    """`raydiff preprocess`: encode the dataset into `data.cache_dir` (sharded data shard by shard)."""
+    if cfg.data.sharded:
+        preprocess_sharded(cfg)
+    else:
+        preprocess(cfg)
+
+
+def _sharded_data(cfg: RaydiffConfig, seed: int) -> TrainData:
+    """Names and counts only: every worker streams its own share of the shards (of the cache's files in
+    cache mode, encoding what the cache lacks first)."""
+    d = cfg.data
+    plan = preprocess_sharded(cfg) if d.preprocess == "cache" else plan_shards(d, seed)
+    empty = read_empty_prompt(CacheLayout(d.cache_dir)) if d.preprocess == "cache" and d.caption_dropout else None
+    workers = cfg.ray.num_workers
+    if len(plan.shards) < workers:
+        raise UserError(f"{len(plan.shards)} shards cannot give each of ray.num_workers {workers} workers a "
+                        f"share; split the data into at least {workers} shards")
+    return TrainData(None, plan.num_samples, empty_prompt=empty, shards=plan)
 
 
 def build_eval_dataset(cfg: RaydiffConfig, rows: list[dict], counter_name: str | None = None) -> ray.data.Dataset:

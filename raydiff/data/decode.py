@@ -15,7 +15,7 @@ import numpy as np
 import ray
 
 from raydiff.config import DataConfig
-from raydiff.data.metadata import BadSample, SampleError
+from raydiff.data.metadata import BadSample, SampleError, is_url
 from raydiff.data.operators import DecodeError, load_image, load_video, resize_image, resize_video, target_size
 from raydiff.data.packing import pack_samples
 from raydiff.data.plan import flipped
@@ -48,11 +48,31 @@ def skip_counter(run_name: str):
     return SkipCounter.options(name=skip_counter_name(run_name), get_if_exists=True, lifetime="detached").remote()
 
 
+def count_skipped(counter_name: str | None, bad: BadSample) -> None:
+    """Log a skipped sample and count it in the run's counter (if any)."""
+    log.warning("skipping %s", bad)
+    if counter_name:
+        # Synchronous: a later count() must see it (calls from different tasks are unordered).
+        ray.get(ray.get_actor(counter_name).add.remote(bad.row, bad.reason))
+
+
 def skipped_samples(counter_name: str | None) -> int:
     """Distinct rows the run's counter has seen skipped (0 without a counter)."""
     if not counter_name:
         return 0
     return ray.get(ray.get_actor(counter_name).count.remote())
+
+
+def read_url(uri: str) -> bytes:
+    """The bytes of a remote file (s3://..., with the AWS SDK's settings)."""
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except (OSError, FileNotFoundError) as err:
+        raise DecodeError(f"cannot read {uri}: {err}") from None
 
 
 @dataclass
@@ -68,17 +88,18 @@ class DecodeSample:
             try:
                 out[key] = self.load(key, row[key])
             except DecodeError as err:
-                bad = BadSample(row["_row"], row[key], str(err))
+                source = row[key] if isinstance(row[key], str) else row.get("_source", "embedded bytes")
+                bad = BadSample(row["_row"], source, str(err))
                 if not self.cfg.skip_bad_samples:
                     raise SampleError(bad) from None
-                log.warning("skipping %s", bad)
-                if self.counter_name:
-                    # Synchronous: a later count() must see it (calls from different tasks are unordered).
-                    ray.get(ray.get_actor(self.counter_name).add.remote(bad.row, bad.reason))
+                count_skipped(self.counter_name, bad)
                 return []
         return [out]
 
-    def load(self, key: str, path: str) -> np.ndarray:
+    def load(self, key: str, path: str | bytes) -> np.ndarray:
+        """Decode one file: a local path, a URL (read through pyarrow's filesystems) or the bytes."""
+        if isinstance(path, str) and is_url(path):
+            path = read_url(path)
         cfg = self.cfg
         fixed = (cfg.height, cfg.width) if cfg.height else None
         if key in VIDEO_KEYS:
@@ -120,8 +141,8 @@ class DecodeRow:
             h, w = row["_size"]
             cfg = cfg.model_copy(update={"height": int(h), "width": int(w)})
         out = DecodeSample(cfg, self.counter_name)(row)
-        for sample in out:
-            sample.update({k: row[k] for k in ("_rep", "_key") if k in row})
+        for sample in out:  # the row's annotations (_rep, _key; a stream's _pass, _index) travel on
+            sample.update({k: v for k, v in row.items() if k.startswith("_") and k not in ("_size", "_row")})
             if self.cfg.random_flip and flipped(self.seed, row["_row"]):
                 for key in self.cfg.data_file_keys:
                     axis = 2 if key in VIDEO_KEYS else 1  # width of (F, H, W, 3) or (H, W, 3)

@@ -58,7 +58,9 @@ class Encoder:
         self.pipe = cls.from_pretrained(cfg.model.path, dtype=DTYPES[cfg.model.dtype], device=self.device,
                                         components=encoder_components(cfg), revision=cfg.model.revision,
                                         trust_remote_code=cfg.model.trust_remote_code, guidance=cfg.model.guidance,
-                                        max_sequence_length=cfg.model.max_sequence_length)
+                                        max_sequence_length=cfg.model.max_sequence_length,
+                                        quantize=cfg.model.quantize,
+                                        quantize_text_encoders=cfg.model.quantize_text_encoders)
         self.units, _ = split_units(self.pipe, trainable_names(cfg))
         self.media_keys = tuple(cfg.data.data_file_keys)
 

@@ -265,9 +265,15 @@ def read_rows(cfg: DataConfig, metadata_path: str | None = None, repeat: int | N
     return rows, bad
 
 
-def train_and_eval_rows(data: DataConfig, eval_cfg) -> tuple[list[dict], list[dict], list[BadSample]]:
+def train_and_eval_rows(data: DataConfig, eval_cfg) -> tuple[list[dict] | None, list[dict], list[BadSample]]:
     """(training rows, eval rows, bad rows). Eval rows come from `eval.metadata_path`, or are the last
-    `eval.holdout` metadata rows, which then never reach training."""
+    `eval.holdout` metadata rows, which then never reach training. Sharded data has no training rows
+    here (None): the workers stream them."""
+    if data.sharded:
+        if not eval_cfg.metadata_path:
+            return None, [], []
+        held, bad_eval = read_rows(data, eval_cfg.metadata_path, repeat=1)
+        return None, held, bad_eval
     if eval_cfg.metadata_path:
         train, bad = read_rows(data)
         held, bad_eval = read_rows(data, eval_cfg.metadata_path, repeat=1)

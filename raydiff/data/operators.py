@@ -8,6 +8,7 @@ reason; the caller knows the row and file and wraps it into a `SampleError`.
 from __future__ import annotations
 
 import functools
+import io
 import math
 import os
 import threading
@@ -25,20 +26,26 @@ class DecodeError(ValueError):
     """A file we cannot turn into pixels; str() is the reason alone."""
 
 
-def load_image(path: str, *, max_pixels_before_decode: int = DEFAULT_MAX_PIXELS_BEFORE_DECODE) -> np.ndarray:
-    """Decode an image file to uint8 RGB, shape (H, W, 3), EXIF orientation applied.
+def load_image(path: str | bytes, *,
+               max_pixels_before_decode: int = DEFAULT_MAX_PIXELS_BEFORE_DECODE) -> np.ndarray:
+    """Decode an image file (a path, or its bytes) to uint8 RGB, shape (H, W, 3), EXIF orientation applied.
 
     Transparency is composited on white, CMYK converted, 16-bit grayscale scaled to 8 bits.
     The size is checked against `max_pixels_before_decode` from the header, before any
     pixel data is decoded, so a decompression bomb costs a header read.
     """
-    try:
-        if os.path.getsize(path) == 0:
+    if isinstance(path, (bytes, bytearray)):
+        if not path:
             raise DecodeError("zero-byte file")
-    except FileNotFoundError as e:
-        raise DecodeError("file not found") from e
-    except OSError as e:
-        raise DecodeError(f"cannot read file: {e.strerror or e}") from e
+        path = io.BytesIO(path)
+    else:
+        try:
+            if os.path.getsize(path) == 0:
+                raise DecodeError("zero-byte file")
+        except FileNotFoundError as e:
+            raise DecodeError("file not found") from e
+        except OSError as e:
+            raise DecodeError(f"cannot read file: {e.strerror or e}") from e
     try:
         with _open_image(path) as im:
             w, h = im.size
@@ -152,14 +159,18 @@ def _image_extensions() -> frozenset[str]:
 
 
 def load_video(
-    path: str, *, num_frames: int, max_pixels_before_decode: int = DEFAULT_MAX_PIXELS_BEFORE_DECODE
+    path: str | bytes, *, num_frames: int, max_pixels_before_decode: int = DEFAULT_MAX_PIXELS_BEFORE_DECODE
 ) -> np.ndarray:
     """Decode the first frames of a video to uint8 (F, H, W, 3), F = frames_for(available, num_frames).
 
-    `path` is a video file (anything FFmpeg reads), a directory of frame images (taken in
+    `path` is a video file (anything FFmpeg reads, or its bytes), a directory of frame images (taken in
     name order), or a single image (a one-frame video). Raises DecodeError.
     """
-    if os.path.isdir(path):
+    if isinstance(path, (bytes, bytearray)):
+        if not path:
+            raise DecodeError("zero-byte file")
+        path = io.BytesIO(path)
+    elif os.path.isdir(path):
         names = sorted(n for n in os.listdir(path) if os.path.splitext(n)[1].lower() in _image_extensions())
         n = frames_for(len(names), num_frames)
         if n == 0:
@@ -169,7 +180,7 @@ def load_video(
         if len({f.shape for f in frames}) > 1:
             raise DecodeError(f"frames differ in size: {sorted({f.shape[:2] for f in frames})}")
         return np.stack(frames)
-    if os.path.splitext(path)[1].lower() in _image_extensions():
+    if isinstance(path, str) and os.path.splitext(path)[1].lower() in _image_extensions():
         return load_image(path, max_pixels_before_decode=max_pixels_before_decode)[None]
     frames = _decode_video(path, num_frames, max_pixels_before_decode)
     n = frames_for(len(frames), num_frames)
@@ -181,7 +192,7 @@ def load_video(
 def _decode_video(path: str, num_frames: int, max_pixels: int) -> list[np.ndarray]:
     import av  # imported here so image-only datasets never load FFmpeg
 
-    if os.path.exists(path) and os.path.getsize(path) == 0:
+    if isinstance(path, str) and os.path.exists(path) and os.path.getsize(path) == 0:
         raise DecodeError("zero-byte file")
     try:
         container = av.open(path)

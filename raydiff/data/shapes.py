@@ -80,3 +80,54 @@ def write_clips_dataset(directory: str, n: int = 4, frames: int = 11, size: int 
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def write_shards(rows: list[dict], directory: str, sizes: list[int], kind: str = "parquet") -> list[str]:
+    """Split metadata `rows` into shards of the given sizes (parquet, jsonl or csv); returns their paths."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    assert sum(sizes) <= len(rows), "more shard rows than rows"
+    os.makedirs(directory, exist_ok=True)
+    paths, start = [], 0
+    for k, n in enumerate(sizes):
+        part, start = rows[start:start + n], start + n
+        path = os.path.join(directory, f"part-{k:05d}.{kind}")
+        if kind == "parquet":
+            pq.write_table(pa.Table.from_pylist(part), path)
+        elif kind == "jsonl":
+            with open(path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in part)
+        else:
+            with open(path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(part[0]))
+                writer.writeheader()
+                writer.writerows(part)
+        paths.append(path)
+    return paths
+
+
+def write_webdataset(directory: str, sizes: list[int], size: tuple[int, int] = (32, 32), seed: int = 0) -> list[str]:
+    """WebDataset tar shards of shapes: `<key>.png` + `<key>.txt` per sample; returns their paths."""
+    import io
+    import tarfile
+
+    rng = random.Random(seed)
+    os.makedirs(directory, exist_ok=True)
+    paths, key = [], 0
+    for k, n in enumerate(sizes):
+        path = os.path.join(directory, f"shard-{k:05d}.tar")
+        with tarfile.open(path, "w") as tar:
+            for _ in range(n):
+                color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+                png = io.BytesIO()
+                draw_shape(shape, COLORS[color], size, rng).save(png, format="PNG")
+                for ext, data in (("png", png.getvalue()), ("txt", f"a {color} {shape}".encode())):
+                    info = tarfile.TarInfo(f"{key:08d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                key += 1
+        paths.append(path)
+    return paths

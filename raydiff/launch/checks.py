@@ -5,6 +5,7 @@ line (`raydiff: error: ...`, exit 2) instead of a worker's traceback minutes lat
     check_lora(cfg)             lora.target_modules match as meant and lora.init_from loads into the adapter
     check_batch_sizes(cfg, rows) batch_size > 1 needs samples of one size
     check_resources(cfg)        the cluster can hold the workers and a decode task (needs a running Ray)
+    check_devices(cfg)          model.quantize fp8/nf4 and train.optimizer find their libraries and a CUDA GPU
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from raydiff.config import ConfigError, RaydiffConfig
+from raydiff.config import GPU_ONLY_QUANTIZE, ConfigError, RaydiffConfig
 from raydiff.console import quiet_imports, quiet_libraries, say
 from raydiff.registry import family_for_pipeline, pipeline_class_names
 
@@ -215,3 +216,41 @@ def check_resources(cfg: RaydiffConfig, *, autoscaling: bool, nodes: Callable[[]
             say(f"[raydiff] waiting for the autoscaler ({int(deadline - now)} s left): {problem}")
             last_line = now
         time.sleep(poll_s)
+
+
+# What each setting imports in the workers, and the pip package that provides it.
+_LIBRARIES = {("quantize", "int8"): ("torchao", "torchao"), ("quantize", "fp8"): ("torchao", "torchao"),
+              ("quantize", "nf4"): ("bitsandbytes", "bitsandbytes"),
+              ("optimizer", "adamw8bit"): ("bitsandbytes", "bitsandbytes"),
+              ("optimizer", "adafactor"): ("transformers", "transformers"),
+              ("optimizer", "prodigy"): ("prodigyopt", "prodigyopt")}
+
+
+def check_devices(cfg: RaydiffConfig, cuda_available: Callable[[], bool] | None = None) -> None:
+    """model.quantize fp8 and nf4 are for CUDA GPUs (torchao's float8 and bitsandbytes' 4-bit kernels):
+    refused unless the workers get GPUs (`ray.use_gpu`, and for stream/cache encoders with quantized text
+    encoders `data.encoder_num_gpus`) and, for a local Ray, this machine has one. The libraries that
+    `model.quantize` and `train.optimizer` need must be importable here (the workers share this install)."""
+    import importlib.util
+
+    m, d = cfg.model, cfg.data
+    for key, value in (("quantize", m.quantize), ("optimizer", cfg.train.optimizer)):
+        module, package = _LIBRARIES.get((key, value), (None, None))
+        if module and importlib.util.find_spec(module) is None:
+            section = "model" if key == "quantize" else "train"
+            raise ConfigError(f"{section}.{key} {value} needs the {package} package: pip install {package}")
+    if m.quantize not in GPU_ONLY_QUANTIZE:
+        return
+    need = f"model.quantize {m.quantize} runs on CUDA GPUs only"
+    if not cfg.ray.use_gpu:
+        raise ConfigError(f"{need}: set ray.use_gpu: true, or use model.quantize: int8 on CPUs")
+    if m.quantize_text_encoders and d.preprocess != "inline" and d.encoder_num_gpus == 0:
+        raise ConfigError(f"{need}: with model.quantize_text_encoders the {d.preprocess} encoders need "
+                          f"data.encoder_num_gpus > 0")
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available
+    if cfg.ray.address is None and not os.environ.get("RAY_ADDRESS") and not cuda_available():
+        raise ConfigError(f"{need}, and this machine (where a local Ray runs the workers) has no CUDA GPU; "
+                          f"use model.quantize: int8")

@@ -28,7 +28,7 @@ def cmd_train(args) -> None:
 
 def cmd_preprocess(args) -> None:
     from raydiff.config import ConfigError
-    from raydiff.data.cache import preprocess
+    from raydiff.data.dataset import build_cache
     from raydiff.launch.cluster import init_ray
 
     cfg = config_of(args)
@@ -36,7 +36,7 @@ def cmd_preprocess(args) -> None:
         raise ConfigError("raydiff preprocess writes to data.cache_dir; set it (and data.preprocess: cache to train "
                           "from it)")
     init_ray(cfg)
-    preprocess(cfg)
+    build_cache(cfg)
 
 
 def cmd_tune(args) -> None:
@@ -64,11 +64,19 @@ def cmd_export(args) -> None:
 
     if not os.path.exists(args.checkpoint):
         raise UserError(f"no checkpoint directory or LoRA file at {args.checkpoint}")
+    source = args.checkpoint
+    if args.ema:
+        from raydiff.training.ema import EMA_FILE
+
+        source = os.path.join(args.checkpoint, EMA_FILE)
+        if not os.path.isfile(source):
+            raise UserError(f"--ema: {args.checkpoint} has no {EMA_FILE} (a checkpoint directory of a run with "
+                            f"train.ema)")
     try:
-        out = export_lora(args.checkpoint, args.format, args.out, family=args.family)
+        out = export_lora(source, args.format, args.out, family=args.family)
     except ValueError as err:  # an unsupported family/format pair, keys no format knows
         raise UserError(str(err)) from None
-    print(f"[raydiff] wrote {args.format} LoRA to {os.path.abspath(out)}")
+    print(f"[raydiff] wrote {args.format} {'EMA ' if args.ema else ''}LoRA to {os.path.abspath(out)}")
 
 
 def add_config_arguments(p: argparse.ArgumentParser, config_help: str) -> None:
@@ -118,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--family", choices=family_names(),
                    help="model family (default: read from the checkpoint's config.yaml)")
+    p.add_argument("--ema", action="store_true", help="export the checkpoint's EMA weights (train.ema) instead")
     p.set_defaults(func=cmd_export)
 
     from raydiff.launch.sample import add_sample_parser

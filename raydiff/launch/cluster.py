@@ -72,6 +72,7 @@ def _nvidia_gpus() -> int:
 def quiet_ray_driver() -> None:
     """Ray's INFO/WARNING lines in this process (the token-auth notice, "Started a local Ray", Ray Data's
     and Tune's progress) and its deprecation warnings; errors still print."""
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")  # Ray Data reconfigures its loggers from this
     for name in ("ray", "ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="ray")

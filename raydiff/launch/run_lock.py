@@ -83,11 +83,13 @@ class RunLock:
         self.fs.create_dir(self.path.rsplit("/", 1)[0], recursive=True)
         record = self._record(time.time())
         if not self._write(record, exclusive=True):
-            holder = self._read()
-            if holder is not None and is_alive(holder):
+            holder = self._settled_holder()
+            if holder is None:  # being written by another run (or unreadable): never taken over
+                raise RunLockedError(f"{self.display} is locked by another run whose lock file {self.path} "
+                                     f"cannot be read; delete that file if no run uses the directory")
+            if is_alive(holder):
                 raise RunLockedError(describe_holder(holder, self.display))
-            if holder is not None:
-                say(f"[raydiff] taking over the lock of {self.display}: {describe_holder(holder)} is not running")
+            say(f"[raydiff] taking over the lock of {self.display}: {describe_holder(holder)} is not running")
             self._write(record)
         if not isinstance(self.fs, pafs.LocalFileSystem):
             time.sleep(0.5)  # another writer racing us on S3 would have overwritten the lock by now
@@ -97,6 +99,14 @@ class RunLock:
         self._thread = threading.Thread(target=self._beat, args=(record["started"],), daemon=True,
                                         name="raydiff-run-lock")
         self._thread.start()
+
+    def _settled_holder(self, tries: int = 10) -> dict | None:
+        """The lock's record; a file another run has created but not yet written reads as None for a moment."""
+        for _ in range(tries):
+            if (holder := self._read()) is not None:
+                return holder
+            time.sleep(0.1)
+        return None
 
     def _beat(self, started: float) -> None:
         while not self._stop.wait(HEARTBEAT_S):

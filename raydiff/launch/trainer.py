@@ -20,7 +20,14 @@ from raydiff.console import say
 from raydiff.data.dataset import build_eval_dataset, build_train_data
 from raydiff.data.decode import skip_counter, skip_counter_name
 from raydiff.data.metadata import train_and_eval_rows
-from raydiff.launch.checks import check_batch_sizes, check_lora, check_model, check_resources, warn_job_local_storage
+from raydiff.launch.checks import (
+    check_batch_sizes,
+    check_devices,
+    check_lora,
+    check_model,
+    check_resources,
+    warn_job_local_storage,
+)
 from raydiff.launch.cluster import DriverConsole, init_ray, is_autoscaling, local_ray_resources, stop_ray
 from raydiff.launch.run_lock import LOCK_FILE, RunLock
 from raydiff.launch.runs import describe_plan, finished_result
@@ -90,14 +97,14 @@ def plan_run(cfg: RaydiffConfig, module_factory: Callable | None = None, rows=No
     # inline: workers decode and encode; stream: an encoder actor pool feeds them latents; cache: the
     # parquet cache (built first if missing or stale) does. See raydiff/data/dataset.py.
     train = build_train_data(cfg, rows, seed=cfg.train.seed, counter_name=counter)
-    datasets = {"train": train.dataset}
+    datasets = {} if train.dataset is None else {"train": train.dataset}
     if eval_rows:  # unsplit: every rank sees the same ordered eval set and scores its share of it
         datasets["eval"] = build_eval_dataset(cfg, eval_rows, counter_name=counter)
     epoch_steps = steps_per_epoch(train.num_samples, cfg)
     args = LoopArgs(to_remote(cfg), epoch_steps, total_steps(cfg, epoch_steps), packed=train.packed,
                     empty_prompt=train.empty_prompt, skip_counter=counter, run_dir=run_dir(cfg),
-                    is_tty=sys.stdout.isatty(), module_factory=module_factory, relay=relay,
-                    dataset=dataset_summary(rows, cfg.data.repeat))
+                    is_tty=sys.stdout.isatty(), module_factory=module_factory, relay=relay, shards=train.shards,
+                    dataset=dataset_summary(rows, cfg.data.repeat, train.num_samples))
     return RunPlan(datasets, args)
 
 
@@ -129,7 +136,8 @@ def build_trainer(cfg: RaydiffConfig, module_factory: Callable | None = None, *,
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             logging_config=LoggingConfig(log_level="WARNING"), **run_config_kwargs),
         datasets=plan.datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest),
+        dataset_config=DataConfig(datasets_to_split=["train"] if "train" in plan.datasets else [],
+                                  execution_options=ingest),
     )
 
 
@@ -146,9 +154,11 @@ def launch_training_task(cfg: RaydiffConfig, module_factory: Callable | None = N
     r = cfg.ray
     warn_job_local_storage(cfg)
     check_model(cfg)
+    check_devices(cfg)
     check_lora(cfg)
     rows = train_and_eval_rows(cfg.data, cfg.eval)
-    check_batch_sizes(cfg, rows[0])
+    if rows[0] is not None:
+        check_batch_sizes(cfg, rows[0])
     if not ray.is_initialized() and not (r.address or os.environ.get("RAY_ADDRESS")):
         check_resources(cfg, autoscaling=False, nodes=lambda: [local_ray_resources(cfg)])  # before Ray starts
     check_storage(r.storage_path, r.storage_endpoint, r.storage_region)

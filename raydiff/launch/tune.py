@@ -35,6 +35,7 @@ from raydiff.config import TuneConfig as TuneSettings
 from raydiff.console import say
 from raydiff.data.decode import skip_counter_name
 from raydiff.data.metadata import train_and_eval_rows
+from raydiff.data.shards import plan_shards
 from raydiff.launch.cluster import init_ray
 from raydiff.launch.storage import storage_filesystem
 from raydiff.launch.trainer import HEALTH_CHECK_INTERVAL, build_trainer, steps_per_epoch, total_steps
@@ -256,8 +257,11 @@ def trial_rows(grid: ray.tune.ResultGrid, config: RaydiffConfig, keys: list[str]
 
 def planned_steps(cfg: RaydiffConfig) -> int:
     """The optimizer steps a run of `cfg` plans (as the trainer computes them; reads the metadata)."""
-    rows, _, _ = train_and_eval_rows(cfg.data, cfg.eval)
-    return total_steps(cfg, steps_per_epoch(len(rows), cfg))
+    if cfg.data.sharded:
+        samples = plan_shards(cfg.data, cfg.train.seed).num_samples
+    else:
+        samples = len(train_and_eval_rows(cfg.data, cfg.eval)[0])
+    return total_steps(cfg, steps_per_epoch(samples, cfg))
 
 
 def report_trials(config: RaydiffConfig, rows: list[dict], settings: TuneSettings) -> None:

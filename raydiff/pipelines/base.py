@@ -23,6 +23,7 @@ import torch
 
 from raydiff.config import DTYPE_NAMES
 from raydiff.diffusion.flow_matching import FlowSchedule
+from raydiff.pipelines.quantize import quantize_model, text_encoder_skip
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 _MIXED_PRECISION = {"bf16": "bfloat16", "fp16": "float16"}
@@ -94,6 +95,7 @@ class FamilyPipeline:
     # `comfyui`/`kohya` naming (raydiff.training.lora_formats); None = diffusers format only.
     lora_original_names: ClassVar[dict | None] = None
     comfyui_lora_suffixes: ClassVar[tuple[str, str]] = ("lora_A", "lora_B")
+    comfyui_lora_alpha: ClassVar[bool] = True  # False: no `.alpha` keys, the scale folded into the weights
     # What `raydiff export --format diffsynth` writes: the layout DiffSynth-Studio's loader for this family reads
     # ("diffsynth": peft's names with `.default.`; "kohya": FLUX's loader maps kohya names onto its fused modules).
     diffsynth_lora_format: ClassVar[str] = "diffsynth"
@@ -101,6 +103,10 @@ class FamilyPipeline:
     # LoRAs DiffSynth trained import; None: DiffSynth uses diffusers' names.
     diffsynth_lora_names: ClassVar[dict | None] = None
     patch_size: ClassVar[int] = 2  # latent pixels per token side
+    # `model.quantize`: fnmatch patterns of DiT modules left unquantized (embedders, the norms' modulation
+    # linears, the final projection: small layers whose error every token would share).
+    quantize_skip: ClassVar[tuple[str, ...]] = ("*embed*", "*norm*", "proj_out")
+    quantized: dict[str, str] = {}  # component -> quantization mode, set by `from_pretrained`
 
     def __init__(self, pipe, device, *, guidance: float = 1.0, max_sequence_length: int | None = None):
         self.pipe, self.device = pipe, torch.device(device)
@@ -111,16 +117,37 @@ class FamilyPipeline:
     @classmethod
     def from_pretrained(cls, path: str, *, dtype: torch.dtype = torch.float32, device="cpu",
                         components: Sequence[str] | None = None, revision: str | None = None,
-                        trust_remote_code: bool = False, **options) -> FamilyPipeline:
+                        trust_remote_code: bool = False, quantize: str | None = None,
+                        quantize_text_encoders: bool = False, **options) -> FamilyPipeline:
         """Load `cls.diffusers_class` from a diffusers-format directory or hub id. Components left out
         of `components` are skipped (None), so a DiT-only trainer never constructs the VAE or text
-        encoders."""
+        encoders. `quantize` (int8 | fp8 | nf4): the DiT (and with `quantize_text_encoders` the text
+        encoders) is quantized layer by layer on its way to `device` (raydiff.pipelines.quantize)."""
         skip = {} if components is None else {c: None for c in cls.component_names if c not in components}
         kwargs = dict(dtype=dtype, revision=revision, **skip)
         if trust_remote_code:  # only ever when the user's config says so
             kwargs["trust_remote_code"] = True
         pipe = cls.diffusers_class.from_pretrained(path, **kwargs)
-        return cls(pipe.to(device), device, **options)
+        quantized = cls.quantize_plan(pipe, quantize, quantize_text_encoders)
+        for name, component in pipe.components.items():
+            if name in quantized:
+                quantize_model(component, quantize, skip=quantized[name], device=device)
+            elif isinstance(component, torch.nn.Module):
+                component.to(device)
+        family = cls(pipe, device, **options)
+        family.quantized = {name: quantize for name in quantized}
+        return family
+
+    @classmethod
+    def quantize_plan(cls, pipe, quantize: str | None, text_encoders: bool) -> dict[str, tuple[str, ...]]:
+        """{component: module patterns left unquantized} for the loaded components `quantize` applies to."""
+        if quantize is None:
+            return {}
+        plan = {cls.dit_name: cls.quantize_skip}
+        if text_encoders:
+            plan.update({name: text_encoder_skip(m) for name, m in pipe.components.items()
+                         if name.startswith("text_encoder") and isinstance(m, torch.nn.Module)})
+        return {name: patterns for name, patterns in plan.items() if pipe.components.get(name) is not None}
 
     def make_units(self) -> list[PipelineUnit]:
         raise NotImplementedError
@@ -160,6 +187,14 @@ def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
     b, _, d = tokens.shape
     x = tokens.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
     return x.reshape(b, d // 4, h, w)
+
+
+def scaled_vae_latents(vae, image: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> float32 (B, C, H/f, W/f): an `AutoencoderKL`'s mode, normalised as FLUX,
+    SD3 and Z-Image pipelines invert at decode (`latents / scaling_factor + shift_factor`). The mode, not a
+    sample: deterministic, so cached and inline latents agree."""
+    latents = vae.encode(image.to(vae.device, vae.dtype)).latent_dist.mode()
+    return ((latents - vae.config.shift_factor) * vae.config.scaling_factor).float()
 
 
 def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -6,7 +6,7 @@ import torch
 from diffusers import FluxPipeline
 
 from raydiff.diffusion.flow_matching import DynamicShift, FlowSchedule
-from raydiff.pipelines.base import FamilyPipeline, PipelineUnit, pack_latents, unpack_latents
+from raydiff.pipelines.base import FamilyPipeline, PipelineUnit, pack_latents, scaled_vae_latents, unpack_latents
 
 
 def latent_image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
@@ -34,12 +34,7 @@ def _prompt_embedder(p: FluxImagePipeline, inputs: dict) -> dict:
 
 
 def _input_image_embedder(p: FluxImagePipeline, inputs: dict) -> dict:
-    vae = p.pipe.vae
-    image = inputs["image"].to(p.device, vae.dtype)
-    # The distribution's mode, not a sample: deterministic, so cached and inline latents agree.
-    latents = vae.encode(image).latent_dist.mode()
-    latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
-    return {"latents": latents.float()}
+    return {"latents": scaled_vae_latents(p.pipe.vae, inputs["image"])}
 
 
 def _guidance(p: FluxImagePipeline, inputs: dict) -> dict:
@@ -96,6 +91,8 @@ class FluxImagePipeline(FamilyPipeline):
     component_names = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
     schedule = FlowSchedule(shift=3.0, sigma_min=0.003 / 1.002, dynamic=DynamicShift(256, 4096, 0.5, 1.15))
     default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    # model.quantize leaves these as loaded: embedders, AdaLayerNorm modulation linears, the final projection.
+    quantize_skip = ("x_embedder", "context_embedder", "time_text_embed.*", "*norm*", "proj_out")
     shared_outputs = frozenset({"text_ids"})  # (L, 3): no batch axis, L could pass for one
     lora_original_names = ORIGINAL_NAMES
     # diffusers' FLUX loader converts `diffusion_model.` keys only on its kohya path, entered on lora_down.

@@ -62,6 +62,9 @@ class QwenImagePipeline(FamilyPipeline):
     schedule = FlowSchedule(mu=0.8, shift_terminal=0.02, dynamic=DynamicShift(256, 8192, 0.5, 0.9))
     default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
                             "to_add_out"]
+    # model.quantize leaves these as loaded: the image/text input projections, the timestep embedder, the
+    # blocks' modulation linears (img_mod.1, txt_mod.1), the output norm's and the final projection.
+    quantize_skip = ("img_in", "txt_in", "time_text_embed.*", "*_mod.*", "norm_out.*", "proj_out")
     lora_original_names = ORIGINAL_NAMES
 
     def make_units(self) -> list[PipelineUnit]:
@@ -132,20 +135,9 @@ _LINE_START_WORDS = ("Describe", "assistant", "system", "user")
 
 def tiny_qwen_tokenizer():
     """Byte-level BPE Qwen2Tokenizer: any text tokenizes; template words are single tokens."""
-    from transformers import Qwen2Tokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    from raydiff.pipelines import tiny_parts
 
-    vocab = {t: i for i, t in enumerate(_SPECIAL)}
-    vocab.update({ch: len(_SPECIAL) + i for i, ch in enumerate(bytes_to_unicode().values())})
-    merges = []
-    # Space-prefixed words first: their merges then win over any inner pair of a line-start word.
-    for word in ["Ġ" + w for w in _TEMPLATE_WORDS] + list(_LINE_START_WORDS):
-        for i in range(1, len(word)):
-            if (word[:i], word[i]) not in merges:
-                merges.append((word[:i], word[i]))
-            vocab.setdefault(word[:i + 1], len(vocab))
-    return Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                          extra_special_tokens=_SPECIAL[1:], model_max_length=2048)
+    return tiny_parts.qwen_tokenizer(_SPECIAL, _TEMPLATE_WORDS, _LINE_START_WORDS)
 
 
 def tiny_qwen_vl(seed: int, tokenizer):

@@ -6,7 +6,7 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 
 from raydiff.diffusion.flow_matching import FlowSchedule
-from raydiff.pipelines.base import FamilyPipeline, PipelineUnit
+from raydiff.pipelines.base import FamilyPipeline, PipelineUnit, scaled_vae_latents
 
 # --- units -----------------------------------------------------------------------------------
 
@@ -28,13 +28,7 @@ def _prompt_embedder(p: SD3ImagePipeline, inputs: dict) -> dict:
 
 
 def _input_image_embedder(p: SD3ImagePipeline, inputs: dict) -> dict:
-    vae = p.pipe.vae
-    image = inputs["image"].to(p.device, vae.dtype)
-    # The distribution's mode, not a sample: deterministic, so cached and inline latents agree.
-    latents = vae.encode(image).latent_dist.mode()
-    # Inverse of the pipeline's decode-time `latents / scaling_factor + shift_factor`.
-    latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
-    return {"latents": latents.float()}
+    return {"latents": scaled_vae_latents(p.pipe.vae, inputs["image"])}
 
 
 class SD3ImagePipeline(FamilyPipeline):
@@ -47,6 +41,8 @@ class SD3ImagePipeline(FamilyPipeline):
     schedule = FlowSchedule(shift=3.0)
     # Joint attention on both streams: image (to_*) and text (add_*_proj, to_add_out), as most SD3.5 recipes do.
     default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+    # model.quantize leaves these as loaded: embedders, AdaLayerNorm modulation linears, the final projection.
+    quantize_skip = ("context_embedder", "time_text_embed.*", "*norm*", "proj_out")
 
     default_max_sequence_length = 256  # StableDiffusion3Pipeline's default
 

@@ -53,6 +53,9 @@ class WanVideoPipeline(FamilyPipeline):
     schedule = FlowSchedule(shift=5.0)  # DiffSynth: linspace(1, 0, 1001)[:-1], static shift 5
     # Attention (self attn1 and cross attn2) and the MLP: what DiffSynth / musubi Wan LoRAs train.
     default_lora_targets = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
+    # model.quantize leaves these as loaded: the time/text embedders and the final projection (Wan modulates
+    # with per-block scale_shift_table parameters, not linears).
+    quantize_skip = ("condition_embedder.*", "proj_out")
 
     def make_units(self) -> list[PipelineUnit]:
         return [

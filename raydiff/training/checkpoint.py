@@ -2,6 +2,7 @@
 
   pytorch_lora_weights.safetensors  the adapter in diffusers' key format; type, rank, alpha in metadata
   trainable_weights.safetensors     (full fine-tuning instead of LoRA)
+  ema_weights.safetensors           train.ema: the EMA of the weights above, in their format
   training_state.pt                 optimizer + LR scheduler state, read with weights_only=True
                                     (FSDP: the full optimizer state, keyed by parameter name)
   trainer_state.json                global_step, epoch, position in the epoch, log_history
@@ -22,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from raydiff.training import lora as lora_lib
+from raydiff.training.ema import EMA, EMA_FILE
 from raydiff.training.fsdp import load_full_state
 from raydiff.training.step import StepResult
 
@@ -39,6 +41,7 @@ class TrainerState:
     skipped_samples: int = 0
     bad_steps: int = 0  # optimizer steps skipped for non-finite loss or gradients
     log_history: list[dict] = field(default_factory=list)
+    positions: list[list[int]] = field(default_factory=list)  # sharded data: each rank's (pass, index)
     workers: list[dict] = field(default_factory=list)  # rank -> node id and host of the latest attempt
 
     def advance(self, result: StepResult, micro_batches: int, micro_per_epoch: int) -> None:
@@ -59,15 +62,15 @@ class TrainerState:
 
 
 def save_checkpoint(directory: str, module, optimizer, scheduler, state: TrainerState, config_yaml: str,
-                    weights: dict | None = None, optimizer_state: dict | None = None) -> None:
+                    weights: dict | None = None, optimizer_state: dict | None = None,
+                    ema_weights: dict | None = None) -> None:
     """Write the checkpoint directory. `weights` / `optimizer_state`: already gathered full dicts
-    (FSDP, raydiff.training.fsdp); by default the module's and the optimizer's own."""
+    (FSDP, raydiff.training.fsdp); by default the module's and the optimizer's own. `ema_weights`: the
+    EMA in the weights' format (`trainable_state_dict()` with the EMA applied), written when given."""
     os.makedirs(directory, exist_ok=True)
-    weights = module.trainable_state_dict() if weights is None else weights
-    if module.lora_config is not None:
-        lora_lib.save_lora(directory, weights, module.lora_config)
-    else:
-        save_file(weights, os.path.join(directory, FULL_WEIGHTS_FILE))
+    _save_weights(directory, module, module.trainable_state_dict() if weights is None else weights)
+    if ema_weights is not None:
+        _save_weights(directory, module, ema_weights, EMA_FILE)
     optimizer_state = optimizer.state_dict() if optimizer_state is None else optimizer_state
     torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()},
                os.path.join(directory, STATE_FILE))
@@ -78,24 +81,46 @@ def save_checkpoint(directory: str, module, optimizer, scheduler, state: Trainer
         json.dump(asdict(state), f, indent=1)
 
 
-def load_checkpoint(directory: str, module, optimizer, scheduler, sharded_models: Sequence[str] = ()) -> TrainerState:
-    """Restore weights, optimizer and scheduler in place; returns where training stopped.
-    `sharded_models`: the FSDP-sharded models (a collective load: every rank calls this)."""
-    state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
-    if sharded_models:
-        load_full_state(module, sharded_models, load_file(os.path.join(directory, FULL_WEIGHTS_FILE)), optimizer,
-                        state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        return TrainerState.read(directory)
+def _save_weights(directory: str, module, weights: dict, name: str | None = None) -> None:
     if module.lora_config is not None:
-        lora_lib.load_lora_into(module.models[module.lora_base_model], directory, module.lora_base_model,
+        lora_lib.save_lora(directory, weights, module.lora_config, weight_name=name or lora_lib.LORA_FILE)
+    else:
+        save_file(weights, os.path.join(directory, name or FULL_WEIGHTS_FILE))
+
+
+def _load_weights(path: str, module, sharded_models: Sequence[str]) -> None:
+    """Weights from `path` (a file in the format `_save_weights` writes) into the module, in place."""
+    if sharded_models:
+        load_full_state(module, sharded_models, load_file(path))
+    elif module.lora_config is not None:
+        lora_lib.load_lora_into(module.models[module.lora_base_model], path, module.lora_base_model,
                                 config=module.lora_config)
     else:
-        weights = load_file(os.path.join(directory, FULL_WEIGHTS_FILE))
+        weights = load_file(path)
         for name, model in module.models.items():
             own = {k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(name + ".")}
             if own:
                 model.load_state_dict(own)
-    optimizer.load_state_dict(state["optimizer"])
+
+
+def load_checkpoint(directory: str, module, optimizer, scheduler, sharded_models: Sequence[str] = (),
+                    ema: EMA | None = None) -> TrainerState:
+    """Restore weights, optimizer, scheduler and `ema` in place; returns where training stopped.
+    `sharded_models`: the FSDP-sharded models (a collective load: every rank calls this). A checkpoint
+    without EMA weights (train.ema turned on at this resume) starts the EMA at the restored weights."""
+    state = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+    saved_ema = os.path.join(directory, EMA_FILE)
+    if ema is not None and os.path.exists(saved_ema):  # through the parameters: the weights' own loader
+        _load_weights(saved_ema, module, sharded_models)
+        ema.capture()
+    if sharded_models:
+        load_full_state(module, sharded_models, load_file(os.path.join(directory, FULL_WEIGHTS_FILE)), optimizer,
+                        state["optimizer"])
+    else:
+        weights = lora_lib.LORA_FILE if module.lora_config is not None else FULL_WEIGHTS_FILE
+        _load_weights(os.path.join(directory, weights), module, ())
+        optimizer.load_state_dict(state["optimizer"])
+    if ema is not None and not os.path.exists(saved_ema):
+        ema.capture()
     scheduler.load_state_dict(state["scheduler"])
     return TrainerState.read(directory)

@@ -29,7 +29,12 @@ from raydiff.training.step import step_seed
 
 class EpochFeed:
     """This rank's batches. A bucket batch (`args.packed`) arrives as one dataset row. A fresh run (no
-    checkpoint) starts fetching epoch 0 at construction."""
+    checkpoint) starts fetching epoch 0 at construction.
+
+    Listed data comes from Ray Train's split of the driver's dataset, one pass per epoch. Sharded data
+    (`args.shards`) comes from this rank's own endless stream (raydiff.data.stream), which runs on across
+    epochs; `position` = (pass, index) of its next sample is what a checkpoint records and `restore`
+    resumes from."""
 
     def __init__(self, cfg: RaydiffConfig, args: LoopArgs, device, *, fresh: bool):
         t, ctx = cfg.train, ray.train.get_context()
@@ -42,20 +47,42 @@ class EpochFeed:
         self.dropout = (CaptionDropout(cfg.data.caption_dropout, t.seed, args.empty_prompt)
                         if cfg.data.caption_dropout > 0 else None)
         self.wait_s = 0.0
-        self.shard = ray.train.get_dataset_shard("train")
+        self.data, self.plan, self.counter = cfg.data, args.shards, args.skip_counter
+        self.position: tuple[int, int] | None = None if self.plan is None else (0, 0)
+        self.stream = None
+        if self.plan is None:
+            self.shard = ray.train.get_dataset_shard("train")
         self.early = Prefetched(self._batches(0)) if fresh else None
+
+    def restore(self, positions: list) -> None:
+        """Continue this rank's stream where a checkpoint left it (sharded data; listed data skips instead)."""
+        if self.plan is not None and positions:
+            self.position = tuple(positions[self.rank])
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[list[dict]]:
         """Lists of `gradient_accumulation_steps` collated micro-batches. The first `skip` micro-batches
-        (trained before a resume) and the remainder past the planned steps are read but not yielded:
-        every rank must drain its split before the next epoch starts."""
+        (trained before a resume) and the remainder past the planned steps are not yielded: listed data
+        reads them (every rank must drain its split before the next epoch starts), a sharded stream has
+        already moved past them."""
         window = []
-        for micro, batch in enumerate(self._timed(self._source(epoch))):
+        for micro, batch in self._micro_batches(epoch, skip):
             if skip <= micro < self.micro_per_epoch:
                 window.append(collate(batch, self.device, self.keys, caption_dropout=self.dropout, epoch=epoch))
                 if len(window) == self.accum:
                     yield window
                     window = []
+
+    def _micro_batches(self, epoch: int, skip: int):
+        if self.plan is None:
+            yield from enumerate(self._timed(self._source(epoch)))
+            return
+        if self.stream is None:  # one stream for the whole run: it continues across epochs
+            early, self.early = self.early, None
+            self.stream = iter(self._timed(early if early is not None else Prefetched(self._batches(epoch))))
+        for micro in range(skip, self.micro_per_epoch):
+            batch = next(self.stream)
+            self.position = (int(batch["_pass"][-1]), int(batch["_index"][-1]) + 1)
+            yield micro, batch
 
     def take_wait_s(self) -> float:
         """Seconds spent waiting for batches since the previous call."""
@@ -70,20 +97,42 @@ class EpochFeed:
 
     def _timed(self, batches):
         it = iter(batches)
-        while True:
-            start = time.perf_counter()
-            try:
-                batch = next(it)
-            except StopIteration:
-                return
-            finally:
-                self.wait_s += time.perf_counter() - start
-            yield batch
+        try:
+            while True:
+                start = time.perf_counter()
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    return
+                finally:
+                    self.wait_s += time.perf_counter() - start
+                yield batch
+        finally:
+            close(it)
+            close(batches)  # a Prefetched source: its thread closes the Ray Data iterator
+
+    def close(self) -> None:
+        """Stop this rank's stream (sharded data): an endless Ray Data execution left open would keep its
+        reading task, and the CPUs it holds, after the run."""
+        stream, self.stream = self.stream, None
+        close(stream)
+        close(self.early)
 
     def _batches(self, epoch: int):
+        if self.plan is not None:
+            from raydiff.data.stream import RankStream
+
+            stream = RankStream(self.data, self.plan, self.rank, self.world, self.position, self.counter)
+            return stream.batches(self.rows_per_batch)
         return self.shard.iter_batches(batch_size=self.rows_per_batch, batch_format="numpy", drop_last=True,
                                        prefetch_batches=2, local_shuffle_buffer_size=self.shuffle_buffer,
                                        local_shuffle_seed=step_seed(self.seed, epoch, 0, self.rank, self.world))
+
+
+def close(it) -> None:
+    """Close a generator-like iterator (or a `Prefetched`) if it can be closed."""
+    if it is not None and hasattr(it, "close"):
+        it.close()
 
 
 class Prefetched:
@@ -93,15 +142,32 @@ class Prefetched:
 
     def __init__(self, iterable, depth: int = 2):
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.stopped = threading.Event()
         threading.Thread(target=self._fill, args=(iterable,), daemon=True, name="raydiff-prefetch").start()
 
     def _fill(self, iterable) -> None:
+        it = iter(iterable)
         try:
-            for item in iterable:
-                self.queue.put(item)
-            self.queue.put(self._END)
+            for item in it:
+                while not self._offer(item):
+                    if self.stopped.is_set():
+                        return
+            self._offer(self._END)
         except BaseException as err:  # noqa: BLE001 - handed to the consumer, which raises it
-            self.queue.put(err)
+            self._offer(err)
+        finally:
+            close(it)
+
+    def _offer(self, item) -> bool:
+        try:
+            self.queue.put(item, timeout=0.5)
+            return True
+        except queue.Full:
+            return False
+
+    def close(self) -> None:
+        """Stop fetching; the source iterator is closed by the fetching thread."""
+        self.stopped.set()
 
     def __iter__(self):
         while (item := self.queue.get()) is not self._END:

@@ -1,5 +1,6 @@
-"""What happens after an optimizer step, on the schedule the config sets: the log line, the eval loss
-and checkpoints (with validation samples and, at the end, the loss plot), reported to Ray Train.
+"""What happens after an optimizer step, on the schedule the config sets: the EMA update, the log line,
+the eval loss and checkpoints (with validation samples and, at the end, the loss plot), reported to Ray
+Train.
 
 Every rank calls `after_step` and `finish` at the same steps: the eval loss is a collective and
 `ray.train.report` is a barrier. Rank 0 prints, writes the checkpoint directory and attaches it to
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from contextlib import nullcontext
 
 import ray.train
 import torch
@@ -20,6 +22,7 @@ from raydiff.data.decode import skipped_samples
 from raydiff.training import fsdp, model_card
 from raydiff.training.checkpoint import FULL_WEIGHTS_FILE, TrainerState, save_checkpoint
 from raydiff.training.checkpoint_store import checkpoint_name, upload_and_mark_complete
+from raydiff.training.ema import EMA
 from raydiff.training.evaluation import EvalSet
 from raydiff.training.loop_args import LoopArgs
 from raydiff.training.lora_formats import LORA_FILE
@@ -46,8 +49,9 @@ class StepHooks:
     """Logs, evaluates and checkpoints after each optimizer step (see the module docstring)."""
 
     def __init__(self, cfg: RaydiffConfig, args: LoopArgs, module, optimizer, scheduler, feed, eval_set: EvalSet | None,
-                 *, rank: int, world: int, device, sharded=(), start_step: int = 0):
+                 *, rank: int, world: int, device, sharded=(), start_step: int = 0, ema: EMA | None = None):
         self.cfg, self.args, self.module, self.optimizer, self.scheduler = cfg, args, module, optimizer, scheduler
+        self.ema = ema
         self.feed, self.eval_set, self.rank, self.world, self.device = feed, eval_set, rank, world, device
         self.sharded, self.config_yaml = list(sharded), dump_config(cfg)
         self.eval_every = cfg.eval.every_steps or args.total_steps
@@ -67,6 +71,8 @@ class StepHooks:
         self.bad_in_a_row = 0
         self.window.add(result)
         step, t = state.global_step, self.cfg.train
+        if self.ema is not None:
+            self.ema.update(step)
         done = step >= self.args.total_steps
         save = done or step % t.save_steps == 0
         evaluate = self.eval_set is not None and (done or step % self.eval_every == 0)
@@ -130,20 +136,31 @@ class StepHooks:
         if not save:
             ray.train.report(metrics)
             return
+        if self.feed.position is not None:  # sharded data: where each rank's stream goes on
+            state.positions = gather(list(self.feed.position), self.world)
         weights = optimizer_state = None
         if self.sharded:
             weights = fsdp.full_state_dict(self.module, self.sharded)
             optimizer_state = fsdp.optimizer_state(self.module, self.optimizer)
+        ema_weights = self._ema_weights()
         with tempfile.TemporaryDirectory(prefix="raydiff-ckpt-") as tmp:
             checkpoint = None
             if self.rank == 0:
                 save_checkpoint(tmp, self.module, self.optimizer, self.scheduler, state, self.config_yaml, weights,
-                                optimizer_state)
+                                optimizer_state, ema_weights)
                 self._write_samples(tmp, state, final)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name(state.global_step),
                              checkpoint_upload_fn=upload_and_mark_complete)
         self.last_saved = state.global_step
+
+    def _ema_weights(self) -> dict | None:
+        """The EMA in the weights' format, on rank 0 (under FSDP gathered from every rank's shards)."""
+        if self.ema is None or not (self.sharded or self.rank == 0):
+            return None
+        if self.sharded:
+            return self.ema.weights(lambda: fsdp.full_state_dict(self.module, self.sharded))
+        return self.ema.weights(self.module.trainable_state_dict)
 
     def _write_samples(self, directory: str, state: TrainerState, final: bool) -> None:
         """Validation samples (at the steps `validation.every_steps` picks) and, at the end, loss.png and the
@@ -152,7 +169,9 @@ class StepHooks:
         if v.prompts and (final or v.every_steps is None or state.global_step % v.every_steps == 0):
             if self.base_images is None:
                 self.base_images = sample_base_images(self.module.pipe, self.validation)
-            written = write_validation(directory, self.module.pipe, None, self.validation, base_images=self.base_images)
+            with self.ema.applied() if v.use_ema else nullcontext():
+                written = write_validation(directory, self.module.pipe, None, self.validation,
+                                           base_images=self.base_images)
             self.logger.image("validation/grid", written["grid"], state.global_step)
         if final and self.cfg.logging.plot:
             plot_losses(state.log_history, os.path.join(directory, "loss.png"))
@@ -161,6 +180,15 @@ class StepHooks:
                                                  directory=directory)
             weights = LORA_FILE if self.cfg.lora is not None else FULL_WEIGHTS_FILE
             model_card.write_card(directory, facts, weights=weights)
+
+
+def gather(value, world: int) -> list:
+    """`value` from every rank, in rank order (a collective when world > 1)."""
+    if world == 1:
+        return [value]
+    everyone = [None] * world
+    torch.distributed.all_gather_object(everyone, value)
+    return everyone
 
 
 def mean_across_ranks(value: float, world: int, device) -> float:

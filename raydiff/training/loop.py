@@ -16,9 +16,10 @@ from raydiff.data.encode import training_components
 from raydiff.training import fsdp
 from raydiff.training.checkpoint import TrainerState, load_checkpoint
 from raydiff.training.checkpoint_store import has_checkpoint, newest_complete_checkpoint, run_storage
+from raydiff.training.ema import EMA
 from raydiff.training.evaluation import EvalSet
 from raydiff.training.feed import EpochFeed
-from raydiff.training.hooks import StepHooks
+from raydiff.training.hooks import StepHooks, gather
 from raydiff.training.loop_args import LoopArgs
 from raydiff.training.module import DiffusionTrainingModule, PipelineTrainingModule
 from raydiff.training.step import Stepper, apply_hyperparameters, build_optimizer
@@ -44,6 +45,10 @@ def distribute(module: DiffusionTrainingModule, sharded: list[str]) -> torch.nn.
     """What the forward runs through: DDP around the module, or the module itself (FSDP shards it in place)."""
     if sharded:
         return module
+    # Frozen weights load identically on every rank: DDP need not broadcast them from rank 0 at start
+    # (gigabytes for a 12B base), and cannot broadcast quantized ones (torchao's tensors have no `view`).
+    frozen = [name for name, p in module.named_parameters() if not p.requires_grad]
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen)
     return ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": False})
 
 
@@ -59,14 +64,15 @@ def newest_checkpoint(rank: int, world: int) -> ray.train.Checkpoint | None:
     return ray.train.Checkpoint(path=found[0][1], filesystem=fs)
 
 
-def resume(cfg, module, optimizer, scheduler, sharded: list[str], rank: int, world: int) -> TrainerState:
-    """The newest complete checkpoint of this run (weights, optimizer, schedule, position), or a fresh state.
-    The config's optimizer settings apply from the resumed step on."""
+def resume(cfg, module, optimizer, scheduler, sharded: list[str], rank: int, world: int,
+           ema: EMA | None = None) -> TrainerState:
+    """The newest complete checkpoint of this run (weights, optimizer, schedule, EMA, position), or a fresh
+    state. The config's optimizer settings apply from the resumed step on."""
     checkpoint = newest_checkpoint(rank, world)
     if checkpoint is None:
         return TrainerState()
     with checkpoint.as_directory() as directory:
-        state = load_checkpoint(directory, module, optimizer, scheduler, sharded)
+        state = load_checkpoint(directory, module, optimizer, scheduler, sharded, ema)
     apply_hyperparameters(cfg, optimizer, scheduler)
     if rank == 0:
         say(f"[raydiff] resumed at step {state.global_step} (epoch {state.epoch}, batch {state.batches_in_epoch}) "
@@ -82,21 +88,18 @@ def worker_placement(rank: int, world: int, module: DiffusionTrainingModule) -> 
     me = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
           "models": sorted(getattr(module, "models", {}).keys()), "torch_threads": torch.get_num_threads(),
           "rss_gib": round(rss / 2**30, 3)}
-    if world == 1:
-        return [me]
-    everyone = [None] * world
-    torch.distributed.all_gather_object(everyone, me)
-    return everyone
+    return gather(me, world)
 
 
 def train_loop_per_worker(loop_config: dict, feed: EpochFeed | None = None) -> None:
     """Train on this rank.
 
-        setup    this rank's data feed, the training module (DDP or FSDP), AdamW and the LR schedule
-        resume   weights, optimizer, schedule and data position from the newest checkpoint
+        setup    this rank's data feed, the training module (DDP or FSDP), the optimizer, the LR schedule
+                 and the EMA of the trainable weights (train.ema)
+        resume   weights, optimizer, schedule, EMA and data position from the newest checkpoint
         for epoch, for step:
                  forward + backward over the step's micro-batches -> clip -> optimizer step
-                 log line / eval loss / checkpoint, each when its interval comes round
+                 EMA update / log line / eval loss / checkpoint, each when its interval comes round
         finish   a final checkpoint unless the last step wrote one
 
     `feed`: this rank's data, already started (raydiff.launch.trainer starts it before this module is
@@ -113,15 +116,17 @@ def train_loop_per_worker(loop_config: dict, feed: EpochFeed | None = None) -> N
     feed = feed or EpochFeed(cfg, args, device, fresh=not has_checkpoint())
     module, sharded = build_module(cfg, args, device)
     optimizer, scheduler = build_optimizer(cfg, module.trainable_parameters(), args.total_steps)
+    ema = EMA(module.trainable_parameters(), cfg.train.ema) if cfg.train.ema else None
 
     # [2] resume
-    state = resume(cfg, module, optimizer, scheduler, sharded, rank, world)
+    state = resume(cfg, module, optimizer, scheduler, sharded, rank, world, ema)
+    feed.restore(state.positions)
     state.workers = worker_placement(rank, world, module)
     stepper = Stepper(cfg, distribute(module, sharded), optimizer, scheduler, device, rank=rank, world=world,
                       sharded=sharded)
     eval_set = EvalSet.for_rank(cfg, device, rank, world, whole=bool(sharded)) if cfg.eval.enabled else None
     hooks = StepHooks(cfg, args, module, optimizer, scheduler, feed, eval_set, rank=rank, world=world,
-                      device=device, sharded=sharded, start_step=state.global_step)
+                      device=device, sharded=sharded, start_step=state.global_step, ema=ema)
 
     # [3] train
     for epoch in range(state.epoch, cfg.train.num_epochs):
@@ -137,4 +142,5 @@ def train_loop_per_worker(loop_config: dict, feed: EpochFeed | None = None) -> N
             state.end_epoch(epoch)  # the split ran out, even if bad samples left it short of the plan
 
     # [4] finish
+    feed.close()
     hooks.finish(state)

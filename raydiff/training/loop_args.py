@@ -30,6 +30,7 @@ class LoopArgs:
     is_tty: bool | None = None
     module_factory: Callable | None = None
     relay: Any = None
+    shards: Any = None  # raydiff.data.shards.ShardPlan of sharded data, which each worker streams itself
     dataset: dict | None = None
 
     def parse_config(self) -> RaydiffConfig:

@@ -95,11 +95,11 @@ def lora_state_dict(model: torch.nn.Module, prefix: str) -> dict[str, torch.Tens
     return {f"{prefix}.{k}": v.detach().to("cpu").contiguous() for k, v in sd.items()}
 
 
-def save_lora(directory: str, state_dict: dict, config) -> None:
-    """Write `pytorch_lora_weights.safetensors` as trained (scale unfolded, so resuming is exact), with the peft
-    config diffusers loads it with and raydiff's type, rank and alpha in the metadata."""
+def save_lora(directory: str, state_dict: dict, config, weight_name: str = LORA_FILE) -> None:
+    """Write `weight_name` (pytorch_lora_weights.safetensors) as trained (scale unfolded, so resuming is exact),
+    with the peft config diffusers loads it with and raydiff's type, rank and alpha in the metadata."""
     os.makedirs(directory, exist_ok=True)
-    write_lora_file(os.path.join(directory, LORA_FILE), state_dict, adapter_info(config))
+    write_lora_file(os.path.join(directory, weight_name), state_dict, adapter_info(config))
 
 
 def _scale_factor(info: dict, want: dict, path: str) -> float:

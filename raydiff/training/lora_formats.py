@@ -5,7 +5,8 @@ raydiff's own form ("diffusers") keys each adapted module m in diffusers naming 
 m = "transformer_blocks.0.attn.to_q" and o its name in the family's original checkpoints:
 
   diffusers  transformer.m.<param>; the peft config (r, alpha, ...) in the safetensors metadata
-  comfyui    lora: diffusion_model.o.lora_down/lora_up.weight (FLUX) or .lora_A/lora_B.weight (Qwen-Image), .alpha
+  comfyui    lora: diffusion_model.o.lora_down/lora_up.weight (FLUX) or .lora_A/lora_B.weight (Qwen-Image,
+             Z-Image, FLUX.2), .alpha (not for FLUX.2, whose diffusers loader refuses alpha keys)
              lokr, loha: LyCORIS naming, lycoris_<m, "." -> "_">.lokr_w1 / .hada_w1_a ..., .alpha
   kohya      lora_unet_<o, "." -> "_">.lora_down.weight / .lora_up.weight / .alpha
   diffsynth  m.lora_A.default.weight / .lora_B.default.weight (Qwen-Image); FLUX: the kohya layout, which
@@ -22,8 +23,9 @@ single_blocks.N.linear1 = to_q|to_k|to_v|proj_mlp. A fused LoRA stacks the parts
 their B on a block diagonal, so it is exactly the sum of the parts. Untrained parts are zeros. A Kronecker or
 Hadamard product does not fuse that way, hence LyCORIS naming (diffusers' module names, which ComfyUI maps onto
 the fused weights itself) for LoKr and LoHa. Each family holds its table of original names
-(`lora_original_names`), its ComfyUI suffixes (`comfyui_lora_suffixes`) and what DiffSynth reads
-(`diffsynth_lora_format`, `diffsynth_lora_names`).
+(`lora_original_names`; Qwen-Image's and Z-Image's are diffusers'), its ComfyUI suffixes and alpha keys
+(`comfyui_lora_suffixes`, `comfyui_lora_alpha`) and what DiffSynth reads (`diffsynth_lora_format`,
+`diffsynth_lora_names`).
 """
 
 from __future__ import annotations
@@ -178,14 +180,17 @@ def _bfl_format(modules: dict[str, dict], fmt: str, family: str) -> dict[str, to
     """Folded LoRA modules in the family's original names (kohya, or ComfyUI's for `comfyui`), alpha = rank."""
     table = _table(family, fmt)
     groups = {orig: (parts, mults) for orig, parts, mults in (_original_of(table, m) for m in modules)}
-    down_key, up_key = ("lora_down", "lora_up") if fmt == "kohya" else get_pipeline_class(family).comfyui_lora_suffixes
+    cls = get_pipeline_class(family)
+    down_key, up_key = ("lora_down", "lora_up") if fmt == "kohya" else cls.comfyui_lora_suffixes
+    with_alpha = fmt == "kohya" or cls.comfyui_lora_alpha
     out = {}
     for orig, (parts, mults) in groups.items():
         pairs = [(modules[p]["lora_A.weight"], modules[p]["lora_B.weight"]) if p in modules else None for p in parts]
         down, up = _fuse(pairs, mults)
         name = "lora_unet_" + orig.replace(".", "_") if fmt == "kohya" else "diffusion_model." + orig
         out[f"{name}.{down_key}.weight"], out[f"{name}.{up_key}.weight"] = down.contiguous(), up.contiguous()
-        out[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))
+        if with_alpha:
+            out[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))
     return out
 
 

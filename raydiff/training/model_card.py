@@ -29,8 +29,11 @@ def trigger_words(prompts: list[str], limit: int = 5) -> list[str]:
     return common[:limit]
 
 
-def dataset_summary(rows: list[dict], repeat: int) -> dict:
-    """What the card says about the training data: its size (before `data.repeat`) and its trigger words."""
+def dataset_summary(rows: list[dict] | None, repeat: int, num_samples: int) -> dict:
+    """What the card says about the training data: its size (before `data.repeat`) and its trigger words.
+    Sharded data (`rows` None: the driver holds shard names, never rows) gives its size only."""
+    if rows is None:
+        return {"size": num_samples // max(repeat, 1), "trigger_words": []}
     prompts = [str(r.get("prompt") or "") for r in rows[:len(rows) // max(repeat, 1)]]
     return {"size": len(prompts), "trigger_words": trigger_words(prompts)}
 

@@ -29,6 +29,8 @@ def switch_pipe_to_training_mode(pipe, *, trainable_models: Sequence[str] = (), 
     for name in [*trainable_models, *([lora_base_model] if lora_base_model else [])]:
         if name not in models:
             raise ValueError(f"no model named {name!r} in the {pipe.family} pipeline; it has {sorted(models)}")
+    if quantized := sorted(set(trainable_models) & set(pipe.quantized)):
+        raise ValueError(f"{quantized} are quantized (model.quantize) and cannot be trained in full; train a LoRA")
     for m in models.values():
         m.requires_grad_(False).eval()
     for name in trainable_models:
@@ -106,7 +108,8 @@ class PipelineTrainingModule(DiffusionTrainingModule):
         pipe = cls.from_pretrained(cfg.model.path, dtype=DTYPES[cfg.model.dtype], device=device,
                                    components=components, revision=cfg.model.revision,
                                    trust_remote_code=cfg.model.trust_remote_code, guidance=cfg.model.guidance,
-                                   max_sequence_length=cfg.model.max_sequence_length)
+                                   max_sequence_length=cfg.model.max_sequence_length, quantize=cfg.model.quantize,
+                                   quantize_text_encoders=cfg.model.quantize_text_encoders)
         self.loss_config = cfg.loss
         self.lora_base_model = cfg.lora.base_model if cfg.lora else None
         self.lora_config = switch_pipe_to_training_mode(

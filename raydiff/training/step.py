@@ -21,6 +21,7 @@ from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from raydiff.config import RaydiffConfig
 from raydiff.pipelines.base import autocast_dtype
 from raydiff.training import fsdp
+from raydiff.training.optimizers import config_hyperparameters, make_optimizer
 
 
 def step_seed(seed: int, step: int, micro: int, rank: int, world: int) -> int:
@@ -29,26 +30,27 @@ def step_seed(seed: int, step: int, micro: int, rank: int, world: int) -> int:
 
 
 def build_optimizer(cfg: RaydiffConfig, params: list[torch.nn.Parameter], total_steps: int):
-    """AdamW over `params` and the configured LR schedule (warmup, then constant, cosine or linear)."""
+    """`train.optimizer` over `params` (raydiff.training.optimizers) and the configured LR schedule
+    (warmup, then constant, cosine or linear)."""
     from diffusers.optimization import get_scheduler  # here: the data feed imports this module early
 
     t = cfg.train
-    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=t.adam_betas, eps=t.adam_eps,
-                                  weight_decay=t.weight_decay)
+    optimizer = make_optimizer(t, params)
     name = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}[t.lr_scheduler]
     scheduler = get_scheduler(name, optimizer, num_warmup_steps=t.lr_warmup_steps, num_training_steps=total_steps)
     return optimizer, scheduler
 
 
 def apply_hyperparameters(cfg: RaydiffConfig, optimizer, scheduler) -> None:
-    """After loading a checkpoint: the config's learning rate, Adam betas and eps and weight decay win over
-    the checkpoint's, from the resumed step on; Adam's moments and the schedule's position are kept.
-    (`optimizer.load_state_dict` restores the saved hyperparameters, so without this a changed learning
-    rate would be ignored.) The schedule is diffusers' LambdaLR: lr = base lr x its factor at the step."""
+    """After loading a checkpoint: the config's learning rate and the optimizer's other settings it owns
+    (Adam betas and eps, weight decay) win over the checkpoint's, from the resumed step on; the moments
+    and the schedule's position are kept. (`optimizer.load_state_dict` restores the saved settings, so
+    without this a changed learning rate would be ignored.) The schedule is diffusers' LambdaLR: lr = base
+    lr x its factor at the step."""
     t = cfg.train
+    settings = {k: v for k, v in config_hyperparameters(t).items() if k != "lr"}
     for group in optimizer.param_groups:
-        group.update(betas=tuple(t.adam_betas), eps=t.adam_eps, weight_decay=t.weight_decay,
-                     initial_lr=t.learning_rate)
+        group.update(settings, initial_lr=t.learning_rate)
     scheduler.base_lrs = [t.learning_rate] * len(optimizer.param_groups)
     for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
         group["lr"] = t.learning_rate * factor(scheduler.last_epoch)

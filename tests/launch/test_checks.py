@@ -15,6 +15,7 @@ from raydiff.data.metadata import read_rows
 from raydiff.data.shapes import write_shapes_dataset
 from raydiff.launch.checks import (
     check_batch_sizes,
+    check_devices,
     check_lora,
     check_model,
     check_resources,
@@ -168,6 +169,35 @@ def test_batches_of_mixed_sizes_are_refused_naming_the_fixes(tmp_path):
     same = write_shapes_dataset(str(tmp_path / "same"), n=4, size=(48, 48))
     ok = config(data={"base_path": str(tmp_path / "same"), "metadata_path": same}, train={"batch_size": 4})
     check_batch_sizes(ok, read_rows(ok.data)[0])
+
+
+def test_gpu_only_quantization_is_refused_without_a_cuda_gpu(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    no_cuda, cuda = (lambda: False), (lambda: True)
+    check_devices(config(model={"quantize": "int8"}), cuda_available=no_cuda)  # int8 runs on CPUs
+    for mode in ("fp8", "nf4"):
+        with pytest.raises(ConfigError, match=f"model.quantize {mode} runs on CUDA GPUs only: set ray.use_gpu"):
+            check_devices(config(model={"quantize": mode}), cuda_available=cuda)
+        gpu = config(model={"quantize": mode}, ray={"use_gpu": True})
+        with pytest.raises(ConfigError, match="this machine .* has no CUDA GPU; use model.quantize: int8"):
+            check_devices(gpu, cuda_available=no_cuda)
+        check_devices(gpu, cuda_available=cuda)
+        check_devices(config(model={"quantize": mode}, ray={"use_gpu": True, "address": "ray://head:10001"}),
+                      cuda_available=no_cuda)  # a cluster's workers have their own GPUs
+    cached = config(model={"quantize": "nf4", "quantize_text_encoders": True}, ray={"use_gpu": True},
+                    data={"preprocess": "cache", "cache_dir": "c"})
+    with pytest.raises(ConfigError, match="cache encoders need data.encoder_num_gpus > 0"):
+        check_devices(cached, cuda_available=cuda)
+
+
+def test_a_missing_library_is_named_with_its_install_command(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "prodigyopt" else real(name, *a))
+    with pytest.raises(ConfigError, match="optimizer prodigy needs the prodigyopt package: pip install prodigyopt"):
+        check_devices(config(train={"optimizer": "prodigy", "learning_rate": 1.0}))
+    check_devices(config(train={"optimizer": "adamw8bit"}))
 
 
 def test_a_mixed_batch_that_gets_through_names_the_same_fixes():

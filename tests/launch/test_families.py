@@ -12,12 +12,13 @@ from raydiff.data.shapes import write_clips_dataset, write_shapes_dataset
 from raydiff.launch.trainer import launch_training_task
 
 ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE_DIRS = {"flux2_klein": "flux2"}  # examples/<dir>/tiny.yaml, where the directory is not the family's name
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("family", ["flux", "qwen_image", "sd3", "wan"])
+@pytest.mark.parametrize("family", ["flux", "qwen_image", "sd3", "wan", "z_image", "flux2_klein"])
 def test_family_trains_from_its_tiny_example(family, ray_session, tiny_model, tmp_path):
-    example = ROOT / "examples" / family / "tiny.yaml"
+    example = ROOT / "examples" / EXAMPLE_DIRS.get(family, family) / "tiny.yaml"
     data = tmp_path / "data"
     meta = write_clips_dataset(str(data)) if family == "wan" else write_shapes_dataset(str(data), n=8)
     cfg = load_config(example, [f"model.path={tiny_model(family)}", f"data.base_path={data}",

@@ -1,5 +1,6 @@
 """FSDP2 full fine-tuning on 2 gloo ranks (no Ray): sharded training matches one process, the gathered
-weights are whole and load into a plain model, and a resumed run matches an uninterrupted one.
+weights are whole and load into a plain model, a resumed run matches an uninterrupted one, and the EMA
+(train.ema) averages each rank's shards and gathers to the one-process EMA.
 
 One spawn runs every scenario (process start and model loading dominate the time); the ranks write
 their results to files that the tests below read.
@@ -15,7 +16,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from raydiff.config import parse_config, to_dict
+from raydiff.config import EMAConfig, parse_config, to_dict
+from raydiff.training.ema import EMA
 from raydiff.training.fsdp import full_state_dict, load_full_state, optimizer_state, shard_module
 from raydiff.training.module import PipelineTrainingModule
 from raydiff.training.step import build_optimizer
@@ -23,6 +25,7 @@ from raydiff.training.step import build_optimizer
 TRAINABLE = ["transformer"]
 WORLD = 2
 MAX_NORM = 0.1  # below both steps' norms (0.39, 0.94): clipping is active and so is checked
+EMA_CONFIG = EMAConfig(decay=0.5)
 
 
 def batch():
@@ -54,14 +57,19 @@ def _worker(rank: int, port: int, cfg_dict: dict, out: str) -> None:
     try:
         # Two uninterrupted steps, saving the full state after the first.
         module, optimizer, params = sharded(cfg)
+        ema = EMA(params, EMA_CONFIG)  # over the DTensor shards: each rank averages its own
         norms = [train_step(module, optimizer, params, 0)]
+        ema.update(1)
         weights, optim = full_state_dict(module, TRAINABLE), optimizer_state(module, optimizer)
         norms.append(train_step(module, optimizer, params, 1))
+        ema.update(2)
         final = full_state_dict(module, TRAINABLE)
+        averaged = ema.weights(lambda: full_state_dict(module, TRAINABLE))
         if rank == 0:  # written after step 2: the step-1 dicts must be snapshots, not live views
             save_file(weights, f"{out}/step1.safetensors")
             torch.save(optim, f"{out}/step1_optim.pt")
             save_file(final, f"{out}/step2.safetensors")
+            save_file(averaged, f"{out}/ema.safetensors")
             torch.save(torch.tensor(norms), f"{out}/norms.pt")
         dist.barrier()  # rank 0's files are complete before the resume reads them
 
@@ -107,12 +115,17 @@ def fsdp_run(cfg, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def reference(cfg):
-    """The same two steps in one process, without FSDP: (weights after step 2, the two grad norms)."""
+    """The same two steps in one process, without FSDP: (weights after step 2, the two grad norms, the EMA
+    after step 2 in the weights' format)."""
     module = PipelineTrainingModule(cfg)
     params = module.trainable_parameters()
     optimizer = build_optimizer(cfg, params, total_steps=2)[0]
-    norms = [train_step(module, optimizer, params, step) for step in range(2)]
-    return module.trainable_state_dict(), norms
+    ema = EMA(params, EMA_CONFIG)
+    norms = []
+    for step in range(2):
+        norms.append(train_step(module, optimizer, params, step))
+        ema.update(step + 1)
+    return module.trainable_state_dict(), norms, ema.weights(module.trainable_state_dict)
 
 
 def assert_same(actual: dict, expected: dict) -> None:
@@ -122,7 +135,7 @@ def assert_same(actual: dict, expected: dict) -> None:
 
 
 def test_sharded_training_matches_one_process(fsdp_run, reference):
-    weights, norms = reference
+    weights, norms, _ = reference
     assert_same(load_file(f"{fsdp_run}/step2.safetensors"), weights)
     # clip_grad_norm_ over DTensor shards reduces across ranks: the norm of the whole gradient.
     torch.testing.assert_close(torch.load(f"{fsdp_run}/norms.pt"), torch.tensor(norms), rtol=1e-5, atol=0)
@@ -146,3 +159,10 @@ def test_resume_from_full_state_matches_uninterrupted_run(fsdp_run):
     optim = torch.load(f"{fsdp_run}/step1_optim.pt", weights_only=True)
     assert optim["state"] and all(s["step"] == 1 for s in optim["state"].values())
     assert_same(load_file(f"{fsdp_run}/resumed.safetensors"), load_file(f"{fsdp_run}/step2.safetensors"))
+
+
+def test_ema_is_sharded_like_the_weights_and_gathers_to_the_one_process_ema(fsdp_run, reference):
+    weights, _, ema = reference
+    gathered = load_file(f"{fsdp_run}/ema.safetensors")
+    assert_same(gathered, ema)
+    assert any(not torch.equal(gathered[k], weights[k]) for k in weights)  # an average, not the weights

@@ -30,8 +30,9 @@ def test_trigger_words_are_the_words_most_captions_share():
     prompts = ["sks dog on a beach", "a photo of sks dog", "sks dog sleeping", "a cat"]
     assert model_card.trigger_words(prompts) == ["dog", "sks"]  # 3 of 4 each; `a`, `of`, `on` are stop words
     assert model_card.trigger_words(["a red circle", "a blue square"]) == []
-    assert model_card.dataset_summary([{"prompt": "sks dog"}, {"prompt": "sks cat"}] * 3, repeat=3) == {
+    assert model_card.dataset_summary([{"prompt": "sks dog"}, {"prompt": "sks cat"}] * 3, 3, 6) == {
         "size": 2, "trigger_words": ["sks"]}
+    assert model_card.dataset_summary(None, 2, 10) == {"size": 5, "trigger_words": []}  # sharded data
 
 
 def test_a_checkpoint_card_says_what_was_trained_and_how_to_load_it(tmp_path):

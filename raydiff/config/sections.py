@@ -1,22 +1,18 @@
-"""The typed training config: every key, its default and its meaning, in one place.
-
-A YAML file maps onto `RaydiffConfig`; `--set section.key=value` overrides apply before
-validation. Unknown keys and bad values fail here, before Ray starts, with a message that
-names the key. The worker receives the validated config and never re-applies defaults.
-"""
+"""The config's sections: every key, its default and its meaning, in one place (README: Config reference)."""
 
 from __future__ import annotations
 
+import difflib
 import os
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from raydiff import registry
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # torch dtypes a frozen base may load in
+QUANTIZE_MODES, GPU_ONLY_QUANTIZE = ("int8", "fp8", "nf4"), ("fp8", "nf4")  # model.quantize
+OPTIMIZERS, SHARDED_STATE_OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy"), ("adamw",)  # train.optimizer
 
 
 class _Section(BaseModel):
@@ -32,14 +28,21 @@ class ModelConfig(_Section):
     # FLUX.1-dev distils guidance into an embedding; 1.0 during training (sd-scripts, finetrainers).
     guidance: float = 1.0
     max_sequence_length: int | None = Field(None, ge=1, description="text tokens; null = family default")
+    # The frozen DiT's linears, LoRA on top in fp32: int8/fp8 torchao weight-only, nf4 bitsandbytes (README).
+    quantize: Literal[QUANTIZE_MODES] | None = None
+    quantize_text_encoders: bool = Field(False, description="also quantize the frozen text encoders (model.quantize)")
+
+    @model_validator(mode="after")
+    def _text_encoders_follow_the_dit(self):
+        if self.quantize_text_encoders and self.quantize is None:
+            raise ValueError("model.quantize_text_encoders uses model.quantize's mode; set model.quantize")
+        return self
 
     @field_validator("family")
     @classmethod
     def _known_family(cls, family: str) -> str:
         names = registry.family_names()
         if family not in names:
-            import difflib
-
             close = difflib.get_close_matches(family, names, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise ValueError(f"unknown model family {family!r}; {hint}known: {', '.join(names)}")
@@ -48,7 +51,14 @@ class ModelConfig(_Section):
 
 class DataConfig(_Section):
     base_path: str = "."
-    metadata_path: str
+    # One metadata file (read by the driver), or shards: a directory, a glob, a list, or an s3:// prefix
+    # (raydiff/data/shards.py; streamed by the workers, the driver holds no rows).
+    metadata_path: str | list[str]
+    format: Literal["auto", "webdataset"] = Field(
+        "auto", description="auto: by extension (.csv/.json/.jsonl/.parquet metadata, .tar WebDataset)")
+    shuffle_buffer: int = Field(1000, ge=1, description="sharded data: samples in each rank's shuffle buffer")
+    num_samples: int | None = Field(
+        None, ge=1, description="sharded data: samples per epoch; null = counted (parquet footers, else a read)")
     data_file_keys: list[str] = ["image"]
     repeat: int = Field(1, ge=1)
     height: int | None = Field(None, ge=16)
@@ -72,6 +82,17 @@ class DataConfig(_Section):
     buckets: bool = Field(False, description="aspect-ratio buckets at max_pixels; batches come from one bucket")
     caption_dropout: float = Field(0.0, ge=0, le=1, description="probability of training on the empty prompt")
     random_flip: bool = Field(False, description="horizontal flip of half the samples, fixed per sample and seed")
+
+    @property
+    def sharded(self) -> bool:
+        """Whether `metadata_path` names shards streamed by the workers (a list, a directory, a glob, an
+        s3:// prefix, or WebDataset) rather than one metadata file read by the driver."""
+        path = self.metadata_path
+        if isinstance(path, list) or self.format == "webdataset" or set("*?[") & set(path) or path.endswith("/"):
+            return True
+        if "://" in path:
+            return os.path.splitext(path)[1].lower() not in (".csv", ".json", ".jsonl", ".parquet")
+        return os.path.isdir(path)
 
     @model_validator(mode="after")
     def _both_or_neither(self):
@@ -112,7 +133,16 @@ class LoraConfig(_Section):
         return factor
 
 
+class EMAConfig(_Section):
+    decay: float = Field(0.999, gt=0, lt=1, description="ema = decay * ema + (1 - decay) * weights, per update")
+    start_step: int = Field(0, ge=0, description="until this optimizer step the EMA copies the weights")
+    every: int = Field(1, ge=1, description="update every N optimizer steps after start_step")
+    device: Literal["cpu", "same"] = Field("same", description="where the EMA lives: the weights' device, or "
+                                                               "host memory (full fine-tuning on small GPUs)")
+
+
 class TrainConfig(_Section):
+    optimizer: Literal[OPTIMIZERS] = "adamw"
     learning_rate: float = Field(1e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -134,6 +164,14 @@ class TrainConfig(_Section):
     seed: int = 0
     save_steps: int = Field(100, ge=1)
     log_steps: int = Field(10, ge=1)
+    ema: EMAConfig | None = Field(None, description="EMA of the trainable weights; null = off")
+
+    @model_validator(mode="after")
+    def _prodigy_learning_rate(self):
+        if self.optimizer == "prodigy" and self.learning_rate < 0.1:
+            raise ValueError(f"train.optimizer prodigy estimates the step size; train.learning_rate scales it and "
+                             f"should be about 1.0 (got {self.learning_rate:g})")
+        return self
 
 
 class LossConfig(_Section):
@@ -179,6 +217,7 @@ class ValidationConfig(_Section):
     height: int = Field(512, ge=16)
     width: int = Field(512, ge=16)
     num_frames: int = Field(1, ge=1)
+    use_ema: bool = Field(False, description="sample with the EMA weights (train.ema) instead of the trained ones")
 
 
 class RayConfig(_Section):
@@ -241,10 +280,8 @@ class TuneConfig(_Section):
     trial_cpus: float = Field(0.01, gt=0, description="CPUs of each trial's driver (the workers ask for their own)")
 
     @model_validator(mode="after")
-    def _known_keys_and_distributions(self):
-        for key, dist in self.param_space.items():
-            if (problem := config_key_error(key)) is not None:
-                raise ValueError(f"tune.param_space: {problem}")
+    def _distributions(self):
+        for key, dist in self.param_space.items():  # the keys themselves: RaydiffConfig._tune_keys
             if len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
                 raise ValueError(f"tune.param_space.{key}: expected one of {', '.join(DISTRIBUTIONS)} "
                                  f"with a list, e.g. {{choice: [4, 8]}}")
@@ -256,207 +293,3 @@ class TuneConfig(_Section):
             if self.search_alg == "grid" and arity is not None:
                 raise ValueError(f"tune.param_space.{key}: search_alg grid samples nothing; use choice or grid_search")
         return self
-
-
-def config_key_error(key: str) -> str | None:
-    """Why a dotted key (`train.learning_rate`) does not name a setting Tune may vary; None if it does."""
-    if key.split(".")[0] == "tune" or key in ("ray.name", "ray.storage_path"):
-        return f"{key!r} is set by `raydiff tune` itself, not searched"
-    leaves = _leaf_keys(RaydiffConfig)
-    if key in leaves:
-        return None
-    import difflib
-
-    inside = [k for k in leaves if k.startswith(key + ".")]
-    if inside:
-        return f"{key!r} is a section; name one of its keys, e.g. {inside[0]!r}"
-    section, _, leaf = key.rpartition(".")
-    siblings = {k.rpartition(".")[2]: k for k in leaves if k.rpartition(".")[0] == section}
-    if not siblings:
-        close = difflib.get_close_matches(key, leaves, n=1)
-        return f"unknown config key {key!r}" + (f"; did you mean {close[0]!r}?" if close else "")
-    close = difflib.get_close_matches(leaf, list(siblings), n=1)
-    hint = f"did you mean {siblings[close[0]]!r}?" if close else f"{section} has: {', '.join(siblings)}"
-    return f"unknown config key {key!r}; {hint}"
-
-
-def _leaf_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
-    keys = []
-    for name, field in model.model_fields.items():
-        section = next((a for a in getattr(field.annotation, "__args__", (field.annotation,))
-                        if isinstance(a, type) and issubclass(a, BaseModel)), None)
-        keys += _leaf_keys(section, f"{prefix}{name}.") if section else [f"{prefix}{name}"]
-    return keys
-
-
-class RaydiffConfig(_Section):
-    model: ModelConfig
-    data: DataConfig
-    lora: LoraConfig | None = LoraConfig()
-    train: TrainConfig = TrainConfig()
-    loss: LossConfig = LossConfig()
-    ray: RayConfig = RayConfig()
-    eval: EvalConfig = EvalConfig()
-    validation: ValidationConfig = ValidationConfig()
-    logging: LogConfig = LogConfig()
-    tune: TuneConfig | None = None
-
-    @model_validator(mode="after")
-    def _something_trains(self):
-        if self.lora is None and not self.train.trainable_models:
-            raise ValueError("nothing to train: set a `lora:` section or train.trainable_models")
-        return self
-
-    @model_validator(mode="after")
-    def _fsdp_is_for_full_fine_tuning(self):
-        if self.ray.strategy == "fsdp":
-            if self.lora is not None or not self.train.trainable_models:
-                raise ValueError("ray.strategy fsdp shards full fine-tuning: set `lora: null` and "
-                                 "train.trainable_models (e.g. [transformer]); LoRA trains with ddp")
-            if self.validation.prompts:
-                raise ValueError("validation.prompts is not supported with ray.strategy fsdp (sampling would "
-                                 "need every rank); sample checkpoints with `raydiff sample`")
-        return self
-
-    @model_validator(mode="after")
-    def _validation_has_its_models(self):
-        if self.validation.prompts and self.data.preprocess != "inline":
-            raise ValueError(f"validation.prompts needs the VAE and text encoders on the workers, which "
-                             f"data.preprocess: {self.data.preprocess} leaves out; sample checkpoints with "
-                             f"`raydiff sample`, or use data.preprocess: inline")
-        return self
-
-    @model_validator(mode="after")
-    def _tune_metric_is_reported(self):
-        # The loop reports at eval steps and checkpoints; Tune refuses a report without its metric.
-        if self.tune is not None and self.tune.metric == "eval_loss":
-            every = self.eval.every_steps
-            if not every:
-                raise ValueError("tune.metric eval_loss needs eval.every_steps (and eval.holdout or "
-                                 "eval.metadata_path)")
-            if self.train.save_steps % every:
-                raise ValueError(f"tune.metric eval_loss: train.save_steps ({self.train.save_steps}) must be a "
-                                 f"multiple of eval.every_steps ({every}) so that every report carries eval_loss")
-        return self
-
-    def resolved_paths(self, root: str | os.PathLike = ".") -> RaydiffConfig:
-        """Paths made absolute against `root` (the YAML's directory is not used: paths are relative
-        to where the command runs, as with every other CLI tool)."""
-        cfg = self.model_copy(deep=True)
-        root = Path(root).resolve()
-
-        def _abs(p: str) -> str:
-            return p if "://" in p or os.path.isabs(p) else str(root / p)
-
-        cfg.data.base_path = _abs(cfg.data.base_path)
-        cfg.data.metadata_path = _abs(cfg.data.metadata_path)
-        if cfg.data.cache_dir:
-            cfg.data.cache_dir = _abs(cfg.data.cache_dir)
-        if cfg.eval.metadata_path:
-            cfg.eval.metadata_path = _abs(cfg.eval.metadata_path)
-        if cfg.lora is not None and cfg.lora.init_from:
-            cfg.lora.init_from = _abs(cfg.lora.init_from)
-        cfg.ray.storage_path = _abs(cfg.ray.storage_path)
-        if Path(_abs(cfg.model.path)).exists():
-            cfg.model.path = _abs(cfg.model.path)
-        return cfg
-
-
-class UserError(ValueError):
-    """A mistake the user can fix (a config, a path, a file): the CLI prints its message alone and exits 2."""
-
-
-class ConfigError(UserError):
-    """A config that fails validation; the message names each offending key."""
-
-
-def _format_errors(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        if e["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key{_did_you_mean(e['loc'])}")
-        elif e["type"] == "missing":
-            lines.append(f"  {key}: required key is missing")
-        else:
-            got = e.get("input")
-            got = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"  {key}: {e['msg'].removeprefix('Value error, ')}{got}")
-    return "invalid config:\n" + "\n".join(lines)
-
-
-def _did_you_mean(loc: tuple) -> str:
-    model: type[BaseModel] = RaydiffConfig
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        ann = getattr(field, "annotation", None) if field else None
-        ann = next((a for a in getattr(ann, "__args__", (ann,))
-                    if isinstance(a, type) and issubclass(a, BaseModel)), None)
-        if ann is None:
-            return ""
-        model = ann
-    keys = list(model.model_fields)
-    import difflib
-
-    close = difflib.get_close_matches(str(loc[-1]), keys, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"{hint} (expected one of: {', '.join(keys)})"
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply `section.key=value` strings; values parse as YAML (`1e-4`, `[a, b]`, `null`)."""
-    raw = dict(raw)
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set expects section.key=value, got {item!r}")
-        node = raw
-        *parents, leaf = key.strip().split(".")
-        for p in parents:
-            child = node.get(p)
-            node[p] = child = dict(child) if isinstance(child, dict) else {}
-            node = child
-        node[leaf] = yaml.safe_load(value)
-    return raw
-
-
-def parse_config(raw: dict) -> RaydiffConfig:
-    try:
-        return RaydiffConfig.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(_format_errors(err)) from None
-
-
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] = (),
-                raw: dict | None = None) -> RaydiffConfig:
-    """Read a YAML config (or a dict), apply overrides, validate, and resolve relative paths."""
-    if raw is None:
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    return parse_config(apply_overrides(raw, list(overrides))).resolved_paths()
-
-
-def dump_config(cfg: RaydiffConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-
-
-def to_dict(cfg: RaydiffConfig) -> dict[str, Any]:
-    return cfg.model_dump(mode="json")
-
-
-def to_remote(cfg: RaydiffConfig) -> dict[str, Any]:
-    """The config as Ray's processes (workers, encoder actors) receive it, with any families registered
-    in this process (a registration does not reach other processes by itself)."""
-    return {"config": to_dict(cfg), "families": registry.registered_families()}
-
-
-def from_remote(payload: dict[str, Any]) -> RaydiffConfig:
-    """The inverse of `to_remote`, in the receiving process."""
-    registry.adopt_families(payload["families"])
-    return parse_config(payload["config"])

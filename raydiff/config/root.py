@@ -1,0 +1,170 @@
+"""`RaydiffConfig`: the sections together, the checks that span them, and path resolution."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, model_validator
+
+from raydiff.config.sections import (
+    SHARDED_STATE_OPTIMIZERS,
+    DataConfig,
+    EvalConfig,
+    LogConfig,
+    LoraConfig,
+    LossConfig,
+    ModelConfig,
+    RayConfig,
+    TrainConfig,
+    TuneConfig,
+    ValidationConfig,
+    _Section,
+)
+
+
+def config_key_error(key: str) -> str | None:
+    """Why a dotted key (`train.learning_rate`) does not name a setting Tune may vary; None if it does."""
+    if key.split(".")[0] == "tune" or key in ("ray.name", "ray.storage_path"):
+        return f"{key!r} is set by `raydiff tune` itself, not searched"
+    leaves = _leaf_keys(RaydiffConfig)
+    if key in leaves:
+        return None
+    inside = [k for k in leaves if k.startswith(key + ".")]
+    if inside:
+        return f"{key!r} is a section; name one of its keys, e.g. {inside[0]!r}"
+    section, _, leaf = key.rpartition(".")
+    siblings = {k.rpartition(".")[2]: k for k in leaves if k.rpartition(".")[0] == section}
+    if not siblings:
+        close = difflib.get_close_matches(key, leaves, n=1)
+        return f"unknown config key {key!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+    close = difflib.get_close_matches(leaf, list(siblings), n=1)
+    hint = f"did you mean {siblings[close[0]]!r}?" if close else f"{section} has: {', '.join(siblings)}"
+    return f"unknown config key {key!r}; {hint}"
+
+
+def _leaf_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        section = next((a for a in getattr(field.annotation, "__args__", (field.annotation,))
+                        if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        keys += _leaf_keys(section, f"{prefix}{name}.") if section else [f"{prefix}{name}"]
+    return keys
+
+
+class RaydiffConfig(_Section):
+    model: ModelConfig
+    data: DataConfig
+    lora: LoraConfig | None = LoraConfig()
+    train: TrainConfig = TrainConfig()
+    loss: LossConfig = LossConfig()
+    ray: RayConfig = RayConfig()
+    eval: EvalConfig = EvalConfig()
+    validation: ValidationConfig = ValidationConfig()
+    logging: LogConfig = LogConfig()
+    tune: TuneConfig | None = None
+
+    @model_validator(mode="after")
+    def _something_trains(self):
+        if self.lora is None and not self.train.trainable_models:
+            raise ValueError("nothing to train: set a `lora:` section or train.trainable_models")
+        return self
+
+    @model_validator(mode="after")
+    def _fsdp_is_for_full_fine_tuning(self):
+        if self.ray.strategy == "fsdp":
+            if self.lora is not None or not self.train.trainable_models:
+                raise ValueError("ray.strategy fsdp shards full fine-tuning: set `lora: null` and "
+                                 "train.trainable_models (e.g. [transformer]); LoRA trains with ddp")
+            if self.validation.prompts:
+                raise ValueError("validation.prompts is not supported with ray.strategy fsdp (sampling would "
+                                 "need every rank); sample checkpoints with `raydiff sample`")
+            if self.train.optimizer not in SHARDED_STATE_OPTIMIZERS:
+                raise ValueError(f"train.optimizer {self.train.optimizer} keeps per-tensor state that ray.strategy "
+                                 f"fsdp cannot shard; use {' or '.join(SHARDED_STATE_OPTIMIZERS)}")
+        return self
+
+    @model_validator(mode="after")
+    def _quantized_models_are_frozen(self):
+        m, trainable = self.model, self.train.trainable_models
+        if m.quantize is None:
+            return self
+        if self.lora is None:
+            raise ValueError("model.quantize freezes the DiT under a LoRA; set a `lora:` section (full fine-tuning "
+                             "trains the weights quantization would freeze)")
+        if "transformer" in trainable or (m.quantize_text_encoders and any(
+                name.startswith("text_encoder") for name in trainable)):
+            raise ValueError(f"model.quantize: train.trainable_models {trainable} would train quantized weights; "
+                             f"quantization is for the frozen base")
+        return self
+
+    @model_validator(mode="after")
+    def _ema_is_configured_for_validation(self):
+        if self.validation.use_ema and self.train.ema is None:
+            raise ValueError("validation.use_ema samples with the EMA weights; set train.ema")
+        return self
+
+    @model_validator(mode="after")
+    def _sharded_data_streams(self):
+        d = self.data
+        if not d.sharded:
+            return self
+        refused = {"data.buckets": d.buckets, "data.preprocess: stream": d.preprocess == "stream",
+                   "data.repeat": d.repeat > 1,
+                   "eval.holdout (use eval.metadata_path)": self.eval.holdout > 0}
+        if problems := [k for k, on in refused.items() if on]:
+            raise ValueError(f"{', '.join(problems)}: not available with sharded data (data.metadata_path "
+                             f"{d.metadata_path}), which each worker streams from its shards")
+        return self
+
+    @model_validator(mode="after")
+    def _validation_has_its_models(self):
+        if self.validation.prompts and self.data.preprocess != "inline":
+            raise ValueError(f"validation.prompts needs the VAE and text encoders on the workers, which "
+                             f"data.preprocess: {self.data.preprocess} leaves out; sample checkpoints with "
+                             f"`raydiff sample`, or use data.preprocess: inline")
+        return self
+
+    @model_validator(mode="after")
+    def _tune_keys(self):
+        for key in (self.tune.param_space if self.tune else {}):
+            if (problem := config_key_error(key)) is not None:
+                raise ValueError(f"tune.param_space: {problem}")
+        return self
+
+    @model_validator(mode="after")
+    def _tune_metric_is_reported(self):
+        # The loop reports at eval steps and checkpoints; Tune refuses a report without its metric.
+        if self.tune is not None and self.tune.metric == "eval_loss":
+            every = self.eval.every_steps
+            if not every:
+                raise ValueError("tune.metric eval_loss needs eval.every_steps (and eval.holdout or "
+                                 "eval.metadata_path)")
+            if self.train.save_steps % every:
+                raise ValueError(f"tune.metric eval_loss: train.save_steps ({self.train.save_steps}) must be a "
+                                 f"multiple of eval.every_steps ({every}) so that every report carries eval_loss")
+        return self
+
+    def resolved_paths(self, root: str | os.PathLike = ".") -> RaydiffConfig:
+        """Paths made absolute against `root` (the YAML's directory is not used: paths are relative
+        to where the command runs, as with every other CLI tool)."""
+        cfg = self.model_copy(deep=True)
+        root = Path(root).resolve()
+
+        def _abs(p: str) -> str:
+            return p if "://" in p or os.path.isabs(p) else str(root / p)
+
+        cfg.data.base_path = _abs(cfg.data.base_path)
+        paths = cfg.data.metadata_path
+        cfg.data.metadata_path = [_abs(p) for p in paths] if isinstance(paths, list) else _abs(paths)
+        if cfg.data.cache_dir:
+            cfg.data.cache_dir = _abs(cfg.data.cache_dir)
+        if cfg.eval.metadata_path:
+            cfg.eval.metadata_path = _abs(cfg.eval.metadata_path)
+        if cfg.lora is not None and cfg.lora.init_from:
+            cfg.lora.init_from = _abs(cfg.lora.init_from)
+        cfg.ray.storage_path = _abs(cfg.ray.storage_path)
+        if Path(_abs(cfg.model.path)).exists():
+            cfg.model.path = _abs(cfg.model.path)
+        return cfg
