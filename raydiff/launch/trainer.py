@@ -155,12 +155,12 @@ def launch_training_task(cfg: RaydiffConfig, module_factory: Callable | None = N
     warn_job_local_storage(cfg)
     check_model(cfg)
     check_devices(cfg)
-    check_lora(cfg)
     rows = train_and_eval_rows(cfg.data, cfg.eval)
     if rows[0] is not None:
         check_batch_sizes(cfg, rows[0])
     if not ray.is_initialized() and not (r.address or os.environ.get("RAY_ADDRESS")):
         check_resources(cfg, autoscaling=False, nodes=lambda: [local_ray_resources(cfg)])  # before Ray starts
+    check_lora(cfg)  # last of the config checks: it imports diffusers and peft when it has anything to check
     check_storage(r.storage_path, r.storage_endpoint, r.storage_region)
     fs, run_path = run_directory(r.storage_path, r.name, r.storage_endpoint, r.storage_region)
     with RunLock(fs, f"{run_path}/{LOCK_FILE}", f"{r.storage_path}/{r.name}"):
