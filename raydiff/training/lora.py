@@ -161,10 +161,30 @@ def attach_adapter(model: torch.nn.Module, path: str, *, family: str | None, ada
 
     sd, info = import_lora(path, family=family)
     sd = {k.split(".", 1)[1]: v for k, v in sd.items()}
+    modules = adapters.by_module(sd)
+    factor = info.get("lokr_factor", lokr_factor(modules) if info["type"] == "lokr" else -1)
     config = peft_config(info["type"], rank=info["r"], alpha=info["lora_alpha"] or info["r"],
-                         target_modules=sorted(adapters.by_module(sd)), lokr_factor=info.get("lokr_factor", -1))
+                         target_modules=sorted(modules), lokr_factor=factor)
     inject_adapter_in_model(config, model, adapter_name=adapter_name)
     set_peft_model_state_dict(model, sd, adapter_name=adapter_name)
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
             module.set_scale(adapter_name, scale)
+
+
+def lokr_factor(modules: dict[str, dict]) -> int:
+    """The `decompose_factor` under which peft rebuilds the LoKr factor shapes of `modules` (a file without
+    raydiff's metadata, such as a LyCORIS-named one): -1 or one of the first factors' sizes."""
+    from peft.tuners.lokr.layer import factorization
+
+    def shape(params, factor):  # (rows, cols) of a factor, whether stored whole or as a product
+        whole = params.get(f"lokr_w{factor}")
+        return tuple(whole.shape) if whole is not None else (params[f"lokr_w{factor}_a"].shape[0],
+                                                              params[f"lokr_w{factor}_b"].shape[1])
+
+    shapes = [(shape(p, 1), shape(p, 2)) for p in modules.values()]
+    for candidate in [-1, *sorted({w1[0] for w1, _ in shapes} | {w1[1] for w1, _ in shapes})]:
+        if all(factorization(w1[0] * w2[0], candidate) == (w1[0], w2[0]) and
+               factorization(w1[1] * w2[1], candidate) == (w1[1], w2[1]) for w1, w2 in shapes):
+            return candidate
+    raise ValueError("no LoKr decompose_factor rebuilds these factor shapes; set lora.lokr_factor")

@@ -213,9 +213,13 @@ def test_exports_an_adapter_type_cannot_be_read_in_are_refused_with_the_reason(t
     assert not (tmp_path / "x.safetensors").exists()
 
 
-@pytest.mark.parametrize("kind", TYPES)
+@pytest.mark.parametrize("kind", [*TYPES, "lokr-lycoris"])
 def test_raydiff_sample_renders_each_type_with_its_scale(trained, tiny_model, tmp_path, kind):
-    _, directory, _ = trained("flux", kind)
+    """Each type from its checkpoint; a LoKr also from its LyCORIS-named ComfyUI export, whose factor size
+    (no metadata there) is inferred from the shapes."""
+    _, directory, _ = trained("flux", kind.split("-")[0])
+    if kind == "lokr-lycoris":
+        directory = export_lora(directory, "comfyui", str(tmp_path / "lokr_comfyui.safetensors"), family="flux")
     kwargs = dict(steps=2, height=32, width=32, seed=3)
 
     def pixels(path):
