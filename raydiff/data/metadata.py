@@ -44,7 +44,7 @@ class BadSample:
     reason: str
 
     def __str__(self) -> str:
-        row = f"regularization row {self.row - REG_ROW_BASE}" if self.row >= REG_ROW_BASE else f"row {self.row}"
+        row = f"regularization row {reg_id(self.row)}" if self.row < 0 else f"row {self.row}"
         where = row if self.file is None else f"{row}, file {self.file!r}"
         return f"{where}: {self.reason}"
 
@@ -66,14 +66,16 @@ class MetadataError(ValueError):
     """The metadata file as a whole is unusable (unreadable, unknown format, missing column)."""
 
 
-# `_row` of a `data.regularization` sample: REG_ROW_BASE + its record index in the regularization file,
-# so it never meets a training row's id and a batch says which of its samples are regularization ones.
-REG_ROW_BASE = 1 << 48
+def reg_id(index: int) -> int:
+    """`_row` of a `data.regularization` sample from its record index in the regularization file, and back:
+    -1 - index. Training ids are never negative (metadata record indices; sharded ids `shard_id << 32 |
+    record` fill all 63 bits), so a batch says by its ids which samples are regularization ones."""
+    return -1 - index
 
 
 def is_regularization(rows) -> np.ndarray:
     """(B,) bool: which `_row` ids are regularization samples."""
-    return np.asarray(rows, dtype=np.int64) >= REG_ROW_BASE
+    return np.asarray(rows, dtype=np.int64) < 0
 
 
 def is_url(path: str) -> bool:
@@ -316,19 +318,19 @@ def train_and_eval_rows(data: DataConfig, eval_cfg) -> tuple[list[dict] | None, 
 def regularization_rows(data: DataConfig, n_train: int) -> tuple[list[dict], list[BadSample]]:
     """`data.regularization`'s rows, copied so that they make up its `ratio` of an epoch's samples:
     round(ratio / (1 - ratio) x n_train) copies, spread evenly over its rows (the remainder to rows picked
-    by a fixed hash, so every run picks the same ones). Their `_row` ids start at REG_ROW_BASE."""
+    by a fixed hash, so every run picks the same ones). Their `_row` ids are `reg_id(record index)`."""
     reg = data.regularization
     cfg = data.model_copy(update={"metadata_path": reg.metadata_path, "base_path": reg.base_path,
                                   "regularization": None})
     try:
         rows, bad = read_rows(cfg, repeat=1)
     except SampleError as err:
-        raise SampleError(BadSample(REG_ROW_BASE + err.bad.row, err.bad.file, err.bad.reason)) from None
+        raise SampleError(BadSample(reg_id(err.bad.row), err.bad.file, err.bad.reason)) from None
     total = round(reg.ratio / (1 - reg.ratio) * n_train)
     each, extra = divmod(total, len(rows))
     lucky = set(sorted(range(len(rows)), key=lambda i: hashlib.blake2b(b"reg%d" % i).digest())[:extra])
-    out = [{**r, "_row": REG_ROW_BASE + r["_row"]} for i, r in enumerate(rows) for _ in range(each + (i in lucky))]
-    bad = [BadSample(REG_ROW_BASE + b.row, b.file, b.reason) for b in bad]
+    out = [{**r, "_row": reg_id(r["_row"])} for i, r in enumerate(rows) for _ in range(each + (i in lucky))]
+    bad = [BadSample(reg_id(b.row), b.file, b.reason) for b in bad]
     return out, bad
 
 

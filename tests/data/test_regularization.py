@@ -8,7 +8,7 @@ import torch
 
 from raydiff.config import ConfigError, parse_config
 from raydiff.data.cache_io import RepeatCached
-from raydiff.data.metadata import REG_ROW_BASE, BadSample, SampleError, is_regularization, train_and_eval_rows
+from raydiff.data.metadata import BadSample, SampleError, is_regularization, reg_id, train_and_eval_rows
 from raydiff.data.shapes import write_shapes_dataset
 from raydiff.training.hooks import LogWindow
 from raydiff.training.module import PipelineTrainingModule
@@ -33,7 +33,7 @@ def config(shapes, reg_data, **reg):
 def test_a_ratio_share_of_the_epoch_comes_from_the_regularization_rows(shapes, reg_data, ratio, expected):
     cfg = config(shapes, reg_data, ratio=ratio)
     train, _, _ = train_and_eval_rows(cfg.data, cfg.eval)  # 16 training rows
-    reg = [r for r in train if r["_row"] >= REG_ROW_BASE]
+    reg = [r for r in train if r["_row"] < 0]
     assert len(train) - len(reg) == 16 and len(reg) == round(ratio / (1 - ratio) * 16)
     assert sorted(Counter(r["_row"] for r in reg).values(), reverse=True) == expected
     assert all(r["image"].startswith(reg_data) for r in reg)
@@ -41,8 +41,9 @@ def test_a_ratio_share_of_the_epoch_comes_from_the_regularization_rows(shapes, r
 
 
 def test_regularization_rows_are_marked_and_named_in_errors(shapes, reg_data):
-    assert is_regularization([0, 5, REG_ROW_BASE, REG_ROW_BASE + 3]).tolist() == [False, False, True, True]
-    assert str(BadSample(REG_ROW_BASE + 3, "x.png", "empty")) == "regularization row 3, file 'x.png': empty"
+    largest_sharded_id = ((2**31 - 1) << 32) + 2**32 - 1  # shard_id << 32 | record
+    assert is_regularization([0, 5, largest_sharded_id, reg_id(0), reg_id(3)]).tolist() == [0, 0, 0, 1, 1]
+    assert str(BadSample(reg_id(3), "x.png", "empty")) == "regularization row 3, file 'x.png': empty"
     with open(f"{reg_data}/metadata.csv", "a") as f:
         f.write("missing.png,a ghost\n")
     cfg = config(shapes, reg_data)
@@ -64,10 +65,10 @@ def test_regularization_is_checked_and_its_paths_resolved(tmp_path):
 
 
 def test_cached_regularization_samples_get_their_own_copies():
-    repeat = RepeatCached(repeat=2, seed=0, copies={REG_ROW_BASE: 3, REG_ROW_BASE + 1: 0})
+    repeat = RepeatCached(repeat=2, seed=0, copies={reg_id(0): 3, reg_id(1): 0})
     assert [c["_rep"] for c in repeat({"_row": 7})] == [0, 1]
-    assert [c["_rep"] for c in repeat({"_row": REG_ROW_BASE})] == [0, 1, 2]
-    assert repeat({"_row": REG_ROW_BASE + 1}) == []
+    assert [c["_rep"] for c in repeat({"_row": reg_id(0)})] == [0, 1, 2]
+    assert repeat({"_row": reg_id(1)}) == []
 
 
 def test_the_step_weights_regularization_samples_and_tallies_them_apart(make_config, shapes):
