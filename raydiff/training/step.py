@@ -108,11 +108,15 @@ class Stepper:
         optimizer steps taken before this one."""
         losses, tallies = [], {"loss": [0.0, 0], "reg_loss": [0.0, 0]}
         for micro, inputs in enumerate(micro_batches):
+            reg = inputs.get("_regularization")  # (B,) bool when the batch holds regularization samples
             with self.no_sync(last=micro == len(micro_batches) - 1):
                 with self.autocast(), self.offload():
-                    per_sample = self.model(inputs, generator=self.generator(step, micro), per_sample=True)
-                reg = inputs.get("_regularization")  # (B,) bool when the batch holds regularization samples
-                loss = per_sample.mean() if reg is None else (per_sample * self.sample_weights(reg)).mean()
+                    if reg is None:  # any training module's forward(data, generator): the batch's mean loss
+                        loss = self.model(inputs, generator=self.generator(step, micro))
+                        per_sample = loss.detach().expand(len(inputs["prompt"]))
+                    else:
+                        per_sample = self.model(inputs, generator=self.generator(step, micro), per_sample=True)
+                        loss = (per_sample * self.sample_weights(reg)).mean()
                 self.scaler.scale(loss / self.accum).backward()
             losses.append(loss.item())
             _tally(tallies, per_sample.detach().cpu(), reg)
