@@ -88,12 +88,11 @@ def write_yaml(raw: dict, path: str) -> str:
     return path
 
 
-def predecoded_batches(cfg, n: int, device="cpu") -> list[dict]:
-    """The first `n` batches of `cfg`'s data, decoded and resized by raydiff's own Ray Data stage
-    function and collated exactly as the worker does, held in memory (no Ray involved)."""
+def decoded_batches(cfg, n: int) -> list[dict]:
+    """The first `n` numpy batches of `cfg`'s data, decoded and resized by raydiff's own Ray Data stage
+    function, as a worker's iterator gives them (no Ray involved)."""
     import numpy as np
 
-    from raydiff.data.collate import collate
     from raydiff.data.decode import DecodeSample
     from raydiff.data.metadata import read_rows
 
@@ -102,11 +101,29 @@ def predecoded_batches(cfg, n: int, device="cpu") -> list[dict]:
     bs, batches = cfg.train.batch_size, []
     for i in range(n):
         samples = [decode(rows[(i * bs + j) % len(rows)])[0] for j in range(bs)]
-        batch = {"prompt": np.array([s["prompt"] for s in samples], dtype=object)}
+        batch = {"prompt": np.array([s["prompt"] for s in samples], dtype=object),
+                 "_row": np.array([s["_row"] for s in samples])}
         for key in cfg.data.data_file_keys:
             batch[key] = np.stack([s[key] for s in samples])
-        batches.append(collate(batch, device, cfg.data.data_file_keys))
+        batches.append(batch)
     return batches
+
+
+def predecoded_batches(cfg, n: int, device="cpu") -> list[dict]:
+    """`decoded_batches` collated exactly as the worker does, held in memory."""
+    from raydiff.data.collate import collate
+
+    return [collate(b, device, cfg.data.data_file_keys) for b in decoded_batches(cfg, n)]
+
+
+def encoded_batches(cfg, n: int, device="cpu") -> list[dict]:
+    """`decoded_batches` run through the frozen encoders once (raydiff's `Encoder`, as stream and cache
+    mode do) and collated: what a cache-mode worker trains on."""
+    from raydiff.data.collate import collate
+    from raydiff.data.encode import Encoder
+
+    encoder = Encoder(cfg)
+    return [collate(encoder.encode(b), device, cfg.data.data_file_keys) for b in decoded_batches(cfg, n)]
 
 
 def workdir(name: str, override: str | None = None) -> str:
@@ -119,7 +136,7 @@ def workdir(name: str, override: str | None = None) -> str:
     return path
 
 
-def bare_loop(cfg, batches: list[dict], steps: int) -> tuple[list[float], list[float]]:
+def bare_loop(cfg, batches: list[dict], steps: int, components=None) -> tuple[list[float], list[float]]:
     """raydiff's step without Ray: the same training module and the same `Stepper` (AdamW, LR schedule,
     clipping, per-step generator seeds) over pre-collated batches in this process. Returns each step's
     wall seconds and this process's CPU seconds."""
@@ -131,7 +148,7 @@ def bare_loop(cfg, batches: list[dict], steps: int) -> tuple[list[float], list[f
     from raydiff.training.step import Stepper, build_optimizer
 
     torch.manual_seed(cfg.train.seed)
-    module = PipelineTrainingModule(cfg, device="cpu")
+    module = PipelineTrainingModule(cfg, device="cpu", components=components)
     optimizer, scheduler = build_optimizer(cfg, module.trainable_parameters(), steps)
     stepper = Stepper(cfg, module, optimizer, scheduler, torch.device("cpu"))
     times, cpu = [], []

@@ -41,10 +41,11 @@ def latest_trainer_state(storage: str, name: str) -> dict:
         return json.load(f)
 
 
-def run_command(argv: list[str], marks: dict[str, str], timeout: float, env: dict | None = None) -> dict:
+def run_command(argv: list[str], marks: dict[str, str], timeout: float, env: dict | None = None,
+                on_start=None) -> dict:
     """Run a command, timestamping (seconds since start) the first output line containing each of
     `marks`' values. Returns {"wall_s", "returncode", "marks": {name: seconds}, "started_at"
-    (time.time()), "tail"}.
+    (time.time()), "tail"}. `on_start(proc)` is called once the process runs (e.g. to sample its memory).
 
     A worker's line reaches the driver's stdout through Ray's log monitor, so a mark is an upper bound
     (it adds the forwarding delay, well under a second locally)."""
@@ -52,6 +53,8 @@ def run_command(argv: list[str], marks: dict[str, str], timeout: float, env: dic
     env.pop("RAY_ADDRESS", None)
     start, started_at = time.perf_counter(), time.time()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    if on_start is not None:
+        on_start(proc)
     seen, lines = {}, []
     timer = threading.Timer(timeout, proc.kill)
     timer.start()

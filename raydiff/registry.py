@@ -121,13 +121,17 @@ def data_keys(family: str) -> DataKeys:
     return get_pipeline_class(family).data_keys
 
 
+# Columns every family reads: `mask`, a grayscale image weighting the loss (white trained, black ignored).
+LOSS_KEYS = ("mask",)
+
+
 def data_keys_problem(family: str, keys: list[str]) -> str | None:
     """Why `data.data_file_keys` = `keys` cannot feed `family`'s units; None if they can."""
     spec = data_keys(family)
     for key in keys:
-        if key not in spec.targets + spec.conditions:
-            known = " or ".join(spec.targets) + (f" and optionally {', '.join(spec.conditions)}" if spec.conditions
-                                                 else "")
+        if key not in spec.targets + spec.conditions + LOSS_KEYS:
+            optional = [*spec.conditions, *LOSS_KEYS]
+            known = " or ".join(spec.targets) + f" and optionally {', '.join(optional)}"
             return f"{family} does not read {key!r}; its units read {known}"
     targets = [k for k in keys if k in spec.targets]
     if len(targets) != 1:

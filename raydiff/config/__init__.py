@@ -31,6 +31,7 @@ from raydiff.config.sections import (
     LossConfig,
     ModelConfig,
     RayConfig,
+    RegularizationConfig,
     TrainConfig,
     TuneConfig,
     ValidationConfig,
@@ -40,6 +41,7 @@ __all__ = [
     "ADAPTER_TYPES", "DISTRIBUTIONS", "DTYPE_NAMES", "EXPERT_COMPONENTS", "GPU_ONLY_QUANTIZE", "OPTIMIZERS",
     "QUANTIZE_MODES", "SHARDED_STATE_OPTIMIZERS",
     "ConfigError", "DataConfig", "EMAConfig", "EvalConfig", "LogConfig", "LoraConfig", "LossConfig", "ModelConfig",
-    "RayConfig", "RaydiffConfig", "TrainConfig", "TuneConfig", "UserError", "ValidationConfig", "apply_overrides",
-    "config_key_error", "dump_config", "from_remote", "load_config", "parse_config", "to_dict", "to_remote",
+    "RayConfig", "RaydiffConfig", "RegularizationConfig", "TrainConfig", "TuneConfig", "UserError",
+    "ValidationConfig", "apply_overrides", "config_key_error", "dump_config", "from_remote", "load_config",
+    "parse_config", "to_dict", "to_remote",
 ]

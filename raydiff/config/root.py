@@ -141,7 +141,7 @@ class RaydiffConfig(_Section):
         if not d.sharded:
             return self
         refused = {"data.buckets": d.buckets, "data.preprocess: stream": d.preprocess == "stream",
-                   "data.repeat": d.repeat > 1,
+                   "data.repeat": d.repeat > 1, "data.regularization": d.regularization is not None,
                    "eval.holdout (use eval.metadata_path)": self.eval.holdout > 0}
         if problems := [k for k, on in refused.items() if on]:
             raise ValueError(f"{', '.join(problems)}: not available with sharded data (data.metadata_path "
@@ -192,6 +192,8 @@ class RaydiffConfig(_Section):
             cfg.data.cache_dir = _abs(cfg.data.cache_dir)
         if cfg.eval.metadata_path:
             cfg.eval.metadata_path = _abs(cfg.eval.metadata_path)
+        if (reg := cfg.data.regularization) is not None:
+            reg.metadata_path, reg.base_path = _abs(reg.metadata_path), _abs(reg.base_path)
         if cfg.lora is not None and cfg.lora.init_from:
             cfg.lora.init_from = _abs(cfg.lora.init_from)
         cfg.ray.storage_path = _abs(cfg.ray.storage_path)

@@ -61,6 +61,15 @@ class ModelConfig(_Section):
         return family
 
 
+class RegularizationConfig(_Section):
+    """Prior preservation: a second dataset mixed into training (docs/data.md#regularization-data)."""
+
+    metadata_path: str = Field(..., description="the regularization set's metadata file (same columns as data's)")
+    base_path: str = Field(".", description="its files' base path")
+    weight: float = Field(1.0, ge=0, description="its samples' loss weight")
+    ratio: float = Field(0.5, gt=0, lt=1, description="its share of each epoch's samples")
+
+
 class DataConfig(_Section):
     base_path: str = "."
     # One metadata file (read by the driver), or shards: a directory, a glob, a list, or an s3:// prefix
@@ -68,7 +77,7 @@ class DataConfig(_Section):
     metadata_path: str | list[str]
     format: Literal["auto", "webdataset"] = Field(
         "auto", description="auto: by extension (.csv/.json/.jsonl/.parquet metadata, .tar WebDataset)")
-    shuffle_buffer: int = Field(1000, ge=1, description="sharded data: samples in each rank's shuffle buffer")
+    shuffle_buffer: int = Field(1000, ge=1, description="sharded data: samples each rank shuffles together (one chunk)")
     num_samples: int | None = Field(
         None, ge=1, description="sharded data: samples per epoch; null = counted (parquet footers, else a read)")
     data_file_keys: list[str] = ["image"]
@@ -94,6 +103,7 @@ class DataConfig(_Section):
     buckets: bool = Field(False, description="aspect-ratio buckets at max_pixels; batches come from one bucket")
     caption_dropout: float = Field(0.0, ge=0, le=1, description="probability of training on the empty prompt")
     random_flip: bool = Field(False, description="horizontal flip of half the samples, fixed per sample and seed")
+    regularization: RegularizationConfig | None = None
 
     @property
     def sharded(self) -> bool:

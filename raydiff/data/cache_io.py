@@ -164,17 +164,20 @@ def read_empty_prompt(layout: CacheLayout) -> dict[str, np.ndarray]:
 
 @dataclass
 class RepeatCached:
-    """flat_map: one cached sample -> its `repeat` copies with `_rep` and `_key`; with `slots`, only
-    the copies planned into a bucket batch, with `_batch` and `_slot` (their place in it)."""
+    """flat_map: one cached sample -> its `repeat` copies (`copies[_row]` for the rows listed there:
+    regularization samples) with `_rep` and `_key`; with `slots`, only the copies planned into a bucket
+    batch, with `_batch` and `_slot` (their place in it)."""
 
     repeat: int
     seed: int
     shuffle: bool = True
     slots: dict | None = None
+    copies: dict | None = None
 
     def __call__(self, row: dict) -> list[dict]:
         out = []
-        for rep in range(self.repeat):
+        n = self.copies.get(int(row["_row"]), self.repeat) if self.copies else self.repeat
+        for rep in range(n):
             copy = {**row, "_rep": rep, "_key": order_key(self.seed, row["_row"], rep, self.shuffle)}
             if self.slots is not None:
                 slot = self.slots.get((int(row["_row"]), rep))

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from raydiff.data.columns import columns_to_inputs
+from raydiff.data.metadata import is_regularization
 from raydiff.data.packing import is_packed, unpack
 
 
@@ -38,4 +39,6 @@ def collate(batch: dict, device: torch.device, data_file_keys=("image",), *, cap
         x = x.movedim(-1, 1).float().div_(127.5).sub_(1.0)  # (B, ..., 3) -> (B, 3, ...)
         out[key] = x
     out.update(columns_to_inputs(batch, device, skip=data_file_keys))
+    if "_row" in batch and (reg := is_regularization(batch["_row"])).any():
+        out["_regularization"] = torch.from_numpy(reg)  # which samples `data.regularization` weights
     return out

@@ -24,6 +24,7 @@ from raydiff.data.cache_io import CacheLayout, RepeatCached, decode_shard_batch,
 from raydiff.data.cache_shards import preprocess_sharded
 from raydiff.data.decode import DecodeRow
 from raydiff.data.encode import EncodeBatch, remote_empty_prompt
+from raydiff.data.metadata import is_regularization
 from raydiff.data.packing import pack_group
 from raydiff.data.plan import order_rows
 from raydiff.data.shards import ShardPlan, plan_shards
@@ -144,7 +145,8 @@ def _cached_data(cfg: RaydiffConfig, rows: list[dict], seed: int) -> TrainData:
     if not files:
         raise ValueError(f"the cache {d.cache_dir} holds no samples")
     cached = layout.index(files)  # [(_row, (h, w))] of every cached sample
-    repeated = [{"_row": r} for r, _ in cached] * d.repeat
+    copies = _regularization_copies(rows or [])
+    repeated = [{"_row": r} for r, _ in cached for _ in range(copies.get(r, d.repeat))]
     ordered = order_rows(sorted(repeated, key=lambda r: r["_row"]), seed, d.shuffle)
     ds = ray.data.read_parquet([layout.uri(f) for f in files], filesystem=layout.fs)
     ds = ds.map_batches(decode_shard_batch, batch_format="pyarrow", zero_copy_batch=True)
@@ -154,14 +156,22 @@ def _cached_data(cfg: RaydiffConfig, rows: list[dict], seed: int) -> TrainData:
         # its partition boundaries: no sampling pass, and ~4096 rows a partition instead of 200 partitions.
         parts = max(2, min(200, len(ordered) // 4096))
         bounds = [ordered[i * len(ordered) // parts]["_key"] for i in range(1, parts)]
-        ds = ds.flat_map(RepeatCached(d.repeat, seed, d.shuffle)).sort("_key", boundaries=bounds)
+        ds = ds.flat_map(RepeatCached(d.repeat, seed, d.shuffle, copies=copies)).sort("_key", boundaries=bounds)
         return TrainData(ds, len(ordered), empty_prompt=empty)
     sizes = {r: tuple(size) for r, size in cached}
     batches = bucket_batches(ordered, sizes, batch_size=t.batch_size, num_workers=cfg.ray.num_workers)
     slots = {(r["_row"], r["_rep"]): (b, i) for b, batch in enumerate(batches) for i, r in enumerate(batch)}
     # Two shuffles (group, then order the batches), each with about one partition per 64 batches.
     parts = max(2, min(200, len(batches) // 64))
-    ds = ds.flat_map(RepeatCached(d.repeat, seed, d.shuffle, slots)).groupby("_batch", num_partitions=parts)
+    ds = ds.flat_map(RepeatCached(d.repeat, seed, d.shuffle, slots, copies)).groupby("_batch", num_partitions=parts)
     ds = ds.map_groups(pack_group, batch_format="numpy")
     ds = ds.sort("_batch", boundaries=[i * len(batches) // parts for i in range(1, parts)])
     return TrainData(ds, len(batches) * t.batch_size, True, len(batches), empty)
+
+
+def _regularization_copies(rows: list[dict]) -> dict[int, int]:
+    """{_row: copies per epoch} of the regularization samples among the training rows (the others are
+    copied `data.repeat` times)."""
+    ids = np.array([r["_row"] for r in rows], dtype=np.int64)
+    reg, counts = np.unique(ids[is_regularization(ids)], return_counts=True)
+    return dict(zip(reg.tolist(), counts.tolist()))

@@ -17,7 +17,7 @@ from raydiff.console import quiet_libraries
 from raydiff.data.collate import collate
 from raydiff.data.columns import to_columns
 from raydiff.data.packing import is_packed, map_packed
-from raydiff.pipelines.base import DTYPES, run_units, split_units
+from raydiff.pipelines.base import run_units, split_units
 from raydiff.registry import get_pipeline_class
 
 _PASS_THROUGH = ("prompt", "_row", "_rep", "_key", "_size")
@@ -55,14 +55,7 @@ class Encoder:
 
     def __init__(self, cfg: RaydiffConfig, device=None):
         self.cfg, self.device = cfg, torch.device(device or encoder_device(cfg))
-        cls = get_pipeline_class(cfg.model.family)
-        self.pipe = cls.from_pretrained(cfg.model.path, dtype=DTYPES[cfg.model.dtype], device=self.device,
-                                        components=encoder_components(cfg), revision=cfg.model.revision,
-                                        trust_remote_code=cfg.model.trust_remote_code, guidance=cfg.model.guidance,
-                                        max_sequence_length=cfg.model.max_sequence_length,
-                                        quantize=cfg.model.quantize,
-                                        quantize_text_encoders=cfg.model.quantize_text_encoders,
-                                        expert=cfg.model.expert)
+        self.pipe = get_pipeline_class(cfg.model.family).from_config(cfg, self.device, encoder_components(cfg))
         self.units, _ = split_units(self.pipe, trainable_names(cfg))
         self.media_keys = tuple(cfg.data.data_file_keys)
 

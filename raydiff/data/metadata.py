@@ -9,6 +9,7 @@ every other column passes through untouched. Rows we cannot train on come back a
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -19,6 +20,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from raydiff.config import DataConfig
 
@@ -41,7 +44,8 @@ class BadSample:
     reason: str
 
     def __str__(self) -> str:
-        where = f"row {self.row}" if self.file is None else f"row {self.row}, file {self.file!r}"
+        row = f"regularization row {reg_id(self.row)}" if self.row < 0 else f"row {self.row}"
+        where = row if self.file is None else f"{row}, file {self.file!r}"
         return f"{where}: {self.reason}"
 
 
@@ -60,6 +64,18 @@ class SampleError(ValueError):
 
 class MetadataError(ValueError):
     """The metadata file as a whole is unusable (unreadable, unknown format, missing column)."""
+
+
+def reg_id(index: int) -> int:
+    """`_row` of a `data.regularization` sample from its record index in the regularization file, and back:
+    -1 - index. Training ids are never negative (metadata record indices; sharded ids `shard_id << 32 |
+    record` fill all 63 bits), so a batch says by its ids which samples are regularization ones."""
+    return -1 - index
+
+
+def is_regularization(rows) -> np.ndarray:
+    """(B,) bool: which `_row` ids are regularization samples."""
+    return np.asarray(rows, dtype=np.int64) < 0
 
 
 def is_url(path: str) -> bool:
@@ -286,12 +302,36 @@ def train_and_eval_rows(data: DataConfig, eval_cfg) -> tuple[list[dict] | None, 
     if eval_cfg.metadata_path:
         train, bad = read_rows(data)
         held, bad_eval = read_rows(data, eval_cfg.metadata_path, repeat=1)
-        return train, held, bad + bad_eval
-    rows, bad = read_rows(data, repeat=1)
-    if eval_cfg.holdout >= len(rows):
-        raise ValueError(f"eval.holdout {eval_cfg.holdout} leaves no training rows out of {len(rows)}")
-    cut = len(rows) - eval_cfg.holdout
-    return rows[:cut] * data.repeat, rows[cut:], bad
+        bad += bad_eval
+    else:
+        rows, bad = read_rows(data, repeat=1)
+        if eval_cfg.holdout >= len(rows):
+            raise ValueError(f"eval.holdout {eval_cfg.holdout} leaves no training rows out of {len(rows)}")
+        cut = len(rows) - eval_cfg.holdout
+        train, held = rows[:cut] * data.repeat, rows[cut:]
+    if data.regularization is not None:
+        reg, bad_reg = regularization_rows(data, len(train))
+        train, bad = train + reg, bad + bad_reg
+    return train, held, bad
+
+
+def regularization_rows(data: DataConfig, n_train: int) -> tuple[list[dict], list[BadSample]]:
+    """`data.regularization`'s rows, copied so that they make up its `ratio` of an epoch's samples:
+    round(ratio / (1 - ratio) x n_train) copies, spread evenly over its rows (the remainder to rows picked
+    by a fixed hash, so every run picks the same ones). Their `_row` ids are `reg_id(record index)`."""
+    reg = data.regularization
+    cfg = data.model_copy(update={"metadata_path": reg.metadata_path, "base_path": reg.base_path,
+                                  "regularization": None})
+    try:
+        rows, bad = read_rows(cfg, repeat=1)
+    except SampleError as err:
+        raise SampleError(BadSample(reg_id(err.bad.row), err.bad.file, err.bad.reason)) from None
+    total = round(reg.ratio / (1 - reg.ratio) * n_train)
+    each, extra = divmod(total, len(rows))
+    lucky = set(sorted(range(len(rows)), key=lambda i: hashlib.blake2b(b"reg%d" % i).digest())[:extra])
+    out = [{**r, "_row": reg_id(r["_row"])} for i, r in enumerate(rows) for _ in range(each + (i in lucky))]
+    bad = [BadSample(reg_id(b.row), b.file, b.reason) for b in bad]
+    return out, bad
 
 
 def _has_surrogates(text: str) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import os
 import tarfile
@@ -25,16 +26,37 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
-def iter_records(uri: str, kind: str) -> Iterator[dict]:
-    """A shard's records in file order: table rows, or WebDataset samples ({"__key__", ext: bytes})."""
+def iter_records(uri: str, kind: str, start: int = 0) -> Iterator[dict]:
+    """A shard's records in file order from record `start` on: table rows, or WebDataset samples
+    ({"__key__", ext: bytes}). Parquet skips the row groups before `start` unread; the other formats are
+    read through from the top (they have no index)."""
     fs, path = filesystem(uri)
     if kind in ("parquet", "cache"):
-        import pyarrow.parquet as pq
-
-        with fs.open_input_file(path) as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=1024):
-                yield from batch.to_pylist()
+        yield from _parquet_records(fs, path, start)
         return
+    records = _stream_records(fs, path, kind)
+    yield from itertools.islice(records, start, None)
+
+
+def _parquet_records(fs, path: str, start: int) -> Iterator[dict]:
+    import pyarrow.parquet as pq
+
+    with fs.open_input_file(path) as f:
+        pf = pq.ParquetFile(f)
+        first_group, first = 0, 0  # the row group holding record `start`, and its first record
+        while first_group < pf.metadata.num_row_groups and first + pf.metadata.row_group(first_group).num_rows <= start:
+            first += pf.metadata.row_group(first_group).num_rows
+            first_group += 1
+        groups, skip = list(range(first_group, pf.metadata.num_row_groups)), start - first
+        if not groups:
+            return
+        for batch in pf.iter_batches(batch_size=1024, row_groups=groups):
+            rows = batch.to_pylist()
+            yield from rows[skip:]
+            skip = max(0, skip - len(rows))
+
+
+def _stream_records(fs, path: str, kind: str) -> Iterator[dict]:
     with fs.open_input_stream(path) as raw:
         if kind == "webdataset":
             yield from _tar_samples(raw)

@@ -116,8 +116,10 @@ def write_clips_dataset(directory: str, n: int = 4, frames: int = 11, size: int 
     return path
 
 
-def write_shards(rows: list[dict], directory: str, sizes: list[int], kind: str = "parquet") -> list[str]:
-    """Split metadata `rows` into shards of the given sizes (parquet, jsonl or csv); returns their paths."""
+def write_shards(rows: list[dict], directory: str, sizes: list[int], kind: str = "parquet",
+                 row_group_size: int | None = None) -> list[str]:
+    """Split metadata `rows` into shards of the given sizes (parquet, with `row_group_size` rows per row
+    group; jsonl or csv); returns their paths."""
     import json
 
     import pyarrow as pa
@@ -130,7 +132,7 @@ def write_shards(rows: list[dict], directory: str, sizes: list[int], kind: str =
         part, start = rows[start:start + n], start + n
         path = os.path.join(directory, f"part-{k:05d}.{kind}")
         if kind == "parquet":
-            pq.write_table(pa.Table.from_pylist(part), path)
+            pq.write_table(pa.Table.from_pylist(part), path, row_group_size=row_group_size)
         elif kind == "jsonl":
             with open(path, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in part)

@@ -8,9 +8,9 @@ or WebDataset tars (`.jpg`/`.png`/`.webp` with `.txt` or `.json` captions).
 
 Order (docs/data.md): in pass p, the shards are permuted by (seed, p) and dealt to the ranks, each next
 shard to the rank holding the fewest samples so far, so ranks get equal shares however unequal the
-shards. Each rank streams its shards through a bounded shuffle buffer (raydiff.data.stream). A pass
-that ends flushes the buffer and the rank starts its next pass: streams never run dry, so every rank
-trains the same number of batches per epoch, and a rank's remainder rolls into its next pass.
+shards. Each rank streams its shards in shuffled chunks of `data.shuffle_buffer` (raydiff.data.stream).
+A rank that ends a pass starts its next: streams never run dry, so every rank trains the same number
+of batches per epoch, and a rank's remainder rolls into its next pass.
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
-"""A rank's stream over sharded data: records read in file order, checked, shuffled through a bounded
-buffer and annotated with their position, pass after pass (raydiff.data.shards says which shards).
+"""A rank's stream over sharded data: records read in file order, checked, shuffled in bounded chunks
+and annotated with their position, pass after pass (raydiff.data.shards says which shards).
 
-    RankStream(d, plan, rank, world, start=(pass, index)).batches(batch_size) -> numpy batches
+    RankStream(d, plan, rank, world, start=(pass, cursor, offset, taken)).batches(batch_size) -> numpy batches
 
 Each training worker reads its own rows (paths and captions, or the bytes of embedded images) and
-decodes them in parallel Ray tasks, a few chunks ahead, in order. Each sample carries `_pass` and
-`_index` (its place in the rank's stream), so a worker knows exactly where it stopped; a resumed
-stream replays the records of the current pass up to that place without decoding them. Driver memory
-does not grow with the data: only shard names and counts leave it.
+decodes them in parallel Ray tasks, a few chunks ahead, in order. Each sample carries its position
+(pass, shard cursor, offset within the shard where its shuffle chunk starts, place in the chunk), so a
+worker knows exactly where it stopped; a resumed stream seeks there and decodes nothing it skips.
+Driver memory does not grow with the data: only shard names and counts leave it.
 
 Why not a Ray Data pipeline per worker: an endless read operator ran hundreds of blocks ahead of the
 consumer and Ray Data's resource budget then starved the decode stage for minutes on a small machine;
@@ -21,7 +21,7 @@ import json
 import logging
 import random
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import ray
@@ -88,52 +88,76 @@ def _prompt(record: dict) -> str:
 
 # --- the rank's stream ------------------------------------------------------------------------------
 
-def pass_rows(d: DataConfig, plan: ShardPlan, rank: int, world: int, pass_index: int,
-              counter_name: str | None) -> Iterator[dict]:
-    """The rank's rows of one pass: its shards in order, bad rows raised or counted and dropped."""
-    for shard in plan.rank_shards(pass_index, rank, world):
-        uri, kind = plan.shards[shard], plan.kinds[shard]
-        for index, record in enumerate(iter_records(uri, kind)):
-            row = to_row(record, d, kind, shard_id(uri), index)
-            if isinstance(row, BadSample):
+class PassReader:
+    """The rank's good rows of one pass, from record `offset` of its `cursor`-th shard on: its shards in
+    order, bad rows raised or counted and dropped. `cursor` and `offset` always name the next record to
+    read, so a chunk's start is where a resumed stream seeks to (records before `offset` in that shard
+    are skipped unread where the format allows: parquet row groups)."""
+
+    def __init__(self, d: DataConfig, plan: ShardPlan, shards: list[int], cursor: int, offset: int,
+                 counter_name: str | None):
+        self.d, self.plan, self.shards, self.counter_name = d, plan, shards, counter_name
+        self.cursor, self.offset = cursor, offset
+        self._records = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        while self.cursor < len(self.shards):
+            shard = self.shards[self.cursor]
+            uri, kind = self.plan.shards[shard], self.plan.kinds[shard]
+            if self._records is None:
+                self._records = iter_records(uri, kind, start=self.offset)
+            for record in self._records:
+                index = self.offset
+                self.offset += 1
+                row = to_row(record, self.d, kind, shard_id(uri), index)
+                if not isinstance(row, BadSample):
+                    return row
                 bad = BadSample(row.row, row.file, f"{row.reason} (shard {uri}, record {index})")
-                if not d.skip_bad_samples:
+                if not self.d.skip_bad_samples:
                     raise SampleError(bad)
-                count_skipped(counter_name, bad)
-                continue
-            yield row
+                count_skipped(self.counter_name, bad)
+            self.cursor, self.offset, self._records = self.cursor + 1, 0, None
+        raise StopIteration
 
 
-def shuffled(rows: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
-    """A bounded shuffle: hold `size` rows, emit a random one for each row that arrives, then the rest."""
-    buffer: list[dict] = []
-    for row in rows:
-        if len(buffer) < size:
-            buffer.append(row)
-            continue
-        j = rng.randrange(size)
-        buffer[j], row = row, buffer[j]
-        yield row
-    rng.shuffle(buffer)
-    yield from buffer
-
-
-def stream_rows(d: DataConfig, plan: ShardPlan, rank: int, world: int, start: tuple[int, int],
+def stream_rows(d: DataConfig, plan: ShardPlan, rank: int, world: int, start: Sequence[int] = (0, 0, 0, 0),
                 counter_name: str | None = None) -> Iterator[dict]:
-    """The rank's rows from `start` = (pass, index) on, pass after pass, each with `_pass`, `_index` and
-    `_rep` (= pass, for per-pass caption dropout). Rows before `start` in its pass are read but dropped."""
-    pass_index, skip = start
+    """The rank's rows from `start` on, pass after pass. A pass is read in chunks of `data.shuffle_buffer`
+    rows, each shuffled by a seed of where it starts. A row carries its position `_pass`, `_cursor`,
+    `_offset` (its chunk starts at record `_offset` of the rank's `_cursor`-th shard of that pass) and
+    `_taken` (its place in the shuffled chunk), and `_rep` (= pass, for per-pass caption dropout).
+
+    `start` = (pass, cursor, offset, taken): resume reads that chunk again and drops its first `taken`
+    rows, so a resumed stream reads at most one chunk and the rest of one shard's records twice, and
+    decodes nothing twice."""
+    pass_index, cursor, offset, skip = start
     while True:
-        rows = pass_rows(d, plan, rank, world, pass_index, counter_name)
-        if d.shuffle:
-            rows = shuffled(rows, d.shuffle_buffer, random.Random(f"{plan.seed}/buffer/{pass_index}/{rank}"))
-        index = -1
-        for index, row in enumerate(rows):
-            if index >= skip:
-                yield {**row, "_pass": pass_index, "_index": index, "_rep": pass_index}
-        if index < 0:
+        reader = PassReader(d, plan, plan.rank_shards(pass_index, rank, world), cursor, offset, counter_name)
+        empty = (cursor, offset) == (0, 0)
+        while True:
+            at = (reader.cursor, reader.offset)
+            chunk = list(itertools.islice(reader, d.shuffle_buffer))
+            if not chunk:
+                break
+            empty = False
+            if d.shuffle:
+                random.Random(f"{plan.seed}/chunk/{pass_index}/{rank}/{at[0]}/{at[1]}").shuffle(chunk)
+            for taken, row in enumerate(chunk[skip:], start=skip):
+                yield {**row, "_pass": pass_index, "_cursor": at[0], "_offset": at[1], "_taken": taken,
+                       "_rep": pass_index}
+            skip = 0
+        if empty:
             raise SampleError(BadSample(-1, None, f"rank {rank} has no usable samples in pass {pass_index}"))
-        pass_index, skip = pass_index + 1, 0
+        pass_index, cursor, offset = pass_index + 1, 0, 0
+
+
+def next_position(batch: dict) -> tuple[int, int, int, int]:
+    """The stream position after the last sample of a batch (what a checkpoint records)."""
+    return (int(batch["_pass"][-1]), int(batch["_cursor"][-1]), int(batch["_offset"][-1]),
+            int(batch["_taken"][-1]) + 1)
 
 
 def decode_chunk(rows: list[dict], d: DataConfig, seed: int, counter_name: str | None) -> list[dict]:
@@ -149,7 +173,7 @@ class RankStream:
     `chunk` at a time in Ray tasks (`data.num_cpus` each), at most `ahead` chunks in flight. Bounded by
     construction: a reading thread never runs more than `ahead` chunks past the consumer."""
 
-    def __init__(self, d: DataConfig, plan: ShardPlan, rank: int, world: int, start: tuple[int, int],
+    def __init__(self, d: DataConfig, plan: ShardPlan, rank: int, world: int, start: Sequence[int],
                  counter_name: str | None = None, chunk: int = 64, ahead: int = 4):
         self.d, self.seed, self.counter_name = d, plan.seed, counter_name
         self.rows = stream_rows(d, plan, rank, world, tuple(start), counter_name)

@@ -264,20 +264,25 @@ def flow_target(x0: Tensor, noise: Tensor) -> Tensor:
     return noise - x0
 
 
-def weighted_mse(pred: Tensor, target: Tensor, weight: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Scalar fp32 loss: per-sample MSE (mean over non-batch dims) × weight (B,), mean over the batch.
+def per_sample_mse(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+    """(B,) fp32 MSE, the mean over each sample's non-batch dims.
 
-    ``mask`` (broadcastable to pred, 1 = counted): the per-sample mean runs over the masked elements only, e.g.
-    without a first frame that the denoiser is given clean (Wan 2.2 TI2V image-to-video).
-    Upcast before subtracting: bf16 differences of nearby values lose most of their bits.
+    ``mask`` (broadcastable to pred, weights in [0, 1]): a weighted mean, sum(mask · err²) / sum(mask), over
+    the elements the mask counts, e.g. without a first frame the denoiser is given clean (Wan 2.2 TI2V
+    image-to-video), or a user's `mask` image. Normalised by the mask's area, not the sample's, so a sample's
+    loss keeps the scale of an unmasked one however small its mask (docs/flow_matching.md); an all-zero
+    mask gives 0. Upcast before subtracting: bf16 differences of nearby values lose most of their bits.
     """
     squared = (pred.float() - target.float()).pow(2)
     if mask is None:
-        per_sample = squared.flatten(1).mean(1)
-    else:
-        mask = mask.to(squared.device, squared.dtype).expand_as(squared)
-        per_sample = (squared * mask).flatten(1).sum(1) / mask.flatten(1).sum(1)
-    return (per_sample * weight.float()).mean()
+        return squared.flatten(1).mean(1)
+    mask = mask.to(squared.device, squared.dtype).expand_as(squared)
+    return (squared * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def weighted_mse(pred: Tensor, target: Tensor, weight: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Scalar fp32 loss: `per_sample_mse` × weight (B,), mean over the batch."""
+    return (per_sample_mse(pred, target, mask) * weight.float()).mean()
 
 
 def sigma_quantiles(schedule: FlowSchedule, sampling: str, n: int, *, shift: float | None = None,

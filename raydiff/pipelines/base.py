@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-from raydiff.config import DTYPE_NAMES, EXPERT_COMPONENTS
+from raydiff.config import DTYPE_NAMES, EXPERT_COMPONENTS, RaydiffConfig
 from raydiff.diffusion.flow_matching import FlowSchedule
 from raydiff.pipelines.quantize import quantize_model, text_encoder_skip
 from raydiff.registry import DataKeys
@@ -123,7 +123,7 @@ class FamilyPipeline:
     tiny_variants: ClassVar[tuple[str, ...]] = ()  # `write_tiny(variant=...)` choices, the first the default
 
     def __init__(self, pipe, device, *, guidance: float = 1.0, max_sequence_length: int | None = None,
-                 expert: str | None = None):
+                 expert: str | None = None, masked: bool = False):
         self.pipe, self.device = pipe, torch.device(device)
         self.guidance = guidance  # a distilled-guidance embedding's input (FLUX.1-dev); others ignore it
         self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
@@ -138,7 +138,18 @@ class FamilyPipeline:
             # high-noise `transformer`, the rest to `transformer_2`; each expert trains on its own share.
             self.dit_name = EXPERT_COMPONENTS[expert]
             self.sigma_range = (boundary, math.inf) if expert == "high" else (0.0, boundary)
-        self.units = self.make_units()
+        self.units = [*self.make_units(), *([LOSS_MASK_UNIT] if masked else [])]
+
+    @classmethod
+    def from_config(cls, cfg: RaydiffConfig, device="cpu", components: Sequence[str] | None = None) -> FamilyPipeline:
+        """The family as `cfg` describes it: `from_pretrained` with `cfg.model`'s settings, and the loss-mask
+        unit when the data has a `mask` column."""
+        m = cfg.model
+        return cls.from_pretrained(m.path, dtype=DTYPES[m.dtype], device=device, components=components,
+                                   revision=m.revision, trust_remote_code=m.trust_remote_code, quantize=m.quantize,
+                                   quantize_text_encoders=m.quantize_text_encoders, guidance=m.guidance,
+                                   max_sequence_length=m.max_sequence_length, expert=m.expert,
+                                   masked="mask" in cfg.data.data_file_keys)
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype: torch.dtype = torch.float32, device="cpu",
@@ -247,6 +258,21 @@ def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     `single_transformer_blocks`, `blocks` in diffusers' DiTs). FSDP wraps them one by one and
     regional compilation compiles each block type once."""
     return [block for child in model.children() if isinstance(child, torch.nn.ModuleList) for block in child]
+
+
+def _loss_mask(p, inputs: dict) -> dict:
+    """A `mask` image (B, 3, H, W) in [-1, 1] -> loss weights on the latent grid: its luminance in [0, 1]
+    area-averaged to the latents' (h, w), broadcast over channels (and frames); times the family's own
+    `loss_mask` when it has one."""
+    latents = inputs["latents"]
+    gray = (inputs["mask"].float().mean(1, keepdim=True) + 1) / 2
+    grid = torch.nn.functional.adaptive_avg_pool2d(gray, latents.shape[-2:])
+    grid = grid.view(grid.shape[0], 1, *[1] * (latents.dim() - 4), *latents.shape[-2:])
+    return {"loss_mask": grid * inputs["loss_mask"] if "loss_mask" in inputs else grid}
+
+
+# Runs after the family's units (it needs their latents); no model, so it runs ahead with the encoders.
+LOSS_MASK_UNIT = PipelineUnit("loss_mask", _loss_mask, ("mask", "latents"), ("loss_mask",))
 
 
 def run_units(pipe: TrainingPipeline, inputs: dict, units: Sequence[PipelineUnit] | None = None) -> dict:

@@ -41,7 +41,7 @@ class TrainerState:
     skipped_samples: int = 0
     bad_steps: int = 0  # optimizer steps skipped for non-finite loss or gradients
     log_history: list[dict] = field(default_factory=list)
-    positions: list[list[int]] = field(default_factory=list)  # sharded data: each rank's (pass, index)
+    positions: list[list[int]] = field(default_factory=list)  # sharded data: each rank's (pass, cursor, offset, taken)
     workers: list[dict] = field(default_factory=list)  # rank -> node id and host of the latest attempt
 
     def advance(self, result: StepResult, micro_batches: int, micro_per_epoch: int) -> None:

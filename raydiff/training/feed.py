@@ -33,8 +33,8 @@ class EpochFeed:
 
     Listed data comes from Ray Train's split of the driver's dataset, one pass per epoch. Sharded data
     (`args.shards`) comes from this rank's own endless stream (raydiff.data.stream), which runs on across
-    epochs; `position` = (pass, index) of its next sample is what a checkpoint records and `restore`
-    resumes from."""
+    epochs; `position` = (pass, shard cursor, offset, taken) of its next sample (raydiff.data.stream) is what
+    a checkpoint records and `restore` resumes from."""
 
     def __init__(self, cfg: RaydiffConfig, args: LoopArgs, device, *, fresh: bool):
         t, ctx = cfg.train, ray.train.get_context()
@@ -48,7 +48,7 @@ class EpochFeed:
                         if cfg.data.caption_dropout > 0 else None)
         self.wait_s = 0.0
         self.data, self.plan, self.counter = cfg.data, args.shards, args.skip_counter
-        self.position: tuple[int, int] | None = None if self.plan is None else (0, 0)
+        self.position: tuple[int, ...] | None = None if self.plan is None else (0, 0, 0, 0)
         self.stream = None
         if self.plan is None:
             self.shard = ray.train.get_dataset_shard("train")
@@ -76,12 +76,14 @@ class EpochFeed:
         if self.plan is None:
             yield from enumerate(self._timed(self._source(epoch)))
             return
+        from raydiff.data.stream import next_position
+
         if self.stream is None:  # one stream for the whole run: it continues across epochs
             early, self.early = self.early, None
             self.stream = iter(self._timed(early if early is not None else Prefetched(self._batches(epoch))))
         for micro in range(skip, self.micro_per_epoch):
             batch = next(self.stream)
-            self.position = (int(batch["_pass"][-1]), int(batch["_index"][-1]) + 1)
+            self.position = next_position(batch)
             yield micro, batch
 
     def take_wait_s(self) -> float:
@@ -120,7 +122,7 @@ class EpochFeed:
 
     def _batches(self, epoch: int):
         if self.plan is not None:
-            from raydiff.data.stream import RankStream
+            from raydiff.data.stream import RankStream  # here: the reader imports the decode stage
 
             stream = RankStream(self.data, self.plan, self.rank, self.world, self.position, self.counter)
             return stream.batches(self.rows_per_batch)

@@ -38,11 +38,20 @@ class LogWindow:
         self.reset()
 
     def reset(self) -> None:
-        self.loss, self.steps, self.start = 0.0, 0, time.perf_counter()
+        self.tallies, self.steps, self.start = {}, 0, time.perf_counter()
 
     def add(self, result: StepResult) -> None:
-        self.loss += result.loss
+        for key, (total, count) in result.tallies.items():
+            old = self.tallies.get(key, (0.0, 0))
+            self.tallies[key] = (old[0] + total, old[1] + count)
         self.steps += 1
+
+    def means(self, world: int, device) -> dict[str, float]:
+        """{"loss": mean training-sample loss, "reg_loss": mean regularization-sample loss} over every
+        rank's samples since the last reset (a key without samples is left out)."""
+        keys = sorted(self.tallies)
+        sums = sum_across_ranks([v for k in keys for v in self.tallies[k]], world, device)
+        return {k: sums[2 * i] / sums[2 * i + 1] for i, k in enumerate(keys) if sums[2 * i + 1]}
 
 
 class StepHooks:
@@ -119,7 +128,7 @@ class StepHooks:
         elapsed = time.perf_counter() - w.start
         samples_per_step = t.batch_size * t.gradient_accumulation_steps * self.world
         metrics = {"step": state.global_step, "epoch": state.global_step / self.args.steps_per_epoch,
-                   "loss": mean_across_ranks(w.loss / max(w.steps, 1), self.world, self.device),
+                   **w.means(self.world, self.device),
                    "lr": self.scheduler.get_last_lr()[0], "grad_norm": result.grad_norm,
                    "samples_per_second": w.steps * samples_per_step / elapsed,
                    "data_wait_s": self.feed.take_wait_s(), "peak_memory_gib": peak_memory_gib(self.device),
@@ -191,9 +200,9 @@ def gather(value, world: int) -> list:
     return everyone
 
 
-def mean_across_ranks(value: float, world: int, device) -> float:
+def sum_across_ranks(values: list[float], world: int, device) -> list[float]:
     if world == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t)
-    return t.item() / world
+    return t.tolist()

@@ -9,7 +9,7 @@ import torch
 
 from raydiff.config import LossConfig, RaydiffConfig
 from raydiff.diffusion.loss import FlowMatchSFTLoss
-from raydiff.pipelines.base import DTYPES, repeated_blocks, run_units, split_units
+from raydiff.pipelines.base import repeated_blocks, run_units, split_units
 from raydiff.registry import get_pipeline_class
 from raydiff.training import lora as lora_lib
 
@@ -97,9 +97,11 @@ class DiffusionTrainingModule(torch.nn.Module):
             inputs = run_units(self.pipe, data, [u for u in frozen if u in todo])
         return run_units(self.pipe, inputs, [u for u in step if u in todo])
 
-    def forward(self, data: dict, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The pipeline's units on the batch, then `FlowMatchSFTLoss` over its `model_fn`."""
-        return FlowMatchSFTLoss(self.pipe, self.run_units(data), self.loss_config, generator or torch.Generator())
+    def forward(self, data: dict, generator: torch.Generator | None = None, per_sample: bool = False) -> torch.Tensor:
+        """The pipeline's units on the batch, then `FlowMatchSFTLoss` over its `model_fn`: the batch's loss,
+        or with `per_sample` its (B,) samples' losses."""
+        return FlowMatchSFTLoss(self.pipe, self.run_units(data), self.loss_config, generator or torch.Generator(),
+                                reduce=not per_sample)
 
 
 class PipelineTrainingModule(DiffusionTrainingModule):
@@ -107,12 +109,7 @@ class PipelineTrainingModule(DiffusionTrainingModule):
 
     def __init__(self, cfg: RaydiffConfig, device="cpu", components: Sequence[str] | None = None):
         super().__init__()
-        cls = get_pipeline_class(cfg.model.family)
-        pipe = cls.from_pretrained(cfg.model.path, dtype=DTYPES[cfg.model.dtype], device=device,
-                                   components=components, revision=cfg.model.revision,
-                                   trust_remote_code=cfg.model.trust_remote_code, guidance=cfg.model.guidance,
-                                   max_sequence_length=cfg.model.max_sequence_length, quantize=cfg.model.quantize,
-                                   quantize_text_encoders=cfg.model.quantize_text_encoders, expert=cfg.model.expert)
+        pipe = get_pipeline_class(cfg.model.family).from_config(cfg, device, components)
         self.loss_config = cfg.loss
         self.lora_base_model = cfg.lora.base_model if cfg.lora else None
         self.lora_config = switch_pipe_to_training_mode(

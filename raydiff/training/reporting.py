@@ -20,14 +20,17 @@ import sys
 from raydiff.console import say
 
 # metrics key -> TensorBoard tag; only keys present in a log call are written.
-SCALARS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
+SCALARS = {"loss": "train/loss", "reg_loss": "train/reg_loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
            "samples_per_second": "train/samples_per_second", "eval_loss": "eval/loss"}
 
 
 def format_log(m: dict, total: int) -> str:
-    """`[raydiff] step 4/8 | epoch 0.50 | loss 1.2458 | lr 1.00e-03 | 3.20 samples/s [| eval 0.1234]`"""
-    line = (f"[raydiff] step {m['step']}/{total} | epoch {m['epoch']:.2f} | loss {m['loss']:.4f} | "
-            f"lr {m['lr']:.2e} | {m['samples_per_second']:.2f} samples/s")
+    """`[raydiff] step 4/8 | epoch 0.50 | loss 1.2458 [| reg 1.3001] | lr 1.00e-03 | 3.20 samples/s [| eval 0.1234]`
+    (`reg`: the regularization samples' loss, with `data.regularization`)."""
+    line = f"[raydiff] step {m['step']}/{total} | epoch {m['epoch']:.2f} | loss {m.get('loss', math.nan):.4f} | "
+    if m.get("reg_loss") is not None:
+        line += f"reg {m['reg_loss']:.4f} | "
+    line += f"lr {m['lr']:.2e} | {m['samples_per_second']:.2f} samples/s"
     if m.get("eval_loss") is not None:
         line += f" | eval {m['eval_loss']:.4f}"
     return line
@@ -69,8 +72,10 @@ class ConsoleView:
         if self.bar is None:
             say(format_log(metrics, self.total_steps))
             return
-        postfix = {"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['lr']:.2e}",
+        postfix = {"loss": f"{metrics.get('loss', math.nan):.4f}", "lr": f"{metrics['lr']:.2e}",
                    "samples/s": f"{metrics['samples_per_second']:.2f}"}
+        if metrics.get("reg_loss") is not None:
+            postfix["reg"] = f"{metrics['reg_loss']:.4f}"
         if metrics.get("eval_loss") is not None:
             postfix["eval"] = f"{metrics['eval_loss']:.4f}"
         self.bar.set_postfix(postfix, refresh=False)

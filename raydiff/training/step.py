@@ -2,7 +2,7 @@
 under the configured precision, then clipping, the non-finite check, the optimizer and the LR schedule.
 
     stepper = Stepper(cfg, model, optimizer, scheduler, device, rank=r, world=w)
-    result = stepper.step(micro_batches, global_step)    # StepResult(loss, grad_norm, skipped)
+    result = stepper.step(micro_batches, global_step)    # StepResult(loss, grad_norm, skipped, tallies)
 
 The noise and timesteps of every micro-batch come from a generator seeded with (seed, step,
 micro-batch, rank), so a resumed run needs no RNG state.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
@@ -59,9 +59,11 @@ def apply_hyperparameters(cfg: RaydiffConfig, optimizer, scheduler) -> None:
 
 @dataclass(frozen=True)
 class StepResult:
-    loss: float  # this rank's mean micro-batch loss
+    loss: float  # this rank's mean micro-batch loss, as optimized
     grad_norm: float  # of the all-reduced gradients, so every rank sees the same value
     skipped: bool  # non-finite loss or gradients: the optimizer did not step
+    # {"loss": (sum, count) over training samples' losses, "reg_loss": (sum, count) over regularization ones}
+    tallies: dict = field(default_factory=dict)
 
 
 class Stepper:
@@ -74,6 +76,7 @@ class Stepper:
         self.model, self.optimizer, self.scheduler, self.device = model, optimizer, scheduler, device
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.seed, self.rank, self.world, self.sharded = t.seed, rank, world, list(sharded)
+        self.reg_weight = cfg.data.regularization.weight if cfg.data.regularization else 1.0
         self.accum, self.max_grad_norm = t.gradient_accumulation_steps, t.max_grad_norm or math.inf
         self.dtype, self.offload_activations = autocast_dtype(t.mixed_precision), t.gradient_checkpointing == "offload"
         # FSDP: each rank sees only its shards' gradients; the sharded scaler agrees on overflow across ranks.
@@ -103,13 +106,20 @@ class Stepper:
         """Forward and backward each micro-batch, then one optimizer step unless the gradients are not
         finite (then they are dropped and, under fp16, the loss scale lowered). `step` is the number of
         optimizer steps taken before this one."""
-        losses = []
+        losses, tallies = [], {"loss": [0.0, 0], "reg_loss": [0.0, 0]}
         for micro, inputs in enumerate(micro_batches):
+            reg = inputs.get("_regularization")  # (B,) bool when the batch holds regularization samples
             with self.no_sync(last=micro == len(micro_batches) - 1):
                 with self.autocast(), self.offload():
-                    loss = self.model(inputs, generator=self.generator(step, micro))
+                    if reg is None:  # any training module's forward(data, generator): the batch's mean loss
+                        loss = self.model(inputs, generator=self.generator(step, micro))
+                        per_sample = loss.detach().expand(len(inputs["prompt"]))
+                    else:
+                        per_sample = self.model(inputs, generator=self.generator(step, micro), per_sample=True)
+                        loss = (per_sample * self.sample_weights(reg)).mean()
                 self.scaler.scale(loss / self.accum).backward()
             losses.append(loss.item())
+            _tally(tallies, per_sample.detach().cpu(), reg)
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         skipped = not torch.isfinite(grad_norm)
@@ -118,4 +128,18 @@ class Stepper:
             self.scheduler.step()
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(sum(losses) / len(losses), float(grad_norm), skipped)
+        return StepResult(sum(losses) / len(losses), float(grad_norm), skipped,
+                          {k: tuple(v) for k, v in tallies.items()})
+
+    def sample_weights(self, regularization: torch.Tensor) -> torch.Tensor:
+        """(B,) loss weights: `data.regularization.weight` for its samples, 1 for the others."""
+        reg = regularization.to(self.device)
+        return torch.where(reg, self.reg_weight, 1.0).float()
+
+
+def _tally(tallies: dict, per_sample: torch.Tensor, reg: torch.Tensor | None) -> None:
+    """Add a micro-batch's per-sample losses to the training and regularization (sum, count) pairs."""
+    reg = torch.zeros(len(per_sample), dtype=torch.bool) if reg is None else reg.cpu()
+    for key, chosen in (("loss", per_sample[~reg]), ("reg_loss", per_sample[reg])):
+        tallies[key][0] += float(chosen.sum())
+        tallies[key][1] += len(chosen)

@@ -13,12 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from raydiff.config import UserError, parse_config
+from raydiff.data import records
 from raydiff.data.decode import DecodeSample
 from raydiff.data.metadata import SampleError
 from raydiff.data.records import iter_records
 from raydiff.data.shapes import write_shapes_dataset, write_shards, write_webdataset
 from raydiff.data.shards import ShardPlan, count_samples, list_shards, plan_shards
-from raydiff.data.stream import shuffled, stream_rows
+from raydiff.data.stream import next_position, stream_rows
 
 
 def data_config(metadata_path, base_path=".", **extra):
@@ -36,7 +37,7 @@ def take(rows, n):
     return list(itertools.islice(rows, n))
 
 
-def stream(d, plan, rank, world, start=(0, 0)):
+def stream(d, plan, rank, world, start=(0, 0, 0, 0)):
     """The rank's rows, as its stream reads them before decoding."""
     return stream_rows(d, plan, rank, world, start)
 
@@ -72,22 +73,30 @@ def test_ranks_get_balanced_shares_of_unequal_shards_that_change_each_pass():
     assert {tuple(plan.rank_shards(p, 0, 2)) for p in range(6)} != {tuple(plan.rank_shards(0, 0, 2))}
 
 
-def test_the_shuffle_buffer_is_bounded_seeded_and_loses_nothing():
-    import random
+def test_the_shuffle_is_chunked_bounded_seeded_and_loses_nothing(shapes_rows, tmp_path, monkeypatch):
+    images, rows = shapes_rows
+    write_shards(rows, str(tmp_path / "shards"), [7, 3, 6], "parquet")
+    d = data_config(str(tmp_path / "shards"), str(images), shuffle_buffer=5)
+    plan = plan_shards(d, seed=5)
+    read = []
+    original = records.iter_records
 
-    pulled = []
+    def counted(uri, kind, start=0):
+        for record in original(uri, kind, start):
+            read.append(record["image"])
+            yield record
 
-    def source():
-        for i in range(100):
-            pulled.append(i)
-            yield i
-
-    out = shuffled(source(), 10, random.Random(1))
-    first = next(out)
-    assert len(pulled) == 11 and first < 11  # holds at most 10 ahead
-    rest = list(out)
-    assert sorted([first, *rest]) == list(range(100)) and [first, *rest] != list(range(100))
-    assert list(shuffled(iter(range(100)), 10, random.Random(1))) == [first, *rest]
+    monkeypatch.setattr("raydiff.data.stream.iter_records", counted)
+    rows_out = stream(d, plan, 0, 1)
+    first = next(rows_out)
+    assert len(read) == 5 and first["_taken"] == 0  # one chunk read ahead, no more
+    one_pass = [first, *take(rows_out, 15)]
+    file_order = take(stream(data_config(str(tmp_path / "shards"), str(images), shuffle=False), plan, 0, 1), 16)
+    ids = [r["_row"] for r in one_pass]
+    assert ids != [r["_row"] for r in file_order] and sorted(ids) == sorted(r["_row"] for r in file_order)
+    for k in (0, 5, 10):  # each chunk of 5 is a permutation of the next 5 records in file order
+        assert sorted(ids[k:k + 5]) == sorted(r["_row"] for r in file_order[k:k + 5])
+    assert ids == [r["_row"] for r in take(stream(d, plan, 0, 1), 16)]  # seeded
 
 
 def test_a_resumed_stream_continues_exactly_where_it_stopped_across_passes(shapes_rows, tmp_path):
@@ -101,10 +110,31 @@ def test_a_resumed_stream_continues_exactly_where_it_stopped_across_passes(shape
         first_pass.append({r["_row"] for r in whole if r["_pass"] == 0})
         assert len({r["_pass"] for r in whole}) > 2
         for k in (3, 9, 17):
-            last = whole[k - 1]
-            resumed = take(stream(d, plan, rank, 2, start=(last["_pass"], last["_index"] + 1)), 40 - k)
+            position = next_position({key: [whole[k - 1][key]] for key in ("_pass", "_cursor", "_offset", "_taken")})
+            resumed = take(stream(d, plan, rank, 2, start=position), 40 - k)
             assert [r["_row"] for r in resumed] == [r["_row"] for r in whole[k:]]
     assert not first_pass[0] & first_pass[1] and len(first_pass[0] | first_pass[1]) == 16  # a pass covers all once
+
+
+def test_a_resumed_stream_seeks_to_its_chunk_without_reading_earlier_shards(shapes_rows, tmp_path, monkeypatch):
+    """Resume reads from the chunk's shard and record on (parquet skips the row groups before it), not from
+    the start of the pass."""
+    images, rows = shapes_rows
+    paths = write_shards(rows, str(tmp_path / "shards"), [10, 6], "parquet", row_group_size=2)
+    d = data_config(str(tmp_path / "shards"), str(images), shuffle_buffer=3, shuffle=False)
+    plan = plan_shards(d, seed=0)
+    whole = take(stream(d, plan, 0, 1), 16)
+    opened, original = [], records.iter_records
+    monkeypatch.setattr("raydiff.data.stream.iter_records",
+                        lambda uri, kind, start=0: (opened.append((uri, start)), original(uri, kind, start))[1])
+    position = next_position({key: [whole[13][key]] for key in ("_pass", "_cursor", "_offset", "_taken")})
+    shard_order = [plan.shards[i] for i in plan.rank_shards(0, 0, 1)]
+    assert position[1] == 1 and position[2] > 0  # its chunk starts inside the second shard
+    resumed = take(stream(d, plan, 0, 1, start=position), 2)
+    assert [r["_row"] for r in resumed] == [r["_row"] for r in whole[14:16]]
+    assert opened == [(shard_order[1], position[2])]
+    assert [r["image"] for r in records.iter_records(paths[0], "parquet", start=5)] == [
+        r["image"] for r in rows[5:10]]
 
 
 def test_images_inside_parquet_and_webdataset_are_decoded_from_bytes(shapes_rows, tmp_path):

@@ -1,7 +1,7 @@
 """`raydiff train` in data.preprocess inline, stream and cache modes: the same losses, eval loss and
 LoRA; stream/cache workers never load the VAE or the text encoders; `raydiff preprocess` writes the
-cache once. Mixed aspect ratios with buckets, batch_size 4 across 2 workers, caption dropout and
-flips on, so every per-sample decision has to agree across the three paths."""
+cache once. Mixed aspect ratios with buckets, batch_size 4 across 2 workers, caption dropout, flips and
+regularization data on, so every per-sample decision has to agree across the three paths."""
 
 import json
 import os
@@ -27,13 +27,21 @@ def mixed(tmp_path_factory):
     return path
 
 
-def mixed_config(make_config, mixed, tmp_path, mode):
+@pytest.fixture(scope="module")
+def regularization(tmp_path_factory):
+    """5 more images of the same three sizes: the regularization set."""
+    path = str(tmp_path_factory.mktemp("regularization"))
+    write_shapes_dataset(path, n=5, size=[(32, 32), (64, 32), (32, 64)], seed=7)
+    return {"metadata_path": f"{path}/metadata.csv", "base_path": path, "weight": 0.5, "ratio": 0.25}
+
+
+def mixed_config(make_config, mixed, tmp_path, mode, regularization=None):
     return make_config(
         f"modes-{mode}",
         data={"base_path": mixed, "metadata_path": f"{mixed}/metadata.csv", "height": None, "width": None,
               "max_pixels": 2048, "buckets": True, "caption_dropout": 0.5, "random_flip": True,
               "preprocess": mode, "cache_dir": str(tmp_path / "cache"), "encoder_num_cpus": 0.5,
-              "encoder_batch_size": 4},
+              "encoder_batch_size": 4, "regularization": regularization},
         train={"batch_size": 4, "max_steps": 2, "learning_rate": 1e-2},
         eval={"holdout": 3, "batch_size": 2},
         ray={"num_workers": 2})
@@ -46,10 +54,11 @@ def final_checkpoint(result):
     return state, lora
 
 
-def test_inline_stream_and_cache_train_the_same_lora(ray_session, make_config, mixed, tmp_path):
+def test_inline_stream_and_cache_train_the_same_lora(ray_session, make_config, mixed, regularization, tmp_path):
     runs = {}
     for mode in ("inline", "stream", "cache"):
-        runs[mode] = final_checkpoint(launch_training_task(mixed_config(make_config, mixed, tmp_path, mode)))
+        cfg = mixed_config(make_config, mixed, tmp_path, mode, regularization)
+        runs[mode] = final_checkpoint(launch_training_task(cfg))
     encoders = {"vae", "text_encoder", "text_encoder_2"}
     for mode, (state, _) in runs.items():
         assert [w["rank"] for w in state["workers"]] == [0, 1]
@@ -61,10 +70,14 @@ def test_inline_stream_and_cache_train_the_same_lora(ray_session, make_config, m
     losses = {mode: [h["loss"] for h in state["log_history"] if "loss" in h] for mode, (state, _) in runs.items()}
     evals = {mode: [h["eval_loss"] for h in state["log_history"] if "eval_loss" in h]
              for mode, (state, _) in runs.items()}
+    reg_losses = {mode: [h.get("reg_loss") for h in state["log_history"] if "loss" in h]
+                  for mode, (state, _) in runs.items()}
     assert len(losses["inline"]) == 2 and len(evals["inline"]) == 1
     assert losses["inline"][0] != losses["inline"][1]  # step 2 sees the trained LoRA
+    assert any(reg_losses["inline"])  # regularization samples trained, their loss logged apart
     for mode in ("stream", "cache"):
         np.testing.assert_allclose(losses[mode], losses["inline"], rtol=1e-4)
+        np.testing.assert_allclose(np.array(reg_losses[mode], float), np.array(reg_losses["inline"], float), rtol=1e-4)
         np.testing.assert_allclose(evals[mode], evals["inline"], rtol=1e-4)
         lora, reference = runs[mode][1], runs["inline"][1]
         assert lora.keys() == reference.keys()

@@ -14,6 +14,7 @@ import ray
 import torch
 from safetensors.torch import load_file
 
+from raydiff.data.shapes import write_shapes_dataset
 from raydiff.launch.trainer import launch_training_task
 from raydiff.training.module import PipelineTrainingModule
 
@@ -34,18 +35,24 @@ def assert_same_weights(a: dict, b: dict):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_stop_and_resume_gives_bitwise_the_same_lora(ray_session, make_config):
+def test_stop_and_resume_gives_bitwise_the_same_lora(ray_session, make_config, tmp_path):
     """A run stopped after a checkpoint mid-epoch and resumed equals the uninterrupted run, bitwise
-    (CPU, deterministic kernels): data position, optimizer state and per-step noise all continue."""
-    def cfg(name, steps):  # 2 workers, batch 1, 16 samples: 8 steps per epoch; 6 steps stop mid-epoch 2
+    (CPU, deterministic kernels): data position (regularization samples mixed in), optimizer state and
+    per-step noise all continue."""
+    write_shapes_dataset(str(tmp_path / "reg"), n=4, seed=3)
+    reg = {"metadata_path": str(tmp_path / "reg" / "metadata.csv"), "base_path": str(tmp_path / "reg"), "ratio": 0.2}
+
+    def cfg(name, steps):  # 2 workers, batch 1, 16 + 4 regularization samples: 10 steps per epoch
         return make_config(name, train={"max_steps": steps, "save_steps": 3, "num_epochs": 3},
-                           ray={"num_workers": 2})
+                           data={"regularization": reg}, ray={"num_workers": 2})
 
     whole_state, whole = final(launch_training_task(cfg("whole", 11)))
     launch_training_task(cfg("split", 3))  # stops after step 3: mid-epoch, checkpoint at 3
     split_state, split = final(launch_training_task(cfg("split", 11)))
     assert [h["step"] for h in split_state["log_history"]] == list(range(1, 12))
-    assert [h["loss"] for h in split_state["log_history"]] == [h["loss"] for h in whole_state["log_history"]]
+    for key in ("loss", "reg_loss"):
+        assert [h.get(key) for h in split_state["log_history"]] == [h.get(key) for h in whole_state["log_history"]]
+    assert any(h.get("reg_loss") for h in whole_state["log_history"])
     assert_same_weights(whole, split)
 
 

@@ -52,4 +52,4 @@ def test_webdataset_shards_are_counted_in_ray_tasks_and_train(ray_session, make_
                                                            "format": "webdataset"},
                                               train={"max_steps": 2}))
     state, _ = final(result)
-    assert state["global_step"] == 2 and state["positions"] == [[0, 2]]
+    assert state["global_step"] == 2 and state["positions"] == [[0, 0, 0, 2]]  # pass 0, chunk at (0, 0), 2 taken
