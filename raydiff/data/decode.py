@@ -51,19 +51,17 @@ def skip_counter(run_name: str):
 
 def count_skipped(counter_name: str | None, bad: BadSample) -> None:
     """Log a skipped sample and count it in the run's counter (if any)."""
-    log.warning("skipping %s", bad)
-    if counter_name:
-        # Synchronous: a later count() must see it (calls from different tasks are unordered).
-        ray.get(ray.get_actor(counter_name).add.remote(bad.row, bad.reason))
+    count_skipped_rows(counter_name, [bad])
 
 
 def count_skipped_rows(counter_name: str | None, bad: list[BadSample]) -> None:
-    """`count_skipped` for rows refused before the decode stage (a bucket's header read, a cache's
-    manifest), in one round trip."""
+    """`count_skipped` for many rows (those refused before the decode stage: a bucket's header read, a
+    cache's manifest), in one round trip."""
     for b in bad:
         log.warning("skipping %s", b)
     if counter_name and bad:
         actor = ray.get_actor(counter_name)
+        # Synchronous: a later count() must see them (calls from different tasks are unordered).
         ray.get([actor.add.remote(b.row, b.reason) for b in bad])
 
 
@@ -126,8 +124,8 @@ class DecodeSample:
         if key in VIDEO_KEYS:
             frames = load_video(path, num_frames=cfg.num_frames, max_pixels_before_decode=cfg.max_image_pixels)
             if self.frames and len(frames) < self.frames:  # a header that over-counts, or a short condition
-                raise DecodeError(f"decoded {len(frames)} frames, fewer than the {self.frames} of its frame bucket "
-                                  f"(data.frame_buckets)")
+                raise DecodeError(f"decoded {len(frames)} usable (4k + 1) frames, fewer than the {self.frames} of "
+                                  f"its frame bucket (data.frame_buckets)")
             size = target_size(*frames.shape[1:3], fixed=fixed, max_pixels=cfg.max_pixels,
                                division_factor=cfg.division_factor)
             return resize_video(frames, size)

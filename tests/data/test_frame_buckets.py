@@ -51,6 +51,23 @@ def test_a_clip_snaps_down_to_the_longest_frame_bucket_it_fills():
     assert frame_bucket(1, [1, 5], 81) == 1  # a still in a video column is a one-frame clip
 
 
+
+def test_the_config_refuses_frame_buckets_that_break_the_frame_rule_naming_the_value(tmp_path):
+    assert clips_config(tmp_path, frame_buckets=[13, 5, 9, 5]).frame_buckets == [5, 9, 13]
+    for buckets in ([5, 8, 9], [0], [12]):
+        bad = next(n for n in buckets if n % 4 != 1)
+        with pytest.raises(ValueError, match=rf"data.frame_buckets: {bad} is not 4k \+ 1 frames"):
+            clips_config(tmp_path, frame_buckets=buckets)
+    with pytest.raises(ValueError, match="data.frame_buckets is empty"):
+        clips_config(tmp_path, frame_buckets=[])
+    with pytest.raises(ValueError, match="data.frame_buckets needs data.buckets: true"):
+        clips_config(tmp_path, buckets=False)
+    with pytest.raises(ValueError, match="data.frame_buckets: 17, 21 above data.num_frames 13"):
+        clips_config(tmp_path, frame_buckets=[5, 17, 21])
+    with pytest.raises(ValueError, match="first of data.data_file_keys is 'image', not 'video'"):
+        clips_config(tmp_path, data_file_keys=["image"])
+    assert DataConfig(metadata_path=str(tmp_path / "m.csv")).frame_buckets is None  # off by default
+
 class DemuxOnly:
     """An av container that demuxes but cannot decode: its packets expose their size and nothing else."""
 
@@ -128,8 +145,10 @@ def test_a_bucket_batch_of_clips_decodes_to_its_frames_and_size(clips):
 
 
 def test_a_clip_that_decodes_short_of_its_frame_bucket_is_a_bad_sample(clips):
-    row = {**read_rows(clips_config(clips))[0][1], "_size": [13, 16, 16]}  # 7 frames: a header that over-counted
-    with pytest.raises(SampleError, match=r"row 1, file '.*clip1.mp4': decoded 7 frames, fewer than the 13"):
+    # 7 frames, 5 of them usable (4k + 1): as if its header had over-counted
+    row = {**read_rows(clips_config(clips))[0][1], "_size": [13, 16, 16]}
+    short = r"row 1, file '.*clip1.mp4': decoded 5 usable \(4k \+ 1\) frames, fewer than the 13"
+    with pytest.raises(SampleError, match=short):
         DecodeRow(clips_config(clips))(row)
     assert DecodeRow(clips_config(clips, skip_bad_samples=True))(row) == []
 
