@@ -101,6 +101,9 @@ class DataConfig(_Section):
     encoder_batch_size: int = Field(8, ge=1, description="stream/cache: samples per encoder call")
     cache_dir: str | None = Field(None, description="cache mode: local dir or s3:// URI of the parquet cache")
     buckets: bool = Field(False, description="aspect-ratio buckets at max_pixels; batches come from one bucket")
+    frame_buckets: list[int] | None = Field(
+        None, description="videos with buckets: frame counts (each 4k + 1) a clip's length snaps down to; "
+                          "buckets are then (frames, height, width)")
     caption_dropout: float = Field(0.0, ge=0, le=1, description="probability of training on the empty prompt")
     random_flip: bool = Field(False, description="horizontal flip of half the samples, fixed per sample and seed")
     regularization: RegularizationConfig | None = None
@@ -128,6 +131,33 @@ class DataConfig(_Section):
             if side is not None and side % self.division_factor:
                 raise ValueError(f"data.height/width must be multiples of data.division_factor "
                                  f"({self.division_factor})")
+        return self
+
+    @field_validator("frame_buckets")
+    @classmethod
+    def _frame_rule(cls, counts: list[int] | None) -> list[int] | None:
+        if counts is None:
+            return None
+        if not counts:
+            raise ValueError("data.frame_buckets is empty; list frame counts, or null for no frame buckets")
+        for n in counts:
+            # Video VAEs (Wan) compress time 4x after the first frame, so a clip holds 4k + 1 frames.
+            if n < 1 or n % 4 != 1:
+                raise ValueError(f"data.frame_buckets: {n} is not 4k + 1 frames (1, 5, 9, ..., 81)")
+        return sorted(set(counts))
+
+    @model_validator(mode="after")
+    def _frame_buckets_bucket_videos(self):
+        if self.frame_buckets is None:
+            return self
+        if not self.buckets:
+            raise ValueError("data.frame_buckets needs data.buckets: true")
+        if self.data_file_keys[0] != "video":
+            raise ValueError(f"data.frame_buckets buckets clips by length; the first of data.data_file_keys is "
+                             f"{self.data_file_keys[0]!r}, not 'video'")
+        if above := [n for n in self.frame_buckets if n > self.num_frames]:
+            raise ValueError(f"data.frame_buckets: {', '.join(map(str, above))} above data.num_frames "
+                             f"{self.num_frames} (the most frames a clip is read to), so no clip would fill it")
         return self
 
 

@@ -56,6 +56,8 @@ def cache_settings(cfg: RaydiffConfig) -> dict:
                 "skip_bad_samples": d.skip_bad_samples, "encoded_without": trainable_names(cfg)}
     if any(k in VIDEO_KEYS for k in d.data_file_keys):
         settings["num_frames"] = d.num_frames
+    if d.frame_buckets:  # absent otherwise, so caches written before frame buckets stay current
+        settings["frame_buckets"] = d.frame_buckets
     if d.random_flip:
         settings["flip_seed"] = cfg.train.seed
     return settings
@@ -155,9 +157,9 @@ def preprocess(cfg: RaydiffConfig, rows: list[dict] | None = None, *, shard_rows
             say(f"[raydiff] resuming the incomplete cache {d.cache_dir}")
     layout.write_manifest({**identity, "complete": False})
 
-    sizes = None
+    sizes, unread = None, []
     if d.buckets:
-        sizes, _ = row_buckets(d, rows)  # bad headers are skipped (or raise) here
+        sizes, unread = row_buckets(d, rows)  # bad headers (and short clips) are skipped (or raise) here
         rows = [r for r in rows if r["_row"] in sizes]
     shards = [rows[i:i + shard_rows] for i in range(0, len(rows), shard_rows)] if rows else []
     missing = [k for k in range(len(shards)) if not layout.exists(layout.shard(k))]
@@ -173,6 +175,7 @@ def preprocess(cfg: RaydiffConfig, rows: list[dict] | None = None, *, shard_rows
     if not layout.exists(layout.empty_prompt()):
         write_empty_prompt(layout, remote_empty_prompt(cfg))
     counts, skipped = layout.shard_stats(len(shards))
+    skipped = [{"row": b.row, "file": b.file, "reason": b.reason} for b in unread] + skipped
     layout.write_manifest({**identity, "complete": True, "shards": counts, "num_samples": sum(counts),
                            "skipped": skipped})
     say(f"[raydiff] cache complete: {sum(counts)} samples in {d.cache_dir}")
@@ -203,6 +206,9 @@ class ShardWriter:
 
     def __call__(self, batch: dict) -> dict:
         media = self.cfg.data.data_file_keys[0]
+        # The bucket each sample was decoded to, for the cache index: (h, w), or (frames, h, w) of a clip
+        # with data.frame_buckets.
+        dims = 3 if self.cfg.data.frame_buckets else 2
         for k, rows in zip(batch["shard"], batch["rows"]):
             samples, skipped = [], []
             for result in self.threads.map(self._decode, json.loads(rows)):
@@ -215,7 +221,7 @@ class ShardWriter:
             for start in range(0, len(samples), step):
                 chunk = samples[start:start + step]
                 cols = {key: [s[key] for s in chunk] for key in chunk[0]}
-                cols["_size"] = [list(np.shape(s[media])[-3:-1]) for s in chunk]
+                cols["_size"] = [list(np.shape(s[media])[-1 - dims:-1]) for s in chunk]
                 cols = self.encoder.encode(cols)
                 parts.append(columns_to_table(cols))
             table = pa.concat_tables(parts) if parts else columns_to_table({})

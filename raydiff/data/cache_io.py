@@ -82,7 +82,8 @@ class CacheLayout:
         return counts, skipped
 
     def index(self, shards: list[str]) -> list[tuple[int, list[int]]]:
-        """(_row, [h, w]) of every sample in `shards`: two small columns, no tensors read."""
+        """(_row, bucket) of every sample in `shards`, the bucket [h, w] it was decoded to, or [frames, h, w]
+        for a clip with data.frame_buckets: two small columns, no tensors read."""
         out = []
         for name in shards:
             table = pq.read_table(self.uri(name), columns=["_row", "_size"], filesystem=self.fs)
@@ -127,8 +128,8 @@ def table_to_columns(table: pa.Table) -> dict[str, np.ndarray]:
             else:
                 out[name] = np.empty(len(arrays), dtype=object)
                 out[name][:] = arrays
-        elif name == "_size":
-            out[name] = np.array(values, dtype=np.int64).reshape(-1, 2)
+        elif name == "_size":  # [h, w] or [frames, h, w] per sample
+            out[name] = np.array(values, dtype=np.int64).reshape(len(values), -1 if values else 2)
         elif name == "prompt":
             out[name] = np.array(values, dtype=object)
         else:

@@ -22,9 +22,9 @@ from raydiff.data.buckets import bucket_batches, row_buckets
 from raydiff.data.cache import preprocess
 from raydiff.data.cache_io import CacheLayout, RepeatCached, decode_shard_batch, read_empty_prompt
 from raydiff.data.cache_shards import preprocess_sharded
-from raydiff.data.decode import DecodeRow
+from raydiff.data.decode import DecodeRow, count_skipped_rows
 from raydiff.data.encode import EncodeBatch, remote_empty_prompt
-from raydiff.data.metadata import is_regularization
+from raydiff.data.metadata import BadSample, is_regularization
 from raydiff.data.packing import pack_group
 from raydiff.data.plan import order_rows
 from raydiff.data.shards import ShardPlan, plan_shards
@@ -56,7 +56,7 @@ def build_train_data(cfg: RaydiffConfig, rows: list[dict] | None, seed: int,
     if cfg.data.sharded:
         return _sharded_data(cfg, seed)
     if cfg.data.preprocess == "cache":
-        data = _cached_data(cfg, rows, seed)
+        data = _cached_data(cfg, rows, seed, counter_name)
     else:
         data = _decoded_data(cfg, rows, seed, counter_name)
     # Ray's equal split deals bundles greedily to the emptiest worker, so which rank trains which
@@ -119,7 +119,8 @@ def _decoded_data(cfg: RaydiffConfig, rows: list[dict], seed: int, counter_name:
     ordered = order_rows(rows, seed, d.shuffle)
     batches = None
     if d.buckets:
-        sizes, _ = row_buckets(d, ordered)
+        sizes, unread = row_buckets(d, ordered)
+        count_skipped_rows(counter_name, unread)
         batches = bucket_batches([r for r in ordered if r["_row"] in sizes], sizes, batch_size=t.batch_size,
                                  num_workers=cfg.ray.num_workers)
         items = [{"_batch": i, "_rows": json.dumps(b)} for i, b in enumerate(batches)]
@@ -135,13 +136,16 @@ def _decoded_data(cfg: RaydiffConfig, rows: list[dict], seed: int, counter_name:
     return TrainData(ds, len(batches) * t.batch_size, True, len(batches), empty)
 
 
-def _cached_data(cfg: RaydiffConfig, rows: list[dict], seed: int) -> TrainData:
+def _cached_data(cfg: RaydiffConfig, rows: list[dict], seed: int, counter_name: str | None) -> TrainData:
     """Train from the cache (building or refreshing it first when needed), repeated `data.repeat`
-    times, in `_key` order — or packed into the same bucket batches the other modes form."""
+    times, in `_key` order — or packed into the same bucket batches the other modes form. The rows the
+    cache skipped count as the other modes count theirs."""
     d, t = cfg.data, cfg.train
     preprocess(cfg, rows)
     layout = CacheLayout(d.cache_dir)
-    files = [layout.shard(k) for k, n in enumerate(layout.read_manifest()["shards"]) if n]
+    manifest = layout.read_manifest()
+    count_skipped_rows(counter_name, [BadSample(s["row"], s["file"], s["reason"]) for s in manifest.get("skipped", [])])
+    files = [layout.shard(k) for k, n in enumerate(manifest["shards"]) if n]
     if not files:
         raise ValueError(f"the cache {d.cache_dir} holds no samples")
     cached = layout.index(files)  # [(_row, (h, w))] of every cached sample

@@ -51,10 +51,18 @@ def skip_counter(run_name: str):
 
 def count_skipped(counter_name: str | None, bad: BadSample) -> None:
     """Log a skipped sample and count it in the run's counter (if any)."""
-    log.warning("skipping %s", bad)
-    if counter_name:
-        # Synchronous: a later count() must see it (calls from different tasks are unordered).
-        ray.get(ray.get_actor(counter_name).add.remote(bad.row, bad.reason))
+    count_skipped_rows(counter_name, [bad])
+
+
+def count_skipped_rows(counter_name: str | None, bad: list[BadSample]) -> None:
+    """`count_skipped` for many rows (those refused before the decode stage: a bucket's header read, a
+    cache's manifest), in one round trip."""
+    for b in bad:
+        log.warning("skipping %s", b)
+    if counter_name and bad:
+        actor = ray.get_actor(counter_name)
+        # Synchronous: a later count() must see them (calls from different tasks are unordered).
+        ray.get([actor.add.remote(b.row, b.reason) for b in bad])
 
 
 def skipped_samples(counter_name: str | None) -> int:
@@ -78,10 +86,12 @@ def read_url(uri: str) -> bytes:
 
 @dataclass
 class DecodeSample:
-    """Ray Data `flat_map` function: one metadata row -> [sample] or [] (skipped and counted)."""
+    """Ray Data `flat_map` function: one metadata row -> [sample] or [] (skipped and counted).
+    `frames`: the row's frame bucket, which every video column must fill (data.frame_buckets)."""
 
     cfg: DataConfig
     counter_name: str | None = None
+    frames: int | None = None
 
     def __call__(self, row: dict) -> list[dict]:
         out = {"prompt": row["prompt"], "_row": row["_row"]}
@@ -113,6 +123,9 @@ class DecodeSample:
             path = read_url(path)
         if key in VIDEO_KEYS:
             frames = load_video(path, num_frames=cfg.num_frames, max_pixels_before_decode=cfg.max_image_pixels)
+            if self.frames and len(frames) < self.frames:  # a header that over-counts, or a short condition
+                raise DecodeError(f"decoded {len(frames)} usable (4k + 1) frames, fewer than the {self.frames} of "
+                                  f"its frame bucket (data.frame_buckets)")
             size = target_size(*frames.shape[1:3], fixed=fixed, max_pixels=cfg.max_pixels,
                                division_factor=cfg.division_factor)
             return resize_video(frames, size)
@@ -126,10 +139,11 @@ class DecodeSample:
 class DecodeRow:
     """Ray Data `flat_map`: the decode stage with buckets and flips.
 
-    A plain row decodes as `DecodeSample` (to its bucket's `_size` when it has one), flipped if
-    `data.random_flip` picks it, keeping `_rep` and `_key`. A packed row (`_rows`: a JSON list of
-    rows, one bucket batch) becomes one row holding the whole batch: media (B, H, W, 3), prompt,
-    `_row`, `_rep` as lists and `_packed` = B.
+    A plain row decodes as `DecodeSample` (to its bucket's `_size` when it has one: [h, w], or
+    [frames, h, w] with `data.frame_buckets`), flipped if `data.random_flip` picks it, keeping `_rep`
+    and `_key`. A packed row (`_rows`: a JSON list of rows, one bucket batch) becomes one row holding
+    the whole batch: media (B, H, W, 3) or (B, F, H, W, 3), prompt, `_row`, `_rep` as lists and
+    `_packed` = B.
     """
 
     cfg: DataConfig
@@ -145,11 +159,13 @@ class DecodeRow:
         return [pack_samples(samples, row["_batch"])]
 
     def decode(self, row: dict) -> list[dict]:
-        cfg = self.cfg
+        cfg, frames = self.cfg, None
         if row.get("_size") is not None:
-            h, w = row["_size"]
-            cfg = cfg.model_copy(update={"height": int(h), "width": int(w)})
-        out = DecodeSample(cfg, self.counter_name)(row)
+            bucket = [int(x) for x in row["_size"]]
+            frames = bucket[0] if len(bucket) == 3 else None
+            cfg = cfg.model_copy(update={"height": bucket[-2], "width": bucket[-1],
+                                         "num_frames": frames or cfg.num_frames})
+        out = DecodeSample(cfg, self.counter_name, frames)(row)
         for sample in out:  # the row's annotations (_rep, _key; a stream's _pass, _index) travel on
             sample.update({k: v for k, v in row.items() if k.startswith("_") and k not in ("_size", "_row")})
             if self.cfg.random_flip and flipped(self.seed, row["_row"]):

@@ -158,6 +158,11 @@ def _image_extensions() -> frozenset[str]:
     return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 
 
+def frame_names(directory: str) -> list[str]:
+    """The frame images of a video stored as a directory, in name order (the order they play in)."""
+    return sorted(n for n in os.listdir(directory) if os.path.splitext(n)[1].lower() in _image_extensions())
+
+
 def load_video(
     path: str | bytes, *, num_frames: int, max_pixels_before_decode: int = DEFAULT_MAX_PIXELS_BEFORE_DECODE
 ) -> np.ndarray:
@@ -171,7 +176,7 @@ def load_video(
             raise DecodeError("zero-byte file")
         path = io.BytesIO(path)
     elif os.path.isdir(path):
-        names = sorted(n for n in os.listdir(path) if os.path.splitext(n)[1].lower() in _image_extensions())
+        names = frame_names(path)
         n = frames_for(len(names), num_frames)
         if n == 0:
             raise DecodeError("video has 0 decodable frames (no image files in the directory)")

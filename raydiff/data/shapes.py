@@ -88,25 +88,32 @@ def write_vace_dataset(directory: str, n: int = 4, frames: int = 11, size: int =
     return path
 
 
-def write_clips_dataset(directory: str, n: int = 4, frames: int = 11, size: int = 16) -> str:
-    """`n` short mp4 clips of a square moving right (PyAV, mpeg4) and a metadata CSV (video,prompt).
-    Returns the metadata path."""
+def write_clips_dataset(directory: str, n: int = 4, frames: int | list[int] = 11,
+                        size: int | tuple[int, int] | list = 16, container: str = "mp4") -> str:
+    """`n` short clips of a square moving right (PyAV, mpeg4) and a metadata CSV (video,prompt). `frames`
+    (per clip) and `size` ((w, h), or the side of a square) may be lists, cycled through: clips of mixed
+    lengths and sizes. `container` is the file extension: `mp4` stores each clip's frame count, `mkv` does
+    not. Returns the metadata path."""
     import av
     import numpy as np
 
     os.makedirs(directory, exist_ok=True)
+    lengths = frames if isinstance(frames, list) else [frames]
+    sizes = size if isinstance(size, list) else [size]
     rows = []
     for i in range(n):
-        name = f"clip{i}.mp4"
-        with av.open(os.path.join(directory, name), "w") as container:
-            stream = container.add_stream("mpeg4", rate=8)
-            stream.width = stream.height = size
+        name = f"clip{i}.{container}"
+        clip_size = sizes[i % len(sizes)]
+        w, h = (clip_size, clip_size) if isinstance(clip_size, int) else clip_size
+        with av.open(os.path.join(directory, name), "w") as out:
+            stream = out.add_stream("mpeg4", rate=8)
+            stream.width, stream.height = w, h
             stream.pix_fmt = "yuv420p"
-            for t in range(frames):
-                img = np.full((size, size, 3), 30, np.uint8)
+            for t in range(lengths[i % len(lengths)]):
+                img = np.full((h, w, 3), 30, np.uint8)
                 img[4:10, (t + i) % 10:(t + i) % 10 + 6] = (200, 60, 60)
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
-            container.mux(stream.encode())
+                out.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+            out.mux(stream.encode())
         rows.append({"video": name, "prompt": f"a red square moving right {i}"})
     path = os.path.join(directory, "metadata.csv")
     with open(path, "w", newline="") as f:
