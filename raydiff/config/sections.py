@@ -288,6 +288,8 @@ class RayConfig(_Section):
     max_failures: int = Field(0, ge=-1, description="worker-group restarts; -1 = forever")
     address: str | None = Field(None, description="cluster address; null = RAY_ADDRESS or a new local Ray")
     num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local Ray; null = max(4, cores)")
+    dashboard: bool = Field(False, description="a local Ray's dashboard for train and preprocess (Tune always "
+                                               "starts it); off, the run starts sooner and polls less")
     startup_timeout: float = Field(600, gt=0, description="seconds to wait for an autoscaling cluster to grow to "
                                                            "the run's needs before failing")
     # storage_path may be s3://bucket/prefix. For S3-compatible servers (MinIO, Ceph, moto) set the

@@ -22,12 +22,14 @@ from raydiff.config import RaydiffConfig
 from raydiff.training.reporting import ConsoleView, relay_actor
 
 
-def init_ray(cfg: RaydiffConfig) -> bool:
+def init_ray(cfg: RaydiffConfig, dashboard: bool = False) -> bool:
     """Join `ray.address` / RAY_ADDRESS (as under `ray job submit`), else start a local Ray. Returns True
     when raydiff started it (a fixed-size cluster it may shut down), False when it joined or found one.
 
     A local Ray gets at least 4 logical CPUs: on a 2-core box, 2 training workers at 1 CPU each
-    would otherwise leave nothing for the Ray Data decode stage and the run would hang.
+    would otherwise leave nothing for the Ray Data decode stage and the run would hang. Its dashboard
+    starts with `ray.dashboard` or `dashboard` (Tune frees a stopped trial's workers through it); without
+    it a run reaches its first step sooner and no dashboard process polls the workers.
     """
     if ray.is_initialized():
         return False
@@ -49,7 +51,8 @@ def init_ray(cfg: RaydiffConfig) -> bool:
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by ray.init when it starts the GCS
     try:
         ray.init(num_cpus=cfg.ray.num_cpus or max(4, os.cpu_count() or 1), log_to_driver=verbose,
-                 logging_level=level, runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{port}"}})
+                 logging_level=level, include_dashboard=dashboard or cfg.ray.dashboard,
+                 runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{port}"}})
     finally:
         del os.environ["RAY_GCS_SERVER_PORT"]
     return True

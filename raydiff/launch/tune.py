@@ -147,7 +147,7 @@ def tune(config: RaydiffConfig, param_space: dict | None = None,
     settings = config.tune
     space = search_space(config, settings.param_space if param_space is None else param_space)
     os.environ.setdefault(*HEALTH_CHECK_INTERVAL)
-    init_ray(config)
+    init_ray(config, dashboard=True)  # a stopped trial's workers are freed through the dashboard
 
     def train_driver(sampled: dict) -> None:
         cfg = trial_config(config, sampled, ray.tune.get_context().get_trial_id())
