@@ -139,11 +139,11 @@ class DataConfig(_Section):
         if counts is None:
             return None
         if not counts:
-            raise ValueError("data.frame_buckets is empty; list frame counts, or null for no frame buckets")
+            raise ValueError("empty; list frame counts, or null for no frame buckets")
         for n in counts:
             # Video VAEs (Wan) compress time 4x after the first frame, so a clip holds 4k + 1 frames.
             if n < 1 or n % 4 != 1:
-                raise ValueError(f"data.frame_buckets: {n} is not 4k + 1 frames (1, 5, 9, ..., 81)")
+                raise ValueError(f"{n} is not 4k + 1 frames (1, 5, 9, ..., 81)")
         return sorted(set(counts))
 
     @model_validator(mode="after")

@@ -58,7 +58,7 @@ def test_the_config_refuses_frame_buckets_that_break_the_frame_rule_naming_the_v
         bad = next(n for n in buckets if n % 4 != 1)
         with pytest.raises(ValueError, match=rf"data.frame_buckets: {bad} is not 4k \+ 1 frames"):
             clips_config(tmp_path, frame_buckets=buckets)
-    with pytest.raises(ValueError, match="data.frame_buckets is empty"):
+    with pytest.raises(ValueError, match="data.frame_buckets: empty"):
         clips_config(tmp_path, frame_buckets=[])
     with pytest.raises(ValueError, match="data.frame_buckets needs data.buckets: true"):
         clips_config(tmp_path, buckets=False)
