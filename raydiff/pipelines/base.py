@@ -110,7 +110,8 @@ class FamilyPipeline:
     comfyui_lora_suffixes: ClassVar[tuple[str, str]] = ("lora_A", "lora_B")
     comfyui_lora_alpha: ClassVar[bool] = True  # False: no `.alpha` keys, the scale folded into the weights
     # What `raydiff export --format diffsynth` writes: the layout DiffSynth-Studio's loader for this family reads
-    # ("diffsynth": peft's names with `.default.`; "kohya": FLUX's loader maps kohya names onto its fused modules).
+    # ("diffsynth": peft's names with `.default.`; "kohya": FLUX's loader maps kohya names onto its fused modules;
+    # "original": the original module names with peft's `.default.`, for a DiT that keeps them, as Wan's does).
     diffsynth_lora_format: ClassVar[str] = "diffsynth"
     # DiffSynth's own module names where its DiT differs from diffusers' ({DiffSynth name: original name}), so
     # LoRAs DiffSynth trained import; None: DiffSynth uses diffusers' names.

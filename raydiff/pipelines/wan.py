@@ -127,6 +127,7 @@ class WanVideoPipeline(FamilyPipeline):
     data_keys = DataKeys(VIDEO_OR_IMAGE)
     tiny_variants = TINY_VARIANTS
     lora_original_names = ORIGINAL_NAMES
+    diffsynth_lora_format = "original"  # DiffSynth\'s WanModel keeps the official names
     # model.quantize leaves these as loaded: the time/text embedders and the final projection (Wan modulates
     # with per-block scale_shift_table parameters, not linears).
     quantize_skip = ("condition_embedder.*", "proj_out")

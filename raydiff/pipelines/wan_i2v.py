@@ -93,6 +93,7 @@ class WanImageToVideoFamily(FamilyPipeline):
     data_keys = DataKeys(("video",), ("image",), sampling=("image",))
     tiny_variants = TINY_VARIANTS
     lora_original_names = ORIGINAL_NAMES
+    diffsynth_lora_format = "original"  # DiffSynth\'s WanModel keeps the official names
 
     def make_units(self) -> list[PipelineUnit]:
         return [

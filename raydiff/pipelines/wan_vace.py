@@ -101,6 +101,7 @@ class WanVACEFamily(FamilyPipeline):
     data_keys = DataKeys(VIDEO_OR_IMAGE, CONDITIONS, (("mask_video", "control_video"),))
     tiny_variants = ("wan21",)
     lora_original_names = VACE_ORIGINAL_NAMES
+    diffsynth_lora_format = "original"  # DiffSynth\'s WanModel keeps the official names
 
     def make_units(self) -> list[PipelineUnit]:
         return [

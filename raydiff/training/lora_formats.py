@@ -10,7 +10,8 @@ m = "transformer_blocks.0.attn.to_q" and o its name in the family's original che
              lokr, loha: LyCORIS naming, lycoris_<m, "." -> "_">.lokr_w1 / .hada_w1_a ..., .alpha
   kohya      lora_unet_<o, "." -> "_">.lora_down.weight / .lora_up.weight / .alpha
   diffsynth  m.lora_A.default.weight / .lora_B.default.weight (Qwen-Image); FLUX: the kohya layout, which
-             DiffSynth-Studio's FLUX loader maps onto its fused modules (diffsynth/utils/lora/flux.py)
+             DiffSynth-Studio's FLUX loader maps onto its fused modules (diffsynth/utils/lora/flux.py); Wan:
+             o.lora_A.default.weight, the official names its Wan DiT keeps (diffsynth/utils/lora/general.py)
 
 Every exported file has its scale alpha / r folded into its weights and alpha = rank wherever an alpha is
 written (adapters.py): DiffSynth takes one global alpha from the first `.alpha` key it meets, ComfyUI and
@@ -134,7 +135,10 @@ def _lycoris_module(table: dict, name: str) -> str:
 
 
 def _diffsynth_module(family: str | None, name: str) -> dict[str, str] | None:
-    """DiffSynth's own name of a fused module (FLUX: `blocks.0.attn.a_to_qkv`) -> its original name, or None."""
+    """DiffSynth's own name of a fused module (FLUX: `blocks.0.attn.a_to_qkv`) -> its original name, or None.
+    A family whose DiffSynth DiT keeps the original names (Wan: `blocks.0.self_attn.q`) maps each to itself."""
+    if _family_attr(family, "diffsynth_lora_format") == "original":
+        return name
     for ours, orig in (_family_attr(family, "diffsynth_lora_names") or {}).items():
         if m := _pattern(ours, ".").fullmatch(name):
             return _fill(orig, m)
@@ -236,6 +240,9 @@ def to_format(state_dict: dict[str, torch.Tensor], fmt: str, *, family: str | No
         return {f"{PREFIX}.{k}": v for k, v in adapters.flatten(modules).items()}
     if fmt == "diffsynth":
         return {f"{m}.{p.replace('.weight', '.default.weight')}": t for m, ps in modules.items() for p, t in ps.items()}
+    if fmt == "original":  # DiffSynth's Wan DiT keeps the official names; the scale is folded, so no alpha keys
+        return {k.removeprefix("diffusion_model.").replace(".weight", ".default.weight"): t
+                for k, t in _bfl_format(modules, "comfyui", family).items() if not k.endswith(".alpha")}
     if kind in ("lokr", "loha"):
         return _lycoris_format(modules, family, rank)
     return _bfl_format(modules, fmt, family)

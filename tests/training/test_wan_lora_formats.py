@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from foreign_loaders import diffsynth_general_deltas
 from safetensors.torch import load_file
 
 from raydiff.pipelines.base import run_units
@@ -142,3 +143,21 @@ def _config(state: dict):
 
     modules = sorted({k[len("transformer."):].rsplit(".lora_", 1)[0] for k in state})
     return LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=modules)
+
+
+@pytest.mark.parametrize("family", ["wan", "wan_vace"])
+def test_diffsynth_export_is_the_trained_delta_on_diffsynths_wan_names(trained, tmp_path, family):
+    """DiffSynth's WanModel keeps the official module names (ComfyUI's), so its loader must find every trained
+    module under that name with the delta W trained (alpha / r folded in), and the file imports back."""
+    _, _, lora_dir, state, targets = trained(family)
+    out = export_lora(lora_dir, "diffsynth", str(tmp_path / "diffsynth.safetensors"), family=family)
+    exported = load_file(out)
+    assert all(k.endswith((".lora_A.default.weight", ".lora_B.default.weight")) for k in exported)
+    deltas = diffsynth_general_deltas(exported)  # DiffSynth's GeneralLoRALoader, transcribed
+    assert sorted(deltas) == sorted(comfy_name(m) for m in targets)
+    for module in targets:
+        a, b = state[f"transformer.{module}.lora_A.weight"], state[f"transformer.{module}.lora_B.weight"]
+        torch.testing.assert_close(deltas[comfy_name(module)], ALPHA / RANK * b @ a, rtol=1e-6, atol=1e-7)
+    back, info = import_lora(out, family=family)
+    assert info == {"type": "lora", "r": RANK, "lora_alpha": RANK} and back.keys() == state.keys()
+    assert all(torch.equal(back[k], state[k] * (ALPHA / RANK) if ".lora_B." in k else state[k]) for k in state)
