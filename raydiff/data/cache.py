@@ -68,6 +68,8 @@ def model_identity(cfg: RaydiffConfig) -> dict:
              "max_sequence_length": m.max_sequence_length, "files": _model_fingerprint(cfg)}
     if m.quantize_text_encoders:  # quantized encoders give other embeddings (absent otherwise: old caches stay valid)
         model["quantize_text_encoders"] = m.quantize
+    if m.controlnet is not None:  # its config can change how control images encode (SD3's shift); absent otherwise
+        model["controlnet"] = m.controlnet.model_dump()
     return model
 
 

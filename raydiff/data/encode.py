@@ -30,7 +30,7 @@ def trainable_names(cfg: RaydiffConfig) -> list[str]:
 def encoder_components(cfg: RaydiffConfig) -> list[str]:
     """What an encoder actor loads: every component except the trainable ones."""
     trainable = set(trainable_names(cfg))
-    return [c for c in get_pipeline_class(cfg.model.family).component_names if c not in trainable]
+    return [c for c in get_pipeline_class(cfg.model.family).model_names() if c not in trainable]
 
 
 def training_components(cfg: RaydiffConfig) -> list[str] | None:
@@ -41,7 +41,7 @@ def training_components(cfg: RaydiffConfig) -> list[str] | None:
     cls = get_pipeline_class(cfg.model.family)
     denoiser = cfg.model.denoiser or cls.dit_name
     wanted = [denoiser, *trainable_names(cfg), *(c for c in cls.component_names if c.startswith("tokenizer"))]
-    return [c for c in dict.fromkeys(wanted) if c in cls.component_names]
+    return [c for c in dict.fromkeys(wanted) if c in cls.model_names()]
 
 
 # --- the encoder ------------------------------------------------------------------------------
@@ -62,7 +62,7 @@ class Encoder:
                                         max_sequence_length=cfg.model.max_sequence_length,
                                         quantize=cfg.model.quantize,
                                         quantize_text_encoders=cfg.model.quantize_text_encoders,
-                                        expert=cfg.model.expert)
+                                        expert=cfg.model.expert, controlnet=cfg.model.controlnet)
         self.units, _ = split_units(self.pipe, trainable_names(cfg))
         self.media_keys = tuple(cfg.data.data_file_keys)
 

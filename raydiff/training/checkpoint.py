@@ -2,6 +2,9 @@
 
   pytorch_lora_weights.safetensors  LoRA in diffusers' key format, rank/alpha in metadata
   trainable_weights.safetensors     (full fine-tuning instead of LoRA)
+  controlnet/                       a fully trained ControlNet (model.controlnet) as a diffusers folder:
+                                    config.json and diffusion_pytorch_model.safetensors, which the family's
+                                    ControlNet class `from_pretrained` loads
   ema_weights.safetensors           train.ema: the EMA of the weights above, in their format
   training_state.pt                 optimizer + LR scheduler state, read with weights_only=True
                                     (FSDP: the full optimizer state, keyed by parameter name)
@@ -22,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from safetensors.torch import load_file, save_file
 
+from raydiff.config import CONTROLNET
 from raydiff.training import lora as lora_lib
 from raydiff.training.ema import EMA, EMA_FILE
 from raydiff.training.fsdp import load_full_state
@@ -31,6 +35,9 @@ STATE_FILE = "training_state.pt"
 TRAINER_STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"
 FULL_WEIGHTS_FILE = "trainable_weights.safetensors"
+# Fully trained models stored as their own diffusers folder (loaded as they are), not in FULL_WEIGHTS_FILE.
+FOLDER_MODELS = (CONTROLNET,)
+MODEL_WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # diffusers' name in a model folder
 
 
 @dataclass
@@ -86,8 +93,40 @@ def _save_weights(directory: str, module, weights: dict, name: str | None = None
         prefix = lora_lib.key_prefix(module.lora_base_model)
         lora_lib.save_lora(directory, module.pipe.diffusers_class, prefix, weights, module.lora_config,
                            weight_name=name or lora_lib.LORA_FILE)
+    elif name is None:
+        write_full_weights(directory, module, weights)
     else:
-        save_file(weights, os.path.join(directory, name or FULL_WEIGHTS_FILE))
+        save_file(weights, os.path.join(directory, name))
+
+
+def write_full_weights(directory: str, module, weights: dict) -> None:
+    """Full fine-tuning weights (`{model}.{param}`): FOLDER_MODELS as diffusers folders, the rest in
+    FULL_WEIGHTS_FILE."""
+    for name in FOLDER_MODELS:
+        own = {k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(name + ".")}
+        if own:
+            folder = os.path.join(directory, name)
+            module.models[name].save_config(folder)
+            save_file(own, os.path.join(folder, MODEL_WEIGHTS_FILE), metadata={"format": "pt"})
+    rest = {k: v for k, v in weights.items() if k.split(".", 1)[0] not in FOLDER_MODELS}
+    if rest:
+        save_file(rest, os.path.join(directory, FULL_WEIGHTS_FILE))
+
+
+def read_full_weights(directory: str) -> dict[str, torch.Tensor]:
+    """What `write_full_weights` wrote, as `{model}.{param}`."""
+    weights = load_file(path) if os.path.isfile(path := os.path.join(directory, FULL_WEIGHTS_FILE)) else {}
+    for name in FOLDER_MODELS:
+        if os.path.isfile(path := os.path.join(directory, name, MODEL_WEIGHTS_FILE)):
+            weights.update({f"{name}.{k}": v for k, v in load_file(path).items()})
+    return weights
+
+
+def _load_full(module, weights: dict) -> None:
+    for name, model in module.models.items():
+        own = {k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(name + ".")}
+        if own:
+            model.load_state_dict(own)
 
 
 def _load_weights(path: str, module, sharded_models: Sequence[str]) -> None:
@@ -98,11 +137,7 @@ def _load_weights(path: str, module, sharded_models: Sequence[str]) -> None:
         base = module.lora_base_model
         lora_lib.load_lora_into(module.models[base], path, lora_lib.key_prefix(base), config=module.lora_config)
     else:
-        weights = load_file(path)
-        for name, model in module.models.items():
-            own = {k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(name + ".")}
-            if own:
-                model.load_state_dict(own)
+        _load_full(module, load_file(path))
 
 
 def load_checkpoint(directory: str, module, optimizer, scheduler, sharded_models: Sequence[str] = (),
@@ -116,11 +151,12 @@ def load_checkpoint(directory: str, module, optimizer, scheduler, sharded_models
         _load_weights(saved_ema, module, sharded_models)
         ema.capture()
     if sharded_models:
-        load_full_state(module, sharded_models, load_file(os.path.join(directory, FULL_WEIGHTS_FILE)), optimizer,
-                        state["optimizer"])
+        load_full_state(module, sharded_models, read_full_weights(directory), optimizer, state["optimizer"])
     else:
-        weights = lora_lib.LORA_FILE if module.lora_config is not None else FULL_WEIGHTS_FILE
-        _load_weights(os.path.join(directory, weights), module, ())
+        if module.lora_config is not None:
+            _load_weights(os.path.join(directory, lora_lib.LORA_FILE), module, ())
+        else:
+            _load_full(module, read_full_weights(directory))
         optimizer.load_state_dict(state["optimizer"])
     if ema is not None and not os.path.exists(saved_ema):
         ema.capture()

@@ -7,11 +7,13 @@ Saved keys look like `transformer.transformer_blocks.0.attn.to_q.lora_A.weight` 
 from __future__ import annotations
 
 import fnmatch
+import inspect
+import os
 
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 
-from raydiff.training.lora_formats import LORA_FILE, import_lora
+from raydiff.training.lora_formats import LORA_FILE, import_lora, write_diffusers_lora
 
 __all__ = ["LORA_FILE", "adapter_metadata", "inject_lora", "key_prefix", "load_lora_into", "lora_state_dict",
            "resolve_targets", "save_lora"]
@@ -71,7 +73,13 @@ def adapter_metadata(config: LoraConfig) -> dict:
 def save_lora(directory: str, pipeline_cls, dit_name: str, state_dict: dict, config: LoraConfig,
               weight_name: str = LORA_FILE) -> None:
     """Write `weight_name` (pytorch_lora_weights.safetensors) with the family's diffusers pipeline, rank and
-    alpha in metadata."""
+    alpha in metadata. A model its LoRA loader does not take (a ControlNet) gets the same layout under its own
+    prefix (`controlnet.`), which the model's `load_lora_adapter(file, prefix="controlnet")` reads."""
+    if f"{dit_name}_lora_layers" not in inspect.signature(pipeline_cls.save_lora_weights).parameters:
+        os.makedirs(directory, exist_ok=True)
+        write_diffusers_lora(os.path.join(directory, weight_name), state_dict, dit_name, config.r,
+                             config.lora_alpha, sorted(config.target_modules))
+        return
     stripped = {k[len(dit_name) + 1:]: v for k, v in state_dict.items()}
     pipeline_cls.save_lora_weights(directory, weight_name=weight_name,
                                    **{f"{dit_name}_lora_layers": stripped,
@@ -83,7 +91,7 @@ def load_lora_into(model: torch.nn.Module, path: str, prefix: str, *, family: st
     """Load a LoRA file or checkpoint directory into an injected adapter, strictly. Any format of
     `lora_formats.FORMATS` is accepted; with `config`, a file trained at another alpha is rescaled so
     it computes the same update under this adapter's alpha / rank."""
-    sd, info = import_lora(path, family=family)
+    sd, info = import_lora(path, family=family, prefix=prefix)
     sd = {k[len(prefix) + 1:]: v for k, v in sd.items() if k.startswith(prefix + ".")}
     if config is not None and info.get("lora_alpha") and info.get("r"):
         if info["r"] != config.r:

@@ -208,10 +208,28 @@ def _lora_file(path: str) -> str:
     return os.path.join(path, LORA_FILE) if os.path.isdir(path) else path
 
 
-def _saved_alpha(path: str) -> float | None:
+def _saved_metadata(path: str) -> dict:
     with safe_open(path, "pt") as f:
         metadata = f.metadata() or {}
-    return json.loads(metadata.get(METADATA_KEY, "{}")).get(f"{PREFIX}.lora_alpha")
+    return json.loads(metadata.get(METADATA_KEY, "{}"))
+
+
+def write_diffusers_lora(path: str, state_dict: dict, prefix: str, rank: int, alpha: float,
+                         targets: list[str]) -> None:
+    """A diffusers-format LoRA file: `{prefix}.<module>.lora_A.weight` keys, rank, alpha and targets in the
+    metadata under the same prefix (as diffusers' `save_lora_weights` writes them)."""
+    info = {f"{prefix}.r": rank, f"{prefix}.lora_alpha": alpha, f"{prefix}.target_modules": targets}
+    save_file(state_dict, path, metadata={"format": "pt", METADATA_KEY: json.dumps(info)})
+
+
+def _own_prefix(path: str, state_dict: dict, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """A LoRA of another model than the transformer (a ControlNet's), as raydiff saves it: diffusers keys
+    under `prefix`, rank and alpha in the metadata."""
+    if not state_dict or any(not k.startswith(prefix + ".") for k in state_dict):
+        raise ValueError(f"{path}: not a LoRA of the {prefix} (keys like {list(state_dict)[:2]})")
+    meta, ranks = _saved_metadata(path), {v.shape[0] for k, v in state_dict.items() if ".lora_A." in k}
+    rank = meta.get(f"{prefix}.r", ranks.pop() if len(ranks) == 1 else None)
+    return state_dict, {"r": rank, "lora_alpha": meta.get(f"{prefix}.lora_alpha", rank)}
 
 
 def _family_of(checkpoint: str) -> str | None:
@@ -224,13 +242,16 @@ def _family_of(checkpoint: str) -> str | None:
         return (yaml.safe_load(f).get("model") or {}).get("family", "flux")  # flux is the config default
 
 
-def import_lora(path: str, *, family: str | None) -> tuple[dict[str, torch.Tensor], dict]:
+def import_lora(path: str, *, family: str | None, prefix: str = PREFIX) -> tuple[dict[str, torch.Tensor], dict]:
     """A LoRA file (or checkpoint directory) in any of FORMATS -> (diffusers-format state dict with keys
     `transformer.<module>.lora_A.weight` / `.lora_B.weight`, {"r": rank, "lora_alpha": alpha}). `family`
-    maps ComfyUI / kohya names; diffusers and DiffSynth files need none."""
+    maps ComfyUI / kohya names; diffusers and DiffSynth files need none. Another `prefix` (`controlnet`):
+    that model's diffusers-format LoRA, as raydiff saves it."""
     path = _lora_file(path)
     state_dict = load_file(path)
-    alpha = _saved_alpha(path) if detect_format(state_dict) == "diffusers" else None
+    if prefix != PREFIX:
+        return _own_prefix(path, state_dict, prefix)
+    alpha = _saved_metadata(path).get(f"{PREFIX}.lora_alpha") if detect_format(state_dict) == "diffusers" else None
     return from_format(state_dict, family=family, alpha=alpha)
 
 
@@ -250,10 +271,8 @@ def export_lora(checkpoint: str, fmt: str, out: str, *, family: str | None = Non
         return out
     family = family or _family_of(checkpoint)  # None is fine where no names need mapping
     state_dict, info = import_lora(src, family=family)
-    metadata = {"format": "pt"}
     if fmt == "diffusers":
-        targets = sorted(_modules(state_dict))
-        metadata[METADATA_KEY] = json.dumps({f"{PREFIX}.r": info["r"], f"{PREFIX}.lora_alpha": info["lora_alpha"],
-                                             f"{PREFIX}.target_modules": targets})
-    save_file(to_format(state_dict, fmt, family=family, alpha=info["lora_alpha"]), out, metadata=metadata)
+        write_diffusers_lora(out, state_dict, PREFIX, info["r"], info["lora_alpha"], sorted(_modules(state_dict)))
+        return out
+    save_file(to_format(state_dict, fmt, family=family, alpha=info["lora_alpha"]), out, metadata={"format": "pt"})
     return out

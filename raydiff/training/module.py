@@ -110,7 +110,8 @@ class PipelineTrainingModule(DiffusionTrainingModule):
                                    components=components, revision=cfg.model.revision,
                                    trust_remote_code=cfg.model.trust_remote_code, guidance=cfg.model.guidance,
                                    max_sequence_length=cfg.model.max_sequence_length, quantize=cfg.model.quantize,
-                                   quantize_text_encoders=cfg.model.quantize_text_encoders, expert=cfg.model.expert)
+                                   quantize_text_encoders=cfg.model.quantize_text_encoders, expert=cfg.model.expert,
+                                   controlnet=cfg.model.controlnet)
         self.loss_config = cfg.loss
         self.lora_base_model = cfg.lora.base_model if cfg.lora else None
         self.lora_config = switch_pipe_to_training_mode(
@@ -120,8 +121,9 @@ class PipelineTrainingModule(DiffusionTrainingModule):
             lora_alpha=cfg.lora.alpha if cfg.lora else None, lora_checkpoint=cfg.lora.init_from if cfg.lora else None,
             gradient_checkpointing=cfg.train.gradient_checkpointing)
         self.register_pipe(pipe)
-        speed_up(getattr(pipe.pipe, pipe.dit_name), cfg.train.attention_backend,
-                 cfg.train.compile_backend if cfg.train.compile else None)
+        for model in (pipe.dit, pipe.controlnet):  # a ControlNet's blocks are the DiT's kind
+            if model is not None:
+                speed_up(model, cfg.train.attention_backend, cfg.train.compile_backend if cfg.train.compile else None)
 
 
 def speed_up(dit: torch.nn.Module, attention_backend: str | None, compile_backend: str | None) -> None:
