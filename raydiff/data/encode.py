@@ -27,9 +27,16 @@ def trainable_names(cfg: RaydiffConfig) -> list[str]:
     return list(dict.fromkeys([*cfg.train.trainable_models, *([cfg.lora.base_model] if cfg.lora else [])]))
 
 
+def worker_models(cfg: RaydiffConfig) -> list[str]:
+    """The models only training workers hold in stream/cache mode: the trainable ones and, beside a ControlNet,
+    the frozen DiT it feeds (its units, FLUX's guidance, then run in the step: an encoder never loads a DiT)."""
+    dit = [cfg.model.denoiser or get_pipeline_class(cfg.model.family).dit_name] if cfg.model.controlnet else []
+    return list(dict.fromkeys([*trainable_names(cfg), *dit]))
+
+
 def encoder_components(cfg: RaydiffConfig) -> list[str]:
-    """What an encoder actor loads: every component except the trainable ones."""
-    trainable = set(trainable_names(cfg))
+    """What an encoder actor loads: every component except the workers' (`worker_models`)."""
+    trainable = set(worker_models(cfg))
     return [c for c in get_pipeline_class(cfg.model.family).model_names() if c not in trainable]
 
 
@@ -63,7 +70,7 @@ class Encoder:
                                         quantize=cfg.model.quantize,
                                         quantize_text_encoders=cfg.model.quantize_text_encoders,
                                         expert=cfg.model.expert, controlnet=cfg.model.controlnet)
-        self.units, _ = split_units(self.pipe, trainable_names(cfg))
+        self.units, _ = split_units(self.pipe, worker_models(cfg))
         self.media_keys = tuple(cfg.data.data_file_keys)
 
     @torch.no_grad()

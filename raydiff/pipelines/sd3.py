@@ -64,7 +64,8 @@ class SD3ImagePipeline(FamilyPipeline):
 
     @property
     def patch_size(self) -> int:
-        return self.pipe.patch_size  # the DiT's, or 2 (SD3's) when the DiT is not loaded
+        dit = self.pipe.transformer  # StableDiffusion3ControlNetPipeline has no `patch_size` of its own
+        return dit.config.patch_size if dit is not None else 2  # SD3's when the DiT is not loaded
 
     def model_fn(self, latents, sigma, *, prompt_embeds, pooled_prompt_embeds, control_latents=None, **_):
         dit = self.pipe.transformer
