@@ -93,17 +93,7 @@ class RaydiffConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _data_keys_fit_the_family(self):
-        if (problem := registry.data_keys_problem(self.model.family, self.data.data_file_keys)) is not None:
-            raise ValueError(f"data.data_file_keys {self.data.data_file_keys}: {problem}")
-        needs = registry.data_keys(self.model.family).sampling
-        if self.validation.prompts and needs:
-            raise ValueError(f"validation.prompts: {self.model.family} samples need {', '.join(needs)} besides a "
-                             f"prompt; sample checkpoints with `raydiff sample` and its condition options")
-        return self
-
-    @model_validator(mode="after")
-    def _controlnet_is_what_trains(self):
+    def _controlnet_is_what_trains(self):  # before the data keys: it names the family's missing ControlNet
         spec, keys = self.model.controlnet, self.data.data_file_keys
         trained = [*self.train.trainable_models, *([self.lora.base_model] if self.lora else [])]
         if spec is None:
@@ -138,9 +128,21 @@ class RaydiffConfig(_Section):
             raise ValueError("a LoRA on a new ControlNet cannot learn: its output layers start at zero (as "
                              "from_transformer makes them), so the LoRA's gradients are zero; train it fully (lora: "
                              "null, train.trainable_models: [controlnet]) or continue one (model.controlnet.path)")
+        if self.ray.strategy == "fsdp":  # a ControlNet is a fraction of its DiT; DDP holds it on every GPU
+            raise ValueError("ray.strategy fsdp: a ControlNet trains with ddp (the frozen DiT is not sharded either)")
         if self.validation.prompts:
             raise ValueError("validation.prompts: a ControlNet samples from a control image besides the prompt; "
                              "sample checkpoints with `raydiff sample --control-image ... --controlnet ...`")
+
+    @model_validator(mode="after")
+    def _data_keys_fit_the_family(self):
+        if (problem := registry.data_keys_problem(self.model.family, self.data.data_file_keys)) is not None:
+            raise ValueError(f"data.data_file_keys {self.data.data_file_keys}: {problem}")
+        needs = registry.data_keys(self.model.family).sampling
+        if self.validation.prompts and needs:
+            raise ValueError(f"validation.prompts: {self.model.family} samples need {', '.join(needs)} besides a "
+                             f"prompt; sample checkpoints with `raydiff sample` and its condition options")
+        return self
 
     @model_validator(mode="after")
     def _fsdp_is_for_full_fine_tuning(self):

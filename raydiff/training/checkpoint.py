@@ -161,3 +161,43 @@ def load_checkpoint(directory: str, module, optimizer, scheduler, sharded_models
         ema.capture()
     scheduler.load_state_dict(state["scheduler"])
     return TrainerState.read(directory)
+
+
+def controlnet_of_checkpoint(checkpoint: str) -> dict | None:
+    """`model:` of a ControlNet run's checkpoint (its config.yaml sets model.controlnet), else None."""
+    path = os.path.join(checkpoint, CONFIG_FILE)
+    if not os.path.isdir(checkpoint) or not os.path.isfile(path):
+        return None
+    import yaml
+
+    with open(path) as f:
+        model = (yaml.safe_load(f) or {}).get("model") or {}
+    return model if model.get(CONTROLNET) else None
+
+
+def load_trained_controlnet(checkpoint: str, dtype: torch.dtype = torch.float32):
+    """The ControlNet a checkpoint holds, as its diffusers model: the fully trained `controlnet/` folder, or the
+    continued ControlNet (model.controlnet.path) with the checkpoint's adapter loaded and fused into it."""
+    from raydiff.registry import get_pipeline_class
+
+    model = controlnet_of_checkpoint(checkpoint)
+    if model is None:
+        raise ValueError(f"{checkpoint}: not a checkpoint of a ControlNet run (its config.yaml sets no "
+                         f"model.controlnet)")
+    cls = get_pipeline_class(model.get("family", "flux")).controlnet_class
+    if os.path.isfile(os.path.join(checkpoint, CONTROLNET, MODEL_WEIGHTS_FILE)):
+        return cls.from_pretrained(os.path.join(checkpoint, CONTROLNET), dtype=dtype)
+    if not os.path.isfile(os.path.join(checkpoint, lora_lib.LORA_FILE)):
+        raise ValueError(f"{checkpoint}: neither {CONTROLNET}/{MODEL_WEIGHTS_FILE} nor {lora_lib.LORA_FILE}")
+    controlnet = cls.from_pretrained(model[CONTROLNET]["path"], dtype=dtype)
+    controlnet.load_lora_adapter(checkpoint, weight_name=lora_lib.LORA_FILE, prefix=CONTROLNET)
+    controlnet.fuse_lora()
+    controlnet.unload_lora()  # the fused weights stay; the adapter layers go
+    return controlnet
+
+
+def export_controlnet(checkpoint: str, out: str) -> str:
+    """Write the checkpoint's trained ControlNet (`load_trained_controlnet`) to the diffusers folder `out`, which
+    the family's ControlNet class `from_pretrained` loads. Returns `out`."""
+    load_trained_controlnet(checkpoint).save_pretrained(out)
+    return out

@@ -3,12 +3,19 @@ calls inside each family's diffusers ControlNet pipeline, a new ControlNet made 
 makes it, the control image encoded ahead (stream/cache) as inline, a LoRA on the ControlNet."""
 
 from functools import partial
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import yaml
+from controlnet_common import (
+    FAMILIES,
+    MAX_LEN,
+    PROMPTS,
+    as_input,
+    conditions,
+    controlnet_config,
+    decoded_batch,
+    uint8_images,
+)
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image
 
@@ -21,10 +28,6 @@ from raydiff.registry import get_pipeline_class
 from raydiff.training.lora import LORA_FILE, save_lora
 from raydiff.training.module import PipelineTrainingModule
 
-ROOT = Path(__file__).resolve().parents[2]
-FAMILIES = ("flux", "qwen_image", "sd3")
-PROMPTS = ["a red circle", "two blue squares on green grass"]
-MAX_LEN = 16
 # How each family's ControlNet pipeline calls its transformer: packed tokens, the timestep's scale (t / sigma),
 # and the options that keep its call to one transformer pass per step with the family's guidance.
 CALLS = {
@@ -34,23 +37,11 @@ CALLS = {
 }
 
 
-def uint8_images(n=2, size=32, seed=0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
-
-
-def as_input(images: np.ndarray) -> torch.Tensor:
-    """(B, H, W, 3) uint8 -> (B, 3, H, W) in [-1, 1], as collate makes it."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
 def capture(model) -> list:
     calls = []
     model.register_forward_hook(lambda m, args, kw, out: calls.append((kw, out)), with_kwargs=True)
     return calls
 
-
-def conditions(inputs: dict) -> dict:
-    return {k: v for k, v in inputs.items() if k not in ("latents", "image", "control_image", "prompt")}
 
 
 def sd3_pooled_controlnet(tiny_controlnet, tmp_path) -> str:
@@ -121,20 +112,6 @@ def test_a_new_controlnet_copies_the_transformer_and_starts_as_a_no_op(family, t
                                    plain.model_fn(latents, sigma, **conditions(inputs)), atol=0, rtol=0)
 
 
-def controlnet_config(family: str, model_dir: str, **sections) -> dict:
-    """The family's tiny example trained as a ControlNet: the tiny ControlNet of `model_dir` in full, inline."""
-    raw = yaml.safe_load((ROOT / "examples" / family / "tiny.yaml").read_text())
-    raw["model"].update(path=model_dir, max_sequence_length=MAX_LEN, controlnet={"path": f"{model_dir}/controlnet"})
-    raw["data"].update(data_file_keys=["image", "control_image"], preprocess="inline", cache_dir=None)
-    raw["lora"], raw["train"]["trainable_models"] = None, ["controlnet"]
-    for section, values in sections.items():
-        raw[section] = {**(raw.get(section) or {}), **values} if values is not None else None
-    return raw
-
-
-def decoded_batch() -> dict:
-    return {"image": uint8_images(seed=0), "control_image": uint8_images(seed=1), "prompt": np.array(PROMPTS),
-            "_row": np.arange(2)}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -157,7 +134,7 @@ def test_the_control_image_encoded_ahead_gives_the_inline_loss(family, tiny_cont
         want = full(collate(decoded_batch(), "cpu", inline.data.data_file_keys),
                     generator=torch.Generator().manual_seed(5))
         # The test can fail: other control images give another loss.
-        other = full(collate({**decoded_batch(), "control_image": uint8_images(seed=9)}, "cpu",
+        other = full(collate(decoded_batch(control_seed=9), "cpu",
                              inline.data.data_file_keys), generator=torch.Generator().manual_seed(5))
     assert torch.isfinite(want) and abs(other - want) > 1e-4
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
