@@ -186,3 +186,13 @@ def test_a_lora_on_the_controlnet_loads_with_diffusers_and_changes_the_output(fa
         trained = module.pipe.model_fn(latents, sigma, **conditions(inputs))
     assert (after - before).abs().max() > 1e-3
     torch.testing.assert_close(after, trained, atol=1e-5, rtol=1e-5)  # alpha 8 / rank 4 read from the metadata
+
+
+def test_the_torch_free_controlnet_table_agrees_with_the_family_classes():
+    from raydiff.registry import BUILTIN_CONTROLNETS, BUILTIN_FAMILIES
+
+    for family in BUILTIN_FAMILIES:
+        cls = get_pipeline_class(family)
+        own = None if cls.controlnet_class is None else (cls.controlnet_class.__name__, cls.controlnet_layers)
+        assert BUILTIN_CONTROLNETS.get(family) == own, family  # what the config checks before Ray starts
+    assert set(BUILTIN_CONTROLNETS) == set(FAMILIES)

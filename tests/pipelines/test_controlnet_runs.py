@@ -177,3 +177,13 @@ def test_a_missing_control_image_names_its_row_file_and_column(control_data):
         read_rows(DataConfig(**keys))
     rows, bad = read_rows(DataConfig(**keys, skip_bad_samples=True))
     assert [r["_row"] for r in rows] == [0, 2] and [b.row for b in bad] == [1]  # the other rows still train
+
+
+def test_a_controlnet_trains_beside_an_int8_dit(tiny_controlnet):
+    cfg = parse_config(controlnet_config("flux", tiny_controlnet("flux"), model={"quantize": "int8"}))
+    module = PipelineTrainingModule(cfg)
+    assert module.pipe.quantized == {"transformer": "int8"}  # the ControlNet was copied or loaded unquantized
+    loss = module(BATCH, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    grads = [p.grad for p in module.pipe.controlnet.controlnet_blocks.parameters()]
+    assert torch.isfinite(loss) and all(g is not None and g.abs().sum() > 0 for g in grads)
