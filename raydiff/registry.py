@@ -53,18 +53,28 @@ class DataKeys:
 
 
 _IMAGE = DataKeys(("image",))
+# An image family with a ControlNet: `control_image` is the ControlNet's input (needed with model.controlnet).
+_CONTROLLED_IMAGE = DataKeys(("image",), ("control_image",))
 # Each family class holds its own as `data_keys`; copied here so the config can check the keys torch-free
 # (tests check the two agree).
 BUILTIN_DATA_KEYS = {
-    "flux": _IMAGE,
-    "qwen_image": _IMAGE,
-    "sd3": _IMAGE,
+    "flux": _CONTROLLED_IMAGE,
+    "qwen_image": _CONTROLLED_IMAGE,
+    "sd3": _CONTROLLED_IMAGE,
     "wan": DataKeys(("video", "image")),  # an image trains as a one-frame video
     "wan_i2v": DataKeys(("video",), ("image",), sampling=("image",)),
     "wan_vace": DataKeys(("video", "image"), ("control_video", "mask_video", "reference_images"),
                          (("mask_video", "control_video"),)),
     "z_image": _IMAGE,
     "flux2_klein": _IMAGE,
+}
+# The diffusers ControlNet class each family trains with `model.controlnet`, and the layer counts a new one
+# takes (its `from_transformer` arguments): the family classes' `controlnet_class` / `controlnet_layers`,
+# copied torch-free for the config (tests check the two agree).
+BUILTIN_CONTROLNETS = {
+    "flux": ("FluxControlNetModel", ("num_layers", "num_single_layers")),
+    "qwen_image": ("QwenImageControlNetModel", ("num_layers",)),
+    "sd3": ("SD3ControlNetModel", ("num_layers",)),
 }
 _registered: dict[str, str | type] = {}
 
@@ -123,6 +133,17 @@ def data_keys(family: str) -> DataKeys:
 
 # Columns every family reads: `mask`, a grayscale image weighting the loss (white trained, black ignored).
 LOSS_KEYS = ("mask",)
+def controlnet_of(family: str) -> tuple[str, tuple[str, ...]] | None:
+    """(diffusers ControlNet class name, a new one's layer-count keys) of `family`, None if it has no ControlNet
+    (imports a registered family's class, never a built-in)."""
+    if family in BUILTIN_FAMILIES:
+        return BUILTIN_CONTROLNETS.get(family)
+    cls = get_pipeline_class(family)
+    return (cls.controlnet_class.__name__, cls.controlnet_layers) if cls.controlnet_class is not None else None
+
+
+def controlnet_families() -> list[str]:
+    return [f for f in family_names() if controlnet_of(f) is not None]
 
 
 def data_keys_problem(family: str, keys: list[str]) -> str | None:

@@ -60,6 +60,27 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_controlnet(tiny_model, tmp_path_factory):
+    """tiny_controlnet("flux") -> a copy of the tiny pipeline with a tiny ControlNet in its `controlnet/` folder
+    (what `raydiff tiny-model FAMILY DIR --controlnet` writes), once per session."""
+    import shutil
+
+    from raydiff.pipelines.controlnet import write_tiny_controlnet
+
+    cache: dict[str, str] = {}
+
+    def make(family: str) -> str:
+        if family not in cache:
+            path = str(tmp_path_factory.mktemp(f"tiny-{family}-controlnet"))
+            shutil.copytree(tiny_model(family), path, dirs_exist_ok=True)
+            write_tiny_controlnet(get_pipeline_class(family), path)
+            cache[family] = path
+        return cache[family]
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def shapes(tmp_path_factory) -> str:
     """16 shapes images, 32x32, with captions; returns the directory (metadata.csv inside)."""
     path = str(tmp_path_factory.mktemp("shapes"))

@@ -16,6 +16,7 @@ from raydiff.config.loading import (
 from raydiff.config.root import RaydiffConfig, config_key_error
 from raydiff.config.sections import (
     ADAPTER_TYPES,
+    CONTROLNET,
     DISTRIBUTIONS,
     DTYPE_NAMES,
     EXPERT_COMPONENTS,
@@ -23,6 +24,7 @@ from raydiff.config.sections import (
     OPTIMIZERS,
     QUANTIZE_MODES,
     SHARDED_STATE_OPTIMIZERS,
+    ControlNetConfig,
     DataConfig,
     EMAConfig,
     EvalConfig,
@@ -38,10 +40,11 @@ from raydiff.config.sections import (
 )
 
 __all__ = [
-    "ADAPTER_TYPES", "DISTRIBUTIONS", "DTYPE_NAMES", "EXPERT_COMPONENTS", "GPU_ONLY_QUANTIZE", "OPTIMIZERS",
-    "QUANTIZE_MODES", "SHARDED_STATE_OPTIMIZERS",
-    "ConfigError", "DataConfig", "EMAConfig", "EvalConfig", "LogConfig", "LoraConfig", "LossConfig", "ModelConfig",
-    "RayConfig", "RaydiffConfig", "RegularizationConfig", "TrainConfig", "TuneConfig", "UserError",
-    "ValidationConfig", "apply_overrides", "config_key_error", "dump_config", "from_remote", "load_config",
-    "parse_config", "to_dict", "to_remote",
+    "ADAPTER_TYPES", "CONTROLNET", "DISTRIBUTIONS", "DTYPE_NAMES", "EXPERT_COMPONENTS", "GPU_ONLY_QUANTIZE",
+    "OPTIMIZERS", "QUANTIZE_MODES", "SHARDED_STATE_OPTIMIZERS",
+    "ConfigError", "ControlNetConfig", "DataConfig", "EMAConfig", "EvalConfig", "LogConfig", "LoraConfig", "LossConfig",
+    "ModelConfig", "RayConfig", "RaydiffConfig", "RegularizationConfig", "TrainConfig", "TuneConfig", "UserError",
+    "ValidationConfig",
+    "apply_overrides", "config_key_error", "dump_config", "from_remote", "load_config", "parse_config", "to_dict",
+    "to_remote",
 ]

@@ -10,6 +10,7 @@ from pydantic import BaseModel, model_validator
 
 from raydiff import registry
 from raydiff.config.sections import (
+    CONTROLNET,
     EXPERT_COMPONENTS,
     SHARDED_STATE_OPTIMIZERS,
     DataConfig,
@@ -76,8 +77,8 @@ class RaydiffConfig(_Section):
     @model_validator(mode="after")
     def _expert_is_what_trains(self):
         denoiser = self.model.denoiser
-        if self.lora is not None and self.lora.base_model is None:
-            self.lora.base_model = denoiser or "transformer"
+        if self.lora is not None and self.lora.base_model is None:  # with a ControlNet, the LoRA goes into it
+            self.lora.base_model = denoiser or (CONTROLNET if self.model.controlnet else "transformer")
         if denoiser is None:
             return self
         other = next(c for c in EXPERT_COMPONENTS.values() if c != denoiser)
@@ -90,6 +91,48 @@ class RaydiffConfig(_Section):
             raise ValueError("validation.prompts needs both experts, but a model.expert run loads one; sample "
                              "checkpoints with `raydiff sample`")
         return self
+
+    @model_validator(mode="after")
+    def _controlnet_is_what_trains(self):  # before the data keys: it names the family's missing ControlNet
+        spec, keys = self.model.controlnet, self.data.data_file_keys
+        trained = [*self.train.trainable_models, *([self.lora.base_model] if self.lora else [])]
+        if spec is None:
+            if "control_image" in keys:
+                raise ValueError("data.data_file_keys names control_image, a ControlNet's input; set model.controlnet "
+                                 "(README: ControlNet training) or drop the column")
+            if CONTROLNET in trained:
+                raise ValueError("train.trainable_models / lora.base_model name controlnet; set model.controlnet")
+            return self
+        family, known = self.model.family, registry.controlnet_of(self.model.family)
+        if known is None:
+            raise ValueError(f"model.controlnet: the {family} family has no ControlNet; ControlNets train for "
+                             f"{', '.join(registry.controlnet_families())}")
+        if spec.num_single_layers is not None and "num_single_layers" not in known[1]:
+            raise ValueError(f"model.controlnet.num_single_layers: a {known[0]} has no single-stream blocks; unset it")
+        if spec.path is None and (missing := [k for k in known[1] if getattr(spec, k) is None]):
+            raise ValueError(f"model.controlnet: a new {known[0]} needs {' and '.join(missing)}")
+        if "control_image" not in keys:
+            raise ValueError(f"model.controlnet trains on control images: add control_image to data.data_file_keys "
+                             f"(e.g. {[keys[0], 'control_image']})")
+        self._check_controlnet_training(trained)
+        return self
+
+    def _check_controlnet_training(self, trained: list[str]) -> None:
+        if others := [m for m in trained if m != CONTROLNET]:
+            raise ValueError(f"model.controlnet trains the ControlNet beside a frozen base, but train.trainable_models "
+                             f"/ lora.base_model also name {others}; train only controlnet")
+        if CONTROLNET not in trained:
+            raise ValueError("model.controlnet: nothing trains it; set train.trainable_models: [controlnet] (and "
+                             "lora: null), or lora.base_model: controlnet")
+        if self.lora is not None and self.model.controlnet.path is None:
+            raise ValueError("a LoRA on a new ControlNet cannot learn: its output layers start at zero (as "
+                             "from_transformer makes them), so the LoRA's gradients are zero; train it fully (lora: "
+                             "null, train.trainable_models: [controlnet]) or continue one (model.controlnet.path)")
+        if self.ray.strategy == "fsdp":  # a ControlNet is a fraction of its DiT; DDP holds it on every GPU
+            raise ValueError("ray.strategy fsdp: a ControlNet trains with ddp (the frozen DiT is not sharded either)")
+        if self.validation.prompts:
+            raise ValueError("validation.prompts: a ControlNet samples from a control image besides the prompt; "
+                             "sample checkpoints with `raydiff sample --control-image ... --controlnet ...`")
 
     @model_validator(mode="after")
     def _data_keys_fit_the_family(self):
@@ -120,7 +163,7 @@ class RaydiffConfig(_Section):
         m, trainable = self.model, self.train.trainable_models
         if m.quantize is None:
             return self
-        if self.lora is None:
+        if self.lora is None and m.controlnet is None:  # a ControlNet trains beside the frozen DiT
             raise ValueError("model.quantize freezes the DiT under a LoRA; set a `lora:` section (full fine-tuning "
                              "trains the weights quantization would freeze)")
         if "transformer" in trainable or (m.quantize_text_encoders and any(
@@ -199,4 +242,7 @@ class RaydiffConfig(_Section):
         cfg.ray.storage_path = _abs(cfg.ray.storage_path)
         if Path(_abs(cfg.model.path)).exists():
             cfg.model.path = _abs(cfg.model.path)
+        controlnet = cfg.model.controlnet
+        if controlnet is not None and controlnet.path and Path(_abs(controlnet.path)).exists():  # else a hub id
+            controlnet.path = _abs(controlnet.path)
         return cfg

@@ -16,10 +16,33 @@ OPTIMIZERS, SHARDED_STATE_OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prod
 # A two-expert checkpoint (Wan 2.2 A14B): diffusers' pipelines route timesteps >= boundary_ratio x 1000 to
 # `transformer` (high noise) and the rest to `transformer_2` (low noise).
 EXPERT_COMPONENTS = {"high": "transformer", "low": "transformer_2"}
+CONTROLNET = "controlnet"  # the component name of `model.controlnet` (as in diffusers' ControlNet pipelines)
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ControlNetConfig(_Section):
+    """`model.controlnet`: a ControlNet beside the frozen transformer, trained on `control_image` (README:
+    ControlNet training)."""
+
+    path: str | None = Field(None, description="a diffusers-format ControlNet (a directory with config.json, or a "
+                                               "hub id) to continue; null = a new one from the transformer")
+    num_layers: int | None = Field(None, ge=1, description="a new ControlNet's (double-stream) blocks, copied from "
+                                                           "the transformer's first ones")
+    num_single_layers: int | None = Field(None, ge=0, description="a new FLUX ControlNet's single-stream blocks")
+
+    @model_validator(mode="after")
+    def _new_or_continued(self):
+        layers = [k for k in ("num_layers", "num_single_layers") if getattr(self, k) is not None]
+        if self.path is not None and layers:
+            raise ValueError(f"path continues a ControlNet whose config.json sets its layers; unset "
+                             f"{', '.join(layers)}")
+        if self.path is None and self.num_layers is None:
+            raise ValueError("set path (a ControlNet to continue) or num_layers (a new one from the transformer's "
+                             "weights)")
+        return self
 
 
 class ModelConfig(_Section):
@@ -38,6 +61,8 @@ class ModelConfig(_Section):
     expert: Literal["high", "low"] | None = Field(
         None, description="two-expert checkpoints (Wan 2.2 A14B): train the high-noise `transformer` or the "
                           "low-noise `transformer_2`, on its share of the timesteps; one run per expert")
+    controlnet: ControlNetConfig | None = Field(None, description="train a ControlNet on data column control_image "
+                                                                  "(flux, qwen_image, sd3); null = none")
 
     @model_validator(mode="after")
     def _text_encoders_follow_the_dit(self):

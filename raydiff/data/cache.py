@@ -23,7 +23,7 @@ from raydiff.console import quiet_libraries, say
 from raydiff.data.buckets import row_buckets
 from raydiff.data.cache_io import SKIPPED_KEY, CacheLayout, columns_to_table, write_empty_prompt
 from raydiff.data.decode import VIDEO_KEYS, DecodeRow
-from raydiff.data.encode import Encoder, remote_empty_prompt, trainable_names
+from raydiff.data.encode import Encoder, remote_empty_prompt, trainable_names, worker_models
 from raydiff.data.metadata import SampleError, is_url, train_and_eval_rows
 
 FORMAT = 1
@@ -53,7 +53,7 @@ def cache_settings(cfg: RaydiffConfig) -> dict:
     settings = {"data_file_keys": d.data_file_keys, "height": d.height, "width": d.width,
                 "max_pixels": d.max_pixels, "division_factor": d.division_factor, "buckets": d.buckets,
                 "random_flip": d.random_flip, "max_image_pixels": d.max_image_pixels,
-                "skip_bad_samples": d.skip_bad_samples, "encoded_without": trainable_names(cfg)}
+                "skip_bad_samples": d.skip_bad_samples, "encoded_without": worker_models(cfg)}
     if any(k in VIDEO_KEYS for k in d.data_file_keys):
         settings["num_frames"] = d.num_frames
     if d.frame_buckets:  # absent otherwise, so caches written before frame buckets stay current
@@ -70,6 +70,8 @@ def model_identity(cfg: RaydiffConfig) -> dict:
              "max_sequence_length": m.max_sequence_length, "files": _model_fingerprint(cfg)}
     if m.quantize_text_encoders:  # quantized encoders give other embeddings (absent otherwise: old caches stay valid)
         model["quantize_text_encoders"] = m.quantize
+    if m.controlnet is not None:  # its config can change how control images encode (SD3's shift); absent otherwise
+        model["controlnet"] = m.controlnet.model_dump()
     return model
 
 

@@ -102,7 +102,7 @@ class DecodeSample:
                 size = size or out[key].shape[-3:-1]
             except DecodeError as err:
                 source = row[key] if isinstance(row[key], str) else row.get("_source", "embedded bytes")
-                bad = BadSample(row["_row"], source, str(err))
+                bad = BadSample(row["_row"], source, f"{err} (column {key!r})")
                 if not self.cfg.skip_bad_samples:
                     raise SampleError(bad) from None
                 count_skipped(self.counter_name, bad)

@@ -27,10 +27,17 @@ def trainable_names(cfg: RaydiffConfig) -> list[str]:
     return list(dict.fromkeys([*cfg.train.trainable_models, *([cfg.lora.base_model] if cfg.lora else [])]))
 
 
+def worker_models(cfg: RaydiffConfig) -> list[str]:
+    """The models only training workers hold in stream/cache mode: the trainable ones and, beside a ControlNet,
+    the frozen DiT it feeds (its units, FLUX's guidance, then run in the step: an encoder never loads a DiT)."""
+    dit = [cfg.model.denoiser or get_pipeline_class(cfg.model.family).dit_name] if cfg.model.controlnet else []
+    return list(dict.fromkeys([*trainable_names(cfg), *dit]))
+
+
 def encoder_components(cfg: RaydiffConfig) -> list[str]:
-    """What an encoder actor loads: every component except the trainable ones."""
-    trainable = set(trainable_names(cfg))
-    return [c for c in get_pipeline_class(cfg.model.family).component_names if c not in trainable]
+    """What an encoder actor loads: every component except the workers' (`worker_models`)."""
+    trainable = set(worker_models(cfg))
+    return [c for c in get_pipeline_class(cfg.model.family).model_names() if c not in trainable]
 
 
 def training_components(cfg: RaydiffConfig) -> list[str] | None:
@@ -41,7 +48,7 @@ def training_components(cfg: RaydiffConfig) -> list[str] | None:
     cls = get_pipeline_class(cfg.model.family)
     denoiser = cfg.model.denoiser or cls.dit_name
     wanted = [denoiser, *trainable_names(cfg), *(c for c in cls.component_names if c.startswith("tokenizer"))]
-    return [c for c in dict.fromkeys(wanted) if c in cls.component_names]
+    return [c for c in dict.fromkeys(wanted) if c in cls.model_names()]
 
 
 # --- the encoder ------------------------------------------------------------------------------
@@ -56,7 +63,7 @@ class Encoder:
     def __init__(self, cfg: RaydiffConfig, device=None):
         self.cfg, self.device = cfg, torch.device(device or encoder_device(cfg))
         self.pipe = get_pipeline_class(cfg.model.family).from_config(cfg, self.device, encoder_components(cfg))
-        self.units, _ = split_units(self.pipe, trainable_names(cfg))
+        self.units, _ = split_units(self.pipe, worker_models(cfg))
         self.media_keys = tuple(cfg.data.data_file_keys)
 
     @torch.no_grad()

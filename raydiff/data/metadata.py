@@ -238,7 +238,7 @@ def _check_path(index: int, key: str, value: Any, base_path: str, allow_outside_
     if resolved is None:
         return BadSample(index, value, ESCAPE_REASON)
     if not is_url(resolved) and not os.path.exists(resolved):
-        return BadSample(index, value, "file not found")
+        return BadSample(index, value, f"file not found (column {key!r})")
     return resolved
 
 

@@ -1,10 +1,12 @@
 """Small synthetic datasets written on demand, so the demo, the tiny examples and the tests need no
-download and the repository holds no binaries: coloured shapes (images), moving squares (clips) and clips
-with VACE conditions (control clip, mask clip, reference image).
+download and the repository holds no binaries: coloured shapes (images; with their edge maps as ControlNet
+control images), moving squares (clips) and clips with VACE conditions (control clip, mask clip, reference
+image).
 
     python -c "from raydiff.data.shapes import write_shapes_dataset as w; w('data/shapes')"
     python -c "from raydiff.data.shapes import write_clips_dataset as w; w('data/clips')"
     python -c "from raydiff.data.shapes import write_vace_dataset as w; w('data/vace')"
+    python -c "from raydiff.data.shapes import write_control_dataset as w; w('data/control')"
 """
 
 from __future__ import annotations
@@ -51,6 +53,26 @@ def write_shapes_dataset(directory: str, n: int = 16, size: tuple[int, int] | li
     path = os.path.join(directory, metadata_name)
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["image", "prompt"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_control_dataset(directory: str, n: int = 8, size: tuple[int, int] = (32, 32), seed: int = 0) -> str:
+    """`write_shapes_dataset` plus, per image, a control image: its edges (white on black, as a canny map), in
+    `control/`; metadata `metadata.csv` with image, control_image and prompt. Returns the metadata path."""
+    from PIL import ImageFilter
+
+    path = write_shapes_dataset(directory, n=n, size=size, seed=seed)
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    os.makedirs(os.path.join(directory, "control"), exist_ok=True)
+    for row in rows:
+        edges = Image.open(os.path.join(directory, row["image"])).convert("L").filter(ImageFilter.FIND_EDGES)
+        row["control_image"] = f"control/{row['image']}"
+        edges.point(lambda v: 255 if v > 24 else 0).convert("RGB").save(os.path.join(directory, row["control_image"]))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["image", "control_image", "prompt"])
         writer.writeheader()
         writer.writerows(rows)
     return path

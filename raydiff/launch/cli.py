@@ -59,13 +59,21 @@ def cmd_tiny_model(args) -> None:
     if args.variant is not None and args.variant not in cls.tiny_variants:
         choices = ", ".join(cls.tiny_variants) or "none"
         raise UserError(f"--variant {args.variant}: the {args.family} family's variants are: {choices}")
+    if args.controlnet and cls.controlnet_class is None:
+        raise UserError(f"--controlnet: the {args.family} family has no ControlNet")
     cls.write_tiny(args.dir, seed=args.seed, **({"variant": args.variant} if args.variant else {}))
     which = f" ({args.variant})" if args.variant else ""
     print(f"[raydiff] wrote a tiny random {args.family}{which} pipeline to {os.path.abspath(args.dir)}")
+    if args.controlnet:
+        from raydiff.pipelines.controlnet import write_tiny_controlnet
+
+        folder = write_tiny_controlnet(cls, args.dir, seed=args.seed)
+        print(f"[raydiff] wrote a tiny {cls.controlnet_class.__name__} to {os.path.abspath(folder)}")
 
 
 def cmd_export(args) -> None:
     from raydiff.config import UserError
+    from raydiff.training.checkpoint import controlnet_of_checkpoint
     from raydiff.training.lora_formats import export_lora
 
     if not os.path.exists(args.checkpoint):
@@ -78,11 +86,28 @@ def cmd_export(args) -> None:
         if not os.path.isfile(source):
             raise UserError(f"--ema: {args.checkpoint} has no {EMA_FILE} (a checkpoint directory of a run with "
                             f"train.ema)")
+    if controlnet_of_checkpoint(args.checkpoint) is not None:
+        return export_trained_controlnet(args)
     try:
         out = export_lora(source, args.format, args.out, family=args.family)
     except ValueError as err:  # an unsupported family/format pair, keys no format knows
         raise UserError(str(err)) from None
     print(f"[raydiff] wrote {args.format} {'EMA ' if args.ema else ''}LoRA to {os.path.abspath(out)}")
+
+
+def export_trained_controlnet(args) -> None:
+    """A ControlNet run's checkpoint exports as a diffusers ControlNet folder (its adapter, if any, fused in)."""
+    from raydiff.config import UserError
+    from raydiff.training.checkpoint import export_controlnet
+
+    if args.format != "diffusers" or args.ema:
+        raise UserError(f"{args.checkpoint} trained a ControlNet, which exports as a diffusers folder only: "
+                        f"--format diffusers, without --ema")
+    try:
+        out = export_controlnet(args.checkpoint, args.out)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    print(f"[raydiff] wrote the trained ControlNet as a diffusers folder to {os.path.abspath(out)}")
 
 
 def add_config_arguments(p: argparse.ArgumentParser, config_help: str) -> None:
@@ -126,12 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variant", default=None, help="a checkpoint variant of the family, e.g. wan: wan21 (default), "
                                                    "wan22_a14b, wan22_ti2v_5b")
+    p.add_argument("--controlnet", action="store_true", help="also a tiny ControlNet in DIR/controlnet (flux, "
+                                                            "qwen_image, sd3; model.controlnet.path)")
     p.set_defaults(func=cmd_tiny_model)
 
-    p = sub.add_parser("export", help="convert a checkpoint's LoRA for other tools (ComfyUI, kohya, DiffSynth)")
+    p = sub.add_parser("export", help="convert a checkpoint's LoRA for other tools (ComfyUI, kohya, DiffSynth); a "
+                                      "ControlNet run's as a diffusers ControlNet folder")
     p.add_argument("checkpoint", help="a checkpoint directory or a .safetensors LoRA file")
     p.add_argument("--format", required=True, choices=FORMATS)
-    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--out", required=True, help="output .safetensors file (a ControlNet run's checkpoint: a folder)")
     p.add_argument("--family", choices=family_names(),
                    help="model family (default: read from the checkpoint's config.yaml)")
     p.add_argument("--ema", action="store_true", help="export the checkpoint's EMA weights (train.ema) instead")

@@ -20,7 +20,7 @@ ADAPTER = "raydiff"
 def sample(model: str, lora: str | None, prompt: str, out: str, *, family: str = "flux", lora_scale: float = 1.0,
            steps: int = 20, guidance: float = 3.5, height: int = 512, width: int = 512, seed: int = 0,
            num_frames: int = 1, dtype: str | None = None, device: str | None = None, expert: str | None = None,
-           conditions: dict | None = None) -> str:
+           conditions: dict | None = None, controlnet: str | None = None) -> str:
     """Render `prompt` with `model` (a diffusers-format directory or hub id) and the LoRA at `lora` (a
     checkpoint directory or a `.safetensors` file; None = the base model) scaled by `lora_scale`, and
     save a PNG to `out` (video families: the first frame). Returns `out`.
@@ -29,7 +29,9 @@ def sample(model: str, lora: str | None, prompt: str, out: str, *, family: str =
     starting noise comes from a CPU generator seeded with `seed`, as in validation samples. `expert`: the
     two-expert model's expert the LoRA was trained on (`low` loads it into `transformer_2`). `conditions`:
     condition files by data key (`image` for wan_i2v; `control_video`, `mask_video`, `reference_images` (a
-    list) for wan_vace); a control video sets the frame count.
+    list) for wan_vace; `control_image` with `controlnet`); a control video sets the frame count. `controlnet`:
+    a ControlNet run's checkpoint or a diffusers ControlNet (folder or hub id), sampled with the family's
+    ControlNet pipeline.
     """
     from raydiff.pipelines.base import DTYPES
     from raydiff.registry import get_pipeline_class
@@ -46,6 +48,8 @@ def sample(model: str, lora: str | None, prompt: str, out: str, *, family: str =
         if not os.path.exists(lora):
             raise FileNotFoundError(f"no LoRA checkpoint or file at {lora}")
         load_adapter(pipe, lora, family, lora_scale, expert)
+    if controlnet is not None:
+        pipe = with_trained_controlnet(family_cls, pipe, controlnet, DTYPES[dtype])
     pipe.to(device)
     # A control video brings its own length: all its frames (4k + 1), or at most --num-frames when set above 1.
     loaded = load_conditions(conditions or {}, num_frames if num_frames > 1 else 1_000_000)
@@ -53,10 +57,25 @@ def sample(model: str, lora: str | None, prompt: str, out: str, *, family: str =
         num_frames = len(loaded["control_video"])
     settings = ValidationSettings(prompts=[prompt], seed=seed, steps=steps, guidance=guidance, height=height,
                                   width=width, num_frames=num_frames)
-    image = sample_images(family_cls, pipe, settings, call_kwargs=family_cls.sampling_conditions(loaded))[0]
+    control = {"control_image": loaded.pop("control_image")} if "control_image" in loaded else {}
+    call_kwargs = {**family_cls.sampling_conditions(loaded), **control}  # the ControlNet pipelines' own keyword
+    image = sample_images(family_cls, pipe, settings, call_kwargs=call_kwargs)[0]
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     image.save(out)
     return out
+
+
+def with_trained_controlnet(family_cls, pipe, controlnet: str, dtype: torch.dtype):
+    """`pipe` as the family's diffusers ControlNet pipeline holding `controlnet`: a ControlNet run's checkpoint
+    (its trained ControlNet, an adapter fused in) or a diffusers ControlNet folder or hub id."""
+    from raydiff.pipelines.controlnet import with_controlnet
+    from raydiff.training.checkpoint import controlnet_of_checkpoint, load_trained_controlnet
+
+    if controlnet_of_checkpoint(controlnet) is not None:
+        model = load_trained_controlnet(controlnet, dtype)
+    else:
+        model = family_cls.controlnet_class.from_pretrained(controlnet, dtype=dtype)
+    return with_controlnet(family_cls, pipe, model)
 
 
 def load_conditions(paths: dict, num_frames: int) -> dict:
@@ -153,7 +172,14 @@ def cmd_sample(args) -> None:
 
     if args.lora is not None and not os.path.exists(args.lora):
         raise UserError(f"--lora {args.lora}: no checkpoint directory or LoRA file there")
-    trained = checkpoint_model(args.lora)
+    from raydiff.training.checkpoint import controlnet_of_checkpoint
+
+    if args.lora is not None and controlnet_of_checkpoint(args.lora) is not None:
+        raise UserError(f"--lora {args.lora} is a ControlNet run's checkpoint: pass it as --controlnet, with "
+                        f"--control-image")
+    if bool(args.controlnet) != bool(args.control_image):
+        raise UserError("--controlnet and --control-image go together: the ControlNet reads the control image")
+    trained = checkpoint_model(args.lora) or checkpoint_model(args.controlnet)
     model = args.model or trained.get("path")
     family = args.family or trained.get("family") or family_of_directory(model)
     if model is None or family is None:
@@ -164,18 +190,22 @@ def cmd_sample(args) -> None:
         raise UserError(f"model {model}: no such directory")
     conditions = {key: value for key, value in (("image", args.image), ("control_video", args.control_video),
                                                 ("mask_video", args.mask_video),
-                                                ("reference_images", args.reference_image)) if value}
+                                                ("reference_images", args.reference_image),
+                                                ("control_image", args.control_image)) if value}
     for path in [p for v in conditions.values() for p in ([v] if isinstance(v, str) else v)]:
         if not os.path.exists(path):
             raise UserError(f"{path}: no such file")
     try:
-        get_pipeline_class(family).sampling_conditions({k: None for k in conditions})  # names only, before loading
+        cls = get_pipeline_class(family)
+        if args.controlnet and cls.controlnet_class is None:
+            raise ValueError(f"--controlnet: the {family} family has no ControlNet")
+        cls.sampling_conditions({k: None for k in conditions if k != "control_image"})  # names only, before loading
     except ValueError as err:
         raise UserError(str(err)) from None
     path = sample(model, args.lora, args.prompt, args.out, family=family, lora_scale=args.lora_scale,
                   steps=args.steps, guidance=args.guidance, height=args.height, width=args.width, seed=args.seed,
                   num_frames=args.num_frames, dtype=args.dtype, device=args.device,
-                  expert=args.expert or trained.get("expert"), conditions=conditions)
+                  expert=args.expert or trained.get("expert"), conditions=conditions, controlnet=args.controlnet)
     say(f"[raydiff] wrote {os.path.abspath(path)}")
 
 
@@ -208,4 +238,8 @@ def add_sample_parser(subparsers) -> None:
     p.add_argument("--control-video", default=None, help="wan_vace: the control video (sets the frame count)")
     p.add_argument("--mask-video", default=None, help="wan_vace: white where the control video is regenerated")
     p.add_argument("--reference-image", action="append", default=[], help="wan_vace: a reference image; repeatable")
+    p.add_argument("--controlnet", default=None, help="a ControlNet run's checkpoint, or a diffusers ControlNet "
+                                                      "(folder or hub id): sample with the family's ControlNet "
+                                                      "pipeline (flux, qwen_image, sd3)")
+    p.add_argument("--control-image", default=None, help="with --controlnet: the control image (pose, depth, edges)")
     p.set_defaults(func=cmd_sample)

@@ -22,8 +22,18 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-from raydiff.config import DTYPE_NAMES, EXPERT_COMPONENTS, RaydiffConfig
+from raydiff.config import CONTROLNET, DTYPE_NAMES, EXPERT_COMPONENTS, ControlNetConfig, RaydiffConfig
 from raydiff.diffusion.flow_matching import FlowSchedule
+from raydiff.pipelines.controlnet import (
+    CONTROL_IMAGE,
+    CONTROL_LATENTS,
+    build_controlnet,
+    control_embedder,
+    controlnet_residuals,
+    controlnet_setting,
+    matching_inputs,
+    with_controlnet,
+)
 from raydiff.pipelines.quantize import quantize_model, text_encoder_skip
 from raydiff.registry import DataKeys
 
@@ -122,9 +132,21 @@ class FamilyPipeline:
     quantize_skip: ClassVar[tuple[str, ...]] = ("*embed*", "*norm*", "proj_out")
     quantized: dict[str, str] = {}  # component -> quantization mode, set by `from_pretrained`
     tiny_variants: ClassVar[tuple[str, ...]] = ()  # `write_tiny(variant=...)` choices, the first the default
+    # `model.controlnet` (raydiff.pipelines.controlnet): the diffusers ControlNet model and pipeline, a new one's
+    # layer-count keys, extra `from_transformer` arguments, {output field: DiT keyword} of its residuals, and the
+    # config keys of ControlNets that need more than the control latents (refused). None: no ControlNet.
+    controlnet_class: ClassVar[type | None] = None
+    controlnet_pipeline_class: ClassVar[type | None] = None
+    controlnet_layers: ClassVar[tuple[str, ...]] = ("num_layers",)
+    controlnet_init: ClassVar[dict] = {}
+    controlnet_residuals: ClassVar[dict[str, str]] = {}
+    controlnet_refused: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, pipe, device, *, guidance: float = 1.0, max_sequence_length: int | None = None,
-                 expert: str | None = None, masked: bool = False):
+                 expert: str | None = None, controlnet: ControlNetConfig | None = None, masked: bool = False):
+        if controlnet is not None and self.controlnet_class is None:
+            raise ValueError(f"model.controlnet: the {self.family} family has no ControlNet")
+        self.controlnet_spec = controlnet
         self.pipe, self.device = pipe, torch.device(device)
         self.guidance = guidance  # a distilled-guidance embedding's input (FLUX.1-dev); others ignore it
         self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
@@ -139,7 +161,7 @@ class FamilyPipeline:
             # high-noise `transformer`, the rest to `transformer_2`; each expert trains on its own share.
             self.dit_name = EXPERT_COMPONENTS[expert]
             self.sigma_range = (boundary, math.inf) if expert == "high" else (0.0, boundary)
-        self.units = [*self.make_units(), *([LOSS_MASK_UNIT] if masked else [])]
+        self.units = [*self.make_units(), *self.controlnet_units(), *([LOSS_MASK_UNIT] if masked else [])]
 
     @classmethod
     def from_config(cls, cfg: RaydiffConfig, device="cpu", components: Sequence[str] | None = None) -> FamilyPipeline:
@@ -150,7 +172,7 @@ class FamilyPipeline:
                                    revision=m.revision, trust_remote_code=m.trust_remote_code, quantize=m.quantize,
                                    quantize_text_encoders=m.quantize_text_encoders, guidance=m.guidance,
                                    max_sequence_length=m.max_sequence_length, expert=m.expert,
-                                   masked="mask" in cfg.data.data_file_keys)
+                                   controlnet=m.controlnet, masked="mask" in cfg.data.data_file_keys)
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype: torch.dtype = torch.float32, device="cpu",
@@ -160,7 +182,9 @@ class FamilyPipeline:
         """Load `cls.diffusers_class` from a diffusers-format directory or hub id. Components left out
         of `components` are skipped (None), so a DiT-only trainer never constructs the VAE or text
         encoders. `quantize` (int8 | fp8 | nf4): the DiT (and with `quantize_text_encoders` the text
-        encoders) is quantized layer by layer on its way to `device` (raydiff.pipelines.quantize)."""
+        encoders) is quantized layer by layer on its way to `device` (raydiff.pipelines.quantize).
+        `controlnet` (a `ControlNetConfig`, in `options`): loaded (or made from the unquantized DiT) unless
+        `components` leaves it out; the family then holds its diffusers ControlNet pipeline."""
         skip = {} if components is None else {c: None for c in cls.component_names if c not in components}
         dit_name = EXPERT_COMPONENTS.get(options.get("expert"), cls.dit_name)
         if options.get("expert"):  # the other expert is never loaded: a 14B model each
@@ -169,12 +193,17 @@ class FamilyPipeline:
         if trust_remote_code:  # only ever when the user's config says so
             kwargs["trust_remote_code"] = True
         pipe = cls.diffusers_class.from_pretrained(path, **kwargs)
+        spec, controlnet = options.get("controlnet"), None
+        if spec is not None and cls.controlnet_class is not None and (components is None or CONTROLNET in components):
+            controlnet = build_controlnet(cls, spec, getattr(pipe, dit_name), dtype).to(device)
         quantized = cls.quantize_plan(pipe, quantize, quantize_text_encoders, dit_name)
         for name, component in pipe.components.items():
             if name in quantized:
                 quantize_model(component, quantize, skip=quantized[name], device=device)
             elif isinstance(component, torch.nn.Module):
                 component.to(device)
+        if controlnet is not None:
+            pipe = with_controlnet(cls, pipe, controlnet)
         family = cls(pipe, device, **options)
         family.quantized = {name: quantize for name in quantized}
         return family
@@ -192,8 +221,51 @@ class FamilyPipeline:
                          if name.startswith("text_encoder") and isinstance(m, torch.nn.Module)})
         return {name: patterns for name, patterns in plan.items() if pipe.components.get(name) is not None}
 
+    @classmethod
+    def model_names(cls) -> tuple[str, ...]:
+        """Every component `from_pretrained(components=...)` may name: the pipeline's, and a ControlNet."""
+        return cls.component_names + ((CONTROLNET,) if cls.controlnet_class is not None else ())
+
     def make_units(self) -> list[PipelineUnit]:
         raise NotImplementedError
+
+    # --- ControlNet (model.controlnet) --------------------------------------------------------------
+
+    @property
+    def controlnet(self) -> torch.nn.Module | None:
+        """The ControlNet being trained, None without one (or where it is not loaded: encoders)."""
+        return getattr(self.pipe, CONTROLNET, None)
+
+    def controlnet_units(self) -> list[PipelineUnit]:
+        """The control image's unit, with `model.controlnet`."""
+        if self.controlnet_spec is None:
+            return []
+        return [PipelineUnit("control_embedder", control_embedder, (CONTROL_IMAGE,), (CONTROL_LATENTS,), ("vae",))]
+
+    def controlnet_setting(self, key: str):
+        """A setting of the ControlNet's config, also where its weights are not loaded (encoders)."""
+        if self.controlnet is not None:
+            return self.controlnet.config.get(key)
+        return controlnet_setting(type(self), self.controlnet_spec, key)
+
+    def encode_control(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) control image in [-1, 1] -> (B, C, h, w) float32 latents, as the family's ControlNet pipeline
+        encodes it (FLUX: like the target; families override). The mode, not a sample, as for the target."""
+        return scaled_vae_latents(self.pipe.vae, image)
+
+    def controlnet_inputs(self, dit_kwargs: dict, control_latents: torch.Tensor) -> dict:
+        """The ControlNet's call: the DiT inputs it takes, and the control latents packed as the DiT's tokens."""
+        return {**matching_inputs(self.controlnet, dit_kwargs), "controlnet_cond": pack_latents(control_latents)}
+
+    def call_dit(self, control_latents: torch.Tensor | None = None, **dit_kwargs) -> torch.Tensor:
+        """The DiT's first output for `dit_kwargs`; with `model.controlnet`, after the ControlNet's call on the
+        same inputs and `control_latents`, whose residuals join the DiT's as the family's ControlNet pipeline
+        passes them."""
+        if self.controlnet_spec is not None:
+            if control_latents is None:
+                raise ValueError(f"model.controlnet: model_fn needs {CONTROL_LATENTS} (the control_image's unit)")
+            dit_kwargs.update(controlnet_residuals(self, dit_kwargs, control_latents))
+        return self.dit(**dit_kwargs, return_dict=False)[0]
 
     def model_fn(self, latents: torch.Tensor, sigma: torch.Tensor, **conditions) -> torch.Tensor:
         """Denoiser prediction (velocity), same shape as `latents`, float32."""
@@ -246,12 +318,13 @@ def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return x.reshape(b, d // 4, h, w)
 
 
-def scaled_vae_latents(vae, image: torch.Tensor) -> torch.Tensor:
+def scaled_vae_latents(vae, image: torch.Tensor, shift_factor: float | None = None) -> torch.Tensor:
     """(B, 3, H, W) in [-1, 1] -> float32 (B, C, H/f, W/f): an `AutoencoderKL`'s mode, normalised as FLUX,
     SD3 and Z-Image pipelines invert at decode (`latents / scaling_factor + shift_factor`). The mode, not a
-    sample: deterministic, so cached and inline latents agree."""
+    sample: deterministic, so cached and inline latents agree. `shift_factor`: another shift than the VAE's."""
     latents = vae.encode(image.to(vae.device, vae.dtype)).latent_dist.mode()
-    return ((latents - vae.config.shift_factor) * vae.config.scaling_factor).float()
+    shift = vae.config.shift_factor if shift_factor is None else shift_factor
+    return ((latents - shift) * vae.config.scaling_factor).float()
 
 
 def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import torch
-from diffusers import FluxPipeline
+from diffusers import FluxControlNetModel, FluxControlNetPipeline, FluxPipeline
 
 from raydiff.diffusion.flow_matching import DynamicShift, FlowSchedule
 from raydiff.pipelines.base import FamilyPipeline, PipelineUnit, pack_latents, scaled_vae_latents, unpack_latents
+from raydiff.pipelines.controlnet import CONTROL_IMAGE
+from raydiff.registry import DataKeys
 
 
 def latent_image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
@@ -97,6 +99,13 @@ class FluxImagePipeline(FamilyPipeline):
     lora_original_names = ORIGINAL_NAMES
     # diffusers' FLUX loader converts `diffusion_model.` keys only on its kohya path, entered on lora_down.
     comfyui_lora_suffixes = ("lora_down", "lora_up")
+    data_keys = DataKeys(("image",), (CONTROL_IMAGE,))
+    controlnet_class, controlnet_pipeline_class = FluxControlNetModel, FluxControlNetPipeline
+    controlnet_layers = ("num_layers", "num_single_layers")
+    controlnet_residuals = {"controlnet_block_samples": "controlnet_block_samples",
+                            "controlnet_single_block_samples": "controlnet_single_block_samples"}
+    # XLabs' ControlNets read the control image in pixels through a hint block; union ControlNets need a mode.
+    controlnet_refused = ("conditioning_embedding_channels", "num_mode")
     # DiffSynth's FLUX loader renames only `lora_unet_` and `transformer.` keys onto its fused modules; the kohya
     # layout is what its own FLUX recipe saves (--align_to_opensource_format) and it loads exactly.
     diffsynth_lora_format = "kohya"
@@ -111,10 +120,12 @@ class FluxImagePipeline(FamilyPipeline):
             PipelineUnit("guidance", _guidance, ("latents",), ("guidance",), ("transformer",)),
         ]
 
-    def model_fn(self, latents, sigma, *, prompt_embeds, pooled_prompt_embeds, text_ids, guidance=None, **_):
+    def model_fn(self, latents, sigma, *, prompt_embeds, pooled_prompt_embeds, text_ids, guidance=None,
+                 control_latents=None, **_):
         dit = self.pipe.transformer
         h, w = latents.shape[-2:]
-        pred = dit(
+        pred = self.call_dit(
+            control_latents,
             hidden_states=pack_latents(latents).to(dit.dtype),
             timestep=sigma.to(dit.dtype),  # FLUX's transformer multiplies by 1000 itself
             guidance=guidance,
@@ -122,9 +133,16 @@ class FluxImagePipeline(FamilyPipeline):
             encoder_hidden_states=prompt_embeds.to(dit.dtype),
             txt_ids=text_ids,
             img_ids=latent_image_ids(h, w, latents.device, dit.dtype),
-            return_dict=False,
-        )[0]
+        )
         return unpack_latents(pred, h, w).float()
+
+    def controlnet_inputs(self, dit_kwargs: dict, control_latents: torch.Tensor) -> dict:
+        inputs = super().controlnet_inputs(dit_kwargs, control_latents)
+        # FluxControlNetPipeline gives the ControlNet a guidance value only if it has a guidance embedding.
+        b = control_latents.shape[0]
+        embeds = self.controlnet.config.guidance_embeds
+        inputs["guidance"] = torch.full((b,), self.guidance, device=control_latents.device) if embeds else None
+        return inputs
 
     @staticmethod
     def write_tiny(path: str, seed: int = 0) -> None:

@@ -7,10 +7,13 @@ around VAE calls and dropped after, and Qwen-Image latents look like every other
 from __future__ import annotations
 
 import torch
+from diffusers import QwenImageControlNetModel, QwenImageControlNetPipeline
 from diffusers import QwenImagePipeline as DiffusersQwenImagePipeline
 
 from raydiff.diffusion.flow_matching import DynamicShift, FlowSchedule
 from raydiff.pipelines.base import FamilyPipeline, PipelineUnit, pack_latents, unpack_latents
+from raydiff.pipelines.controlnet import CONTROL_IMAGE
+from raydiff.registry import DataKeys
 
 
 def latent_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,17 +35,23 @@ def _prompt_embedder(p: QwenImagePipeline, inputs: dict) -> dict:
     return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
 
 
-def _input_image_embedder(p: QwenImagePipeline, inputs: dict) -> dict:
+def encode_image(p: QwenImagePipeline, image: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> (B, C, h, w) float32 latents, normalised per channel. The control image
+    is encoded the same way (QwenImageControlNetPipeline)."""
     vae = p.pipe.vae
-    h, w = inputs["image"].shape[-2:]
+    h, w = image.shape[-2:]
     factor = p.vae_scale_factor * 2  # VAE downsampling x 2x2 packing
     if h % factor or w % factor:
         raise ValueError(f"Qwen-Image needs image sides divisible by {factor}; got {h}x{w}")
-    image = inputs["image"].to(p.device, vae.dtype)[:, :, None]  # one-frame clip
+    clip = image.to(p.device, vae.dtype)[:, :, None]  # one-frame clip
     # The distribution's mode, not a sample: deterministic, so cached and inline latents agree.
-    latents = vae.encode(image).latent_dist.mode()[:, :, 0].float()
+    latents = vae.encode(clip).latent_dist.mode()[:, :, 0].float()
     mean, std = latent_stats(vae, latents)
-    return {"latents": (latents - mean) / std}  # the inverse of the pipeline's decode-time `x * std + mean`
+    return (latents - mean) / std  # the inverse of the pipeline's decode-time `x * std + mean`
+
+
+def _input_image_embedder(p: QwenImagePipeline, inputs: dict) -> dict:
+    return {"latents": encode_image(p, inputs["image"])}
 
 
 # Qwen-Image's original (ComfyUI) module names are diffusers' own.
@@ -66,6 +75,10 @@ class QwenImagePipeline(FamilyPipeline):
     # blocks' modulation linears (img_mod.1, txt_mod.1), the output norm's and the final projection.
     quantize_skip = ("img_in", "txt_in", "time_text_embed.*", "*_mod.*", "norm_out.*", "proj_out")
     lora_original_names = ORIGINAL_NAMES
+    data_keys = DataKeys(("image",), (CONTROL_IMAGE,))
+    controlnet_class, controlnet_pipeline_class = QwenImageControlNetModel, QwenImageControlNetPipeline
+    controlnet_residuals = {"controlnet_block_samples": "controlnet_block_samples"}
+    controlnet_refused = ("extra_condition_channels",)  # the inpainting ControlNet's mask
 
     def make_units(self) -> list[PipelineUnit]:
         return [
@@ -74,21 +87,24 @@ class QwenImagePipeline(FamilyPipeline):
             PipelineUnit("input_image_embedder", _input_image_embedder, ("image",), ("latents",), ("vae",)),
         ]
 
-    def model_fn(self, latents, sigma, *, prompt_embeds, prompt_embeds_mask=None, **_):
+    def model_fn(self, latents, sigma, *, prompt_embeds, prompt_embeds_mask=None, control_latents=None, **_):
         dit = self.pipe.transformer
         b, _, h, w = latents.shape
         if prompt_embeds_mask is not None and bool(prompt_embeds_mask.all()):
             # No padding: drop the mask as sampling does, so attention can use the fast unmasked kernels.
             prompt_embeds_mask = None
-        pred = dit(
+        pred = self.call_dit(
+            control_latents,
             hidden_states=pack_latents(latents).to(dit.dtype),
             timestep=sigma.to(dit.dtype),  # the transformer's time projection multiplies by 1000 itself
             encoder_hidden_states=prompt_embeds.to(dit.dtype),
             encoder_hidden_states_mask=prompt_embeds_mask,
             img_shapes=[[(1, h // 2, w // 2)]] * b,  # (frames, rows, cols) of tokens, for RoPE
-            return_dict=False,
-        )[0]
+        )
         return unpack_latents(pred, h, w).float()
+
+    def encode_control(self, image: torch.Tensor) -> torch.Tensor:
+        return encode_image(self, image)
 
     @classmethod
     def sampling_kwargs(cls, pipe, guidance: float) -> dict:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import torch
-from diffusers import StableDiffusion3Pipeline
+from diffusers import SD3ControlNetModel, StableDiffusion3ControlNetPipeline, StableDiffusion3Pipeline
 
 from raydiff.diffusion.flow_matching import FlowSchedule
 from raydiff.pipelines.base import FamilyPipeline, PipelineUnit, scaled_vae_latents
+from raydiff.pipelines.controlnet import CONTROL_IMAGE
+from raydiff.registry import DataKeys
 
 # --- units -----------------------------------------------------------------------------------
 
@@ -45,6 +47,12 @@ class SD3ImagePipeline(FamilyPipeline):
     quantize_skip = ("context_embedder", "time_text_embed.*", "*norm*", "proj_out")
 
     default_max_sequence_length = 256  # StableDiffusion3Pipeline's default
+    data_keys = DataKeys(("image",), (CONTROL_IMAGE,))
+    controlnet_class, controlnet_pipeline_class = SD3ControlNetModel, StableDiffusion3ControlNetPipeline
+    # from_transformer's default of one extra channel is the inpainting ControlNet's mask.
+    controlnet_init = {"num_extra_conditioning_channels": 0}
+    controlnet_residuals = {"controlnet_block_samples": "block_controlnet_hidden_states"}
+    controlnet_refused = ("extra_conditioning_channels",)
 
     def make_units(self) -> list[PipelineUnit]:
         return [
@@ -56,19 +64,36 @@ class SD3ImagePipeline(FamilyPipeline):
 
     @property
     def patch_size(self) -> int:
-        return self.pipe.patch_size  # the DiT's, or 2 (SD3's) when the DiT is not loaded
+        dit = self.pipe.transformer  # StableDiffusion3ControlNetPipeline has no `patch_size` of its own
+        return dit.config.patch_size if dit is not None else 2  # SD3's when the DiT is not loaded
 
-    def model_fn(self, latents, sigma, *, prompt_embeds, pooled_prompt_embeds, **_):
+    def model_fn(self, latents, sigma, *, prompt_embeds, pooled_prompt_embeds, control_latents=None, **_):
         dit = self.pipe.transformer
         # SD3's DiT patchifies (B, C, h, w) itself and, unlike FLUX's, takes the timestep in [0, 1000].
-        pred = dit(
+        pred = self.call_dit(
+            control_latents,
             hidden_states=latents.to(dit.dtype),
             timestep=(sigma * 1000).to(dit.dtype),
             encoder_hidden_states=prompt_embeds.to(dit.dtype),
             pooled_projections=pooled_prompt_embeds.to(dit.dtype),
-            return_dict=False,
-        )[0]
+        )
         return pred.float()
+
+    def encode_control(self, image: torch.Tensor) -> torch.Tensor:
+        # SD3ControlNetPipeline: a ControlNet trained with zero pooled projections (InstantX's, and the class
+        # default) takes the control latents scaled without the VAE's shift.
+        shift = 0.0 if self.controlnet_setting("force_zeros_for_pooled_projection") else None
+        return scaled_vae_latents(self.pipe.vae, image, shift)
+
+    def controlnet_inputs(self, dit_kwargs: dict, control_latents: torch.Tensor) -> dict:
+        config, pooled = self.controlnet.config, dit_kwargs["pooled_projections"]
+        return {  # as SD3ControlNetPipeline calls it: latents unpacked (its patch embedding packs them)
+            "hidden_states": dit_kwargs["hidden_states"], "timestep": dit_kwargs["timestep"],
+            # SD3.5's 8B ControlNets have no text input; InstantX's see zero pooled projections.
+            "encoder_hidden_states": dit_kwargs["encoder_hidden_states"] if config.joint_attention_dim else None,
+            "pooled_projections": torch.zeros_like(pooled) if config.force_zeros_for_pooled_projection else pooled,
+            "controlnet_cond": control_latents,
+        }
 
     @staticmethod
     def write_tiny(path: str, seed: int = 0) -> None:

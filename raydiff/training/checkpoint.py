@@ -2,6 +2,9 @@
 
   pytorch_lora_weights.safetensors  the adapter in diffusers' key format; type, rank, alpha in metadata
   trainable_weights.safetensors     (full fine-tuning instead of LoRA)
+  controlnet/                       a fully trained ControlNet (model.controlnet) as a diffusers folder:
+                                    config.json and diffusion_pytorch_model.safetensors, which the family's
+                                    ControlNet class `from_pretrained` loads
   ema_weights.safetensors           train.ema: the EMA of the weights above, in their format
   training_state.pt                 optimizer + LR scheduler state, read with weights_only=True
                                     (FSDP: the full optimizer state, keyed by parameter name)
@@ -22,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from safetensors.torch import load_file, save_file
 
+from raydiff.config import CONTROLNET
 from raydiff.training import lora as lora_lib
 from raydiff.training.ema import EMA, EMA_FILE
 from raydiff.training.fsdp import load_full_state
@@ -31,6 +35,9 @@ STATE_FILE = "training_state.pt"
 TRAINER_STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"
 FULL_WEIGHTS_FILE = "trainable_weights.safetensors"
+# Fully trained models stored as their own diffusers folder (loaded as they are), not in FULL_WEIGHTS_FILE.
+FOLDER_MODELS = (CONTROLNET,)
+MODEL_WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # diffusers' name in a model folder
 
 
 @dataclass
@@ -83,9 +90,42 @@ def save_checkpoint(directory: str, module, optimizer, scheduler, state: Trainer
 
 def _save_weights(directory: str, module, weights: dict, name: str | None = None) -> None:
     if module.lora_config is not None:
-        lora_lib.save_lora(directory, weights, module.lora_config, weight_name=name or lora_lib.LORA_FILE)
+        lora_lib.save_lora(directory, weights, module.lora_config, weight_name=name or lora_lib.LORA_FILE,
+                           prefix=lora_lib.key_prefix(module.lora_base_model))
+    elif name is None:
+        write_full_weights(directory, module, weights)
     else:
-        save_file(weights, os.path.join(directory, name or FULL_WEIGHTS_FILE))
+        save_file(weights, os.path.join(directory, name))
+
+
+def write_full_weights(directory: str, module, weights: dict) -> None:
+    """Full fine-tuning weights (`{model}.{param}`): FOLDER_MODELS as diffusers folders, the rest in
+    FULL_WEIGHTS_FILE."""
+    for name in FOLDER_MODELS:
+        own = {k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(name + ".")}
+        if own:
+            folder = os.path.join(directory, name)
+            module.models[name].save_config(folder)
+            save_file(own, os.path.join(folder, MODEL_WEIGHTS_FILE), metadata={"format": "pt"})
+    rest = {k: v for k, v in weights.items() if k.split(".", 1)[0] not in FOLDER_MODELS}
+    if rest:
+        save_file(rest, os.path.join(directory, FULL_WEIGHTS_FILE))
+
+
+def read_full_weights(directory: str) -> dict[str, torch.Tensor]:
+    """What `write_full_weights` wrote, as `{model}.{param}`."""
+    weights = load_file(path) if os.path.isfile(path := os.path.join(directory, FULL_WEIGHTS_FILE)) else {}
+    for name in FOLDER_MODELS:
+        if os.path.isfile(path := os.path.join(directory, name, MODEL_WEIGHTS_FILE)):
+            weights.update({f"{name}.{k}": v for k, v in load_file(path).items()})
+    return weights
+
+
+def _load_full(module, weights: dict) -> None:
+    for name, model in module.models.items():
+        own = {k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(name + ".")}
+        if own:
+            model.load_state_dict(own)
 
 
 def _load_weights(path: str, module, sharded_models: Sequence[str]) -> None:
@@ -96,11 +136,7 @@ def _load_weights(path: str, module, sharded_models: Sequence[str]) -> None:
         base = module.lora_base_model
         lora_lib.load_lora_into(module.models[base], path, lora_lib.key_prefix(base), config=module.lora_config)
     else:
-        weights = load_file(path)
-        for name, model in module.models.items():
-            own = {k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(name + ".")}
-            if own:
-                model.load_state_dict(own)
+        _load_full(module, load_file(path))
 
 
 def load_checkpoint(directory: str, module, optimizer, scheduler, sharded_models: Sequence[str] = (),
@@ -114,13 +150,54 @@ def load_checkpoint(directory: str, module, optimizer, scheduler, sharded_models
         _load_weights(saved_ema, module, sharded_models)
         ema.capture()
     if sharded_models:
-        load_full_state(module, sharded_models, load_file(os.path.join(directory, FULL_WEIGHTS_FILE)), optimizer,
-                        state["optimizer"])
+        load_full_state(module, sharded_models, read_full_weights(directory), optimizer, state["optimizer"])
     else:
-        weights = lora_lib.LORA_FILE if module.lora_config is not None else FULL_WEIGHTS_FILE
-        _load_weights(os.path.join(directory, weights), module, ())
+        if module.lora_config is not None:
+            _load_weights(os.path.join(directory, lora_lib.LORA_FILE), module, ())
+        else:
+            _load_full(module, read_full_weights(directory))
         optimizer.load_state_dict(state["optimizer"])
     if ema is not None and not os.path.exists(saved_ema):
         ema.capture()
     scheduler.load_state_dict(state["scheduler"])
     return TrainerState.read(directory)
+
+
+def controlnet_of_checkpoint(checkpoint: str) -> dict | None:
+    """`model:` of a ControlNet run's checkpoint (its config.yaml sets model.controlnet), else None."""
+    path = os.path.join(checkpoint, CONFIG_FILE)
+    if not os.path.isdir(checkpoint) or not os.path.isfile(path):
+        return None
+    import yaml
+
+    with open(path) as f:
+        model = (yaml.safe_load(f) or {}).get("model") or {}
+    return model if model.get(CONTROLNET) else None
+
+
+def load_trained_controlnet(checkpoint: str, dtype: torch.dtype = torch.float32):
+    """The ControlNet a checkpoint holds, as its diffusers model: the fully trained `controlnet/` folder, or the
+    continued ControlNet (model.controlnet.path) with the checkpoint's adapter loaded and fused into it."""
+    from raydiff.registry import get_pipeline_class
+
+    model = controlnet_of_checkpoint(checkpoint)
+    if model is None:
+        raise ValueError(f"{checkpoint}: not a checkpoint of a ControlNet run (its config.yaml sets no "
+                         f"model.controlnet)")
+    cls = get_pipeline_class(model.get("family", "flux")).controlnet_class
+    if os.path.isfile(os.path.join(checkpoint, CONTROLNET, MODEL_WEIGHTS_FILE)):
+        return cls.from_pretrained(os.path.join(checkpoint, CONTROLNET), dtype=dtype)
+    if not os.path.isfile(os.path.join(checkpoint, lora_lib.LORA_FILE)):
+        raise ValueError(f"{checkpoint}: neither {CONTROLNET}/{MODEL_WEIGHTS_FILE} nor {lora_lib.LORA_FILE}")
+    controlnet = cls.from_pretrained(model[CONTROLNET]["path"], dtype=dtype)
+    controlnet.load_lora_adapter(checkpoint, weight_name=lora_lib.LORA_FILE, prefix=CONTROLNET)
+    controlnet.fuse_lora()
+    controlnet.unload_lora()  # the fused weights stay; the adapter layers go
+    return controlnet
+
+
+def export_controlnet(checkpoint: str, out: str) -> str:
+    """Write the checkpoint's trained ControlNet (`load_trained_controlnet`) to the diffusers folder `out`, which
+    the family's ControlNet class `from_pretrained` loads. Returns `out`."""
+    load_trained_controlnet(checkpoint).save_pretrained(out)
+    return out

@@ -17,10 +17,10 @@ from contextlib import nullcontext
 import ray.train
 import torch
 
-from raydiff.config import RaydiffConfig, dump_config, to_dict
+from raydiff.config import CONTROLNET, RaydiffConfig, dump_config, to_dict
 from raydiff.data.decode import skipped_samples
 from raydiff.training import fsdp, model_card
-from raydiff.training.checkpoint import FULL_WEIGHTS_FILE, TrainerState, save_checkpoint
+from raydiff.training.checkpoint import FULL_WEIGHTS_FILE, MODEL_WEIGHTS_FILE, TrainerState, save_checkpoint
 from raydiff.training.checkpoint_store import checkpoint_name, upload_and_mark_complete
 from raydiff.training.ema import EMA
 from raydiff.training.evaluation import EvalSet
@@ -188,6 +188,8 @@ class StepHooks:
             facts = model_card.facts_from_config(to_dict(self.cfg), steps=state.global_step, dataset=self.args.dataset,
                                                  directory=directory)
             weights = LORA_FILE if self.cfg.lora is not None else FULL_WEIGHTS_FILE
+            if self.cfg.model.controlnet is not None and self.cfg.lora is None:
+                weights = f"{CONTROLNET}/{MODEL_WEIGHTS_FILE}"
             model_card.write_card(directory, facts, weights=weights)
 
 

@@ -41,15 +41,17 @@ def build_module(cfg: RaydiffConfig, args: LoopArgs, device) -> tuple[DiffusionT
     return module, sharded
 
 
-def distribute(module: DiffusionTrainingModule, sharded: list[str]) -> torch.nn.Module:
-    """What the forward runs through: DDP around the module, or the module itself (FSDP shards it in place)."""
+def distribute(module: DiffusionTrainingModule, sharded: list[str], unused: bool = False) -> torch.nn.Module:
+    """What the forward runs through: DDP around the module, or the module itself (FSDP shards it in place).
+    `unused`: some trainable parameters get no gradient (a ControlNet's last block computes a text stream that
+    nothing reads), which DDP must be told."""
     if sharded:
         return module
     # Frozen weights load identically on every rank: DDP need not broadcast them from rank 0 at start
     # (gigabytes for a 12B base), and cannot broadcast quantized ones (torchao's tensors have no `view`).
     frozen = [name for name, p in module.named_parameters() if not p.requires_grad]
     torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen)
-    return ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": False})
+    return ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": unused})
 
 
 def newest_checkpoint(rank: int, world: int) -> ray.train.Checkpoint | None:
@@ -122,8 +124,8 @@ def train_loop_per_worker(loop_config: dict, feed: EpochFeed | None = None) -> N
     state = resume(cfg, module, optimizer, scheduler, sharded, rank, world, ema)
     feed.restore(state.positions)
     state.workers = worker_placement(rank, world, module)
-    stepper = Stepper(cfg, distribute(module, sharded), optimizer, scheduler, device, rank=rank, world=world,
-                      sharded=sharded)
+    forward = distribute(module, sharded, unused=cfg.model.controlnet is not None)
+    stepper = Stepper(cfg, forward, optimizer, scheduler, device, rank=rank, world=world, sharded=sharded)
     eval_set = EvalSet.for_rank(cfg, device, rank, world, whole=bool(sharded)) if cfg.eval.enabled else None
     hooks = StepHooks(cfg, args, module, optimizer, scheduler, feed, eval_set, rank=rank, world=world,
                       device=device, sharded=sharded, start_step=state.global_step, ema=ema)

@@ -14,7 +14,7 @@ import torch
 from peft import LoHaConfig, LoKrConfig, LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 
 from raydiff.training import adapters
-from raydiff.training.lora_formats import LORA_FILE, import_lora, write_lora_file
+from raydiff.training.lora_formats import LORA_FILE, PREFIX, import_lora, write_lora_file
 
 __all__ = ["LORA_FILE", "adapter_info", "attach_adapter", "empty_component", "inject_lora", "key_prefix",
            "load_lora_into", "lora_state_dict", "resolve_targets", "save_lora"]
@@ -106,11 +106,13 @@ def lora_state_dict(model: torch.nn.Module, prefix: str) -> dict[str, torch.Tens
     return {f"{prefix}.{k}": v.detach().to("cpu").contiguous() for k, v in sd.items()}
 
 
-def save_lora(directory: str, state_dict: dict, config, weight_name: str = LORA_FILE) -> None:
+def save_lora(directory: str, state_dict: dict, config, weight_name: str = LORA_FILE, prefix: str = PREFIX) -> None:
     """Write `weight_name` (pytorch_lora_weights.safetensors) as trained (scale unfolded, so resuming is exact),
-    with the peft config diffusers loads it with and raydiff's type, rank and alpha in the metadata."""
+    with the peft config diffusers loads it with and raydiff's type, rank and alpha in the metadata. `prefix`:
+    the keys' (`key_prefix`); a ControlNet's LoRA keeps `controlnet.`, which its diffusers model's
+    `load_lora_adapter(file, prefix="controlnet")` reads."""
     os.makedirs(directory, exist_ok=True)
-    write_lora_file(os.path.join(directory, weight_name), state_dict, adapter_info(config))
+    write_lora_file(os.path.join(directory, weight_name), state_dict, adapter_info(config), prefix=prefix)
 
 
 def _scale_factor(info: dict, want: dict, path: str) -> float:
@@ -129,7 +131,7 @@ def load_lora_into(model: torch.nn.Module, path: str, prefix: str, *, family: st
     """Load an adapter file or checkpoint directory into an injected adapter, strictly. Any format of
     `lora_formats.FORMATS` is accepted; with `config`, the file must hold the same type and rank, and a file
     trained at another alpha is rescaled so it computes the same update under this adapter's alpha / rank."""
-    sd, info = import_lora(path, family=family)
+    sd, info = import_lora(path, family=family, prefix=prefix)
     sd = {k[len(prefix) + 1:]: v for k, v in sd.items() if k.startswith(prefix + ".")}
     factor = 1.0 if config is None else _scale_factor(info, adapter_info(config), path)
     if factor != 1:

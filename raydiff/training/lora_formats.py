@@ -328,20 +328,21 @@ def peft_kwargs(info: dict, target_modules: list[str]) -> dict | None:
     return {"r": r, "alpha": alpha, "target_modules": target_modules, **factor}
 
 
-def write_lora_file(path: str, state_dict: dict[str, torch.Tensor], info: dict) -> None:
-    """A file in raydiff's form, with the peft config for diffusers and {"type", "r", "alpha"} for raydiff."""
-    targets = sorted(adapters.by_module({k[len(PREFIX) + 1:]: v for k, v in state_dict.items()}))
+def write_lora_file(path: str, state_dict: dict[str, torch.Tensor], info: dict, prefix: str = PREFIX) -> None:
+    """A file in raydiff's form, with the peft config for diffusers and {"type", "r", "alpha"} for raydiff.
+    `prefix`: the keys' and the peft config's (`controlnet` for a ControlNet's adapter)."""
+    targets = sorted(adapters.by_module({k[len(prefix) + 1:]: v for k, v in state_dict.items()}))
     metadata = {"format": "pt", ADAPTER_KEY: json.dumps({k: v for k, v in info.items() if v is not None})}
     if (kwargs := peft_kwargs(info, targets)) is not None:
-        metadata[METADATA_KEY] = json.dumps({f"{PREFIX}.{k}": v for k, v in kwargs.items()}, sort_keys=True)
+        metadata[METADATA_KEY] = json.dumps({f"{prefix}.{k}": v for k, v in kwargs.items()}, sort_keys=True)
     save_file({k: v.contiguous() for k, v in state_dict.items()}, path, metadata=metadata)
 
 
-def read_metadata(path: str) -> dict:
+def read_metadata(path: str, prefix: str = PREFIX) -> dict:
     """{"r", "lora_alpha", "lokr_factor", "type"} from a diffusers-format file's metadata, where present."""
     with safe_open(path, "pt") as f:
         raw = f.metadata() or {}
-    peft = {k.removeprefix(PREFIX + "."): v for k, v in json.loads(raw.get(METADATA_KEY, "{}")).items()}
+    peft = {k.removeprefix(prefix + "."): v for k, v in json.loads(raw.get(METADATA_KEY, "{}")).items()}
     ours = json.loads(raw.get(ADAPTER_KEY, "{}"))
     out = {"r": peft.get("r"), "lora_alpha": peft.get("lora_alpha", peft.get("alpha")),
            "lokr_factor": peft.get("decompose_factor")}
@@ -362,15 +363,22 @@ def family_of(checkpoint: str) -> str | None:
         return (yaml.safe_load(f).get("model") or {}).get("family", "flux")  # flux is the config default
 
 
-def import_lora(path: str, *, family: str | None) -> tuple[dict[str, torch.Tensor], dict]:
+def import_lora(path: str, *, family: str | None, prefix: str = PREFIX) -> tuple[dict[str, torch.Tensor], dict]:
     """A LoRA file (or checkpoint directory) in any of FORMATS -> (raydiff's form: `transformer.<module>.<param>`,
     {"type", "r", "lora_alpha"}). `family` maps ComfyUI, kohya and DiffSynth-FLUX names; diffusers files need
-    none."""
+    none. Another `prefix` (`controlnet`): that model's adapter, in diffusers format only (as raydiff saves it),
+    returned under its own prefix."""
     path = lora_file(path)
     try:
         state_dict = load_file(path)
     except SafetensorError as err:
         raise ValueError(f"{path} is not a safetensors file ({err})") from None
+    if prefix != PREFIX:  # read as a transformer's, which has the same diffusers layout under another prefix
+        if not state_dict or any(not k.startswith(prefix + ".") for k in state_dict):
+            raise ValueError(f"{path}: not an adapter of the {prefix} (keys like {list(state_dict)[:2]})")
+        renamed = {PREFIX + k[len(prefix):]: v for k, v in state_dict.items()}
+        sd, info = from_format(renamed, family=family, metadata=read_metadata(path, prefix))
+        return {prefix + k[len(PREFIX):]: v for k, v in sd.items()}, info
     metadata = read_metadata(path) if detect_format(state_dict) == "diffusers" else None
     return from_format(state_dict, family=family, metadata=metadata)
 

@@ -76,7 +76,8 @@ def facts_from_config(config: dict, *, steps: int | None, dataset: dict | None, 
                                                   "target_modules": lora.get("target_modules")},
             "steps": steps, "learning_rate": train.get("learning_rate"), "dataset": dataset or {},
             "validation_prompts": prompts, "samples": [f"samples/{f}" for f in shown][:len(prompts)],
-            "grid": "samples/grid.png" if os.path.isfile(os.path.join(samples, "grid.png")) else None}
+            "grid": "samples/grid.png" if os.path.isfile(os.path.join(samples, "grid.png")) else None,
+            "controlnet": model.get("controlnet")}
 
 
 def _front_matter(facts: dict) -> str:
@@ -118,7 +119,23 @@ def _summary(facts: dict) -> list[str]:
     return lines
 
 
+def _how_to_load_controlnet(facts: dict) -> list[str]:
+    """A ControlNet run's: its checkpoint holds the ControlNet (or an adapter on it), used with a control image."""
+    folder = "controlnet" if facts["adapter"] is None else "exported-controlnet"
+    export = [] if facts["adapter"] is None else [
+        "Fuse the adapter into the ControlNet first: `raydiff export . --format diffusers --out exported-controlnet`.",
+        ""]
+    from raydiff.registry import controlnet_of
+
+    name = (controlnet_of(facts["family"]) or ("ControlNetModel",))[0]
+    return ["## How to load", "", *export, f"diffusers: `{name}.from_pretrained(\"{folder}\")`, then the family's "
+            f"ControlNet pipeline with `controlnet=` it and a `control_image`.", "",
+            'raydiff: `raydiff sample --controlnet . --control-image control.png --prompt "..." --out sample.png`', ""]
+
+
 def _how_to_load(facts: dict, weights: str, fmt: str) -> list[str]:
+    if facts.get("controlnet"):
+        return _how_to_load_controlnet(facts)
     kind, family = (facts["adapter"] or {}).get("type"), facts["family"]
     if kind is None:
         return ["## How to load", "", "`raydiff sample --lora . --prompt \"...\" --out sample.png` loads "

@@ -120,8 +120,9 @@ class PipelineTrainingModule(DiffusionTrainingModule):
             gradient_checkpointing=cfg.train.gradient_checkpointing, lora_type=cfg.lora.type if cfg.lora else "lora",
             lokr_factor=cfg.lora.lokr_factor if cfg.lora else -1)
         self.register_pipe(pipe)
-        speed_up(getattr(pipe.pipe, pipe.dit_name), cfg.train.attention_backend,
-                 cfg.train.compile_backend if cfg.train.compile else None)
+        for model in (pipe.dit, pipe.controlnet):  # a ControlNet's blocks are the DiT's kind
+            if model is not None:
+                speed_up(model, cfg.train.attention_backend, cfg.train.compile_backend if cfg.train.compile else None)
 
 
 def speed_up(dit: torch.nn.Module, attention_backend: str | None, compile_backend: str | None) -> None:

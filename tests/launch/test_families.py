@@ -9,7 +9,7 @@ import pytest
 from safetensors import safe_open
 
 from raydiff.config import load_config
-from raydiff.data.shapes import write_clips_dataset, write_shapes_dataset, write_vace_dataset
+from raydiff.data.shapes import write_clips_dataset, write_control_dataset, write_shapes_dataset, write_vace_dataset
 from raydiff.launch.trainer import launch_training_task
 from raydiff.registry import get_pipeline_class
 
@@ -30,8 +30,10 @@ CASES = {
     "wan_vace": ("wan_vace/tiny.yaml", None, "vace"),
     "z_image": ("z_image/tiny.yaml", None, "shapes"),
     "flux2_klein": ("flux2/tiny.yaml", None, "shapes"),
+    "flux_controlnet": ("flux/tiny_controlnet.yaml", None, "control"),
 }
-WRITERS = {"shapes": lambda d: write_shapes_dataset(d, n=8), "clips": write_clips_dataset, "vace": write_vace_dataset}
+WRITERS = {"shapes": lambda d: write_shapes_dataset(d, n=8), "clips": write_clips_dataset, "vace": write_vace_dataset,
+           "control": lambda d: write_control_dataset(d, n=8)}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -47,6 +49,8 @@ def test_family_trains_from_its_tiny_example(case, ray_session, tiny_model, tmp_
                        "train.max_steps=2", "ray.num_workers=1"])
     result = launch_training_task(cfg)
     ckpt = result.checkpoint.path
+    if cfg.model.controlnet is not None:
+        return check_controlnet_checkpoint(cfg, ckpt)
     assert sorted(os.listdir(ckpt)) == [".raydiff-complete", "README.md", "config.yaml", "loss.png",
                                         "pytorch_lora_weights.safetensors", "trainer_state.json", "training_state.pt"]
     state = json.loads(Path(ckpt, "trainer_state.json").read_text())
@@ -65,3 +69,17 @@ def test_family_trains_from_its_tiny_example(case, ray_session, tiny_model, tmp_
     into = {"load_into_transformer_2": True} if cfg.model.expert == "low" else {}
     assert lora_key_warnings(lambda: pipe.load_lora_weights(ckpt, **into)) == []
     assert getattr(pipe, cfg.model.denoiser or "transformer").peft_config
+
+
+def check_controlnet_checkpoint(cfg, ckpt: str) -> None:
+    """A ControlNet trained on Ray in cache mode: its checkpoint's controlnet/ folder loads with the family's
+    ControlNet class, and the worker held only the frozen DiT and the ControlNet (the encoders ran ahead)."""
+    assert sorted(os.listdir(ckpt)) == [".raydiff-complete", "README.md", "config.yaml", "controlnet", "loss.png",
+                                        "trainer_state.json", "training_state.pt"]
+    state = json.loads(Path(ckpt, "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and all(np.isfinite(h["loss"]) for h in state["log_history"] if "loss" in h)
+    assert sorted(state["workers"][0]["models"]) == ["controlnet", "transformer"]
+    family = get_pipeline_class(cfg.model.family)
+    controlnet = family.controlnet_class.from_pretrained(str(Path(ckpt, "controlnet")))
+    assert controlnet.config.num_layers == cfg.model.controlnet.num_layers
+    assert "FluxControlNetModel.from_pretrained" in Path(ckpt, "README.md").read_text()
