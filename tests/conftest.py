@@ -29,10 +29,13 @@ def ray_session():
 
     import ray
 
+    from raydiff.launch.cluster import LOCAL_TRAIN_ENV
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    os.environ.update(LOCAL_TRAIN_ENV)  # as `raydiff train` sets for the local Ray it starts
     try:
         ray.init(num_cpus=4, include_dashboard=True, log_to_driver=True,
                  runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "HF_HUB_OFFLINE": "1",

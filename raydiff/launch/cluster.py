@@ -21,6 +21,11 @@ import ray
 from raydiff.config import RaydiffConfig
 from raydiff.training.reporting import ConsoleView, relay_actor
 
+# Ray Train's PreemptionWatcher, an actor polling for nodes being drained (spot instances), is for clusters: a
+# local Ray that raydiff starts is one node that is never drained, so its runs go without one (one process and
+# its imports fewer before the first step). Ray Train passes RAY_TRAIN_* variables on to its controller.
+LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
 
 def init_ray(cfg: RaydiffConfig, dashboard: bool = False) -> bool:
     """Join `ray.address` / RAY_ADDRESS (as under `ray job submit`), else start a local Ray. Returns True
@@ -49,6 +54,8 @@ def init_ray(cfg: RaydiffConfig, dashboard: bool = False) -> bool:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by ray.init when it starts the GCS
+    for key, value in LOCAL_TRAIN_ENV.items():
+        os.environ.setdefault(key, value)
     try:
         ray.init(num_cpus=cfg.ray.num_cpus or max(4, os.cpu_count() or 1), log_to_driver=verbose,
                  logging_level=level, include_dashboard=dashboard or cfg.ray.dashboard,
