@@ -150,7 +150,7 @@ class FamilyPipeline:
         kwargs = dict(dtype=dtype, revision=revision, **skip)
         if trust_remote_code:  # only ever when the user's config says so
             kwargs["trust_remote_code"] = True
-        pipe = cls.diffusers_class.from_pretrained(path, **kwargs)
+        pipe = cls.load_diffusers(path, **kwargs)
         quantized = cls.quantize_plan(pipe, quantize, quantize_text_encoders, dit_name)
         for name, component in pipe.components.items():
             if name in quantized:
@@ -160,6 +160,12 @@ class FamilyPipeline:
         family = cls(pipe, device, **options)
         family.quantized = {name: quantize for name in quantized}
         return family
+
+    @classmethod
+    def load_diffusers(cls, path: str, **kwargs):
+        """`diffusers_class.from_pretrained(path, **kwargs)`: the family's diffusers pipeline, as training, validation
+        and `raydiff sample` load it (a family whose component needs loading help overrides this)."""
+        return cls.diffusers_class.from_pretrained(path, **kwargs)
 
     @classmethod
     def quantize_plan(cls, pipe, quantize: str | None, text_encoders: bool,
@@ -234,6 +240,14 @@ def scaled_vae_latents(vae, image: torch.Tensor) -> torch.Tensor:
     sample: deterministic, so cached and inline latents agree."""
     latents = vae.encode(image.to(vae.device, vae.dtype)).latent_dist.mode()
     return ((latents - vae.config.shift_factor) * vae.config.scaling_factor).float()
+
+
+def to_pil(image: torch.Tensor) -> list:
+    """(B, 3, H, W) in [-1, 1] -> PIL images, the pixels the decode stage read (its uint8 values round-trip)."""
+    from PIL import Image
+
+    pixels = ((image.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(p) for p in pixels]
 
 
 def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
