@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import sys
 import warnings
@@ -35,6 +37,21 @@ def quiet_libraries() -> None:
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+
+
+@contextlib.contextmanager
+def quiet_imports():
+    """Import the model stack in a driver without its import-time chatter (torchao's, bitsandbytes' and
+    diffusers' notices about optional kernels, torch's deprecation lines): a driver's console has raydiff's
+    lines only. Warnings and log records below ERROR are dropped while the block runs."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
 
 
 def quiet_ray_train_reports() -> None:

@@ -71,3 +71,13 @@ def test_preprocess_options_that_cannot_work_together_are_refused():
     with pytest.raises(ConfigError, match="raydiff sample"):
         parse_config({**BASE, "data": {"metadata_path": "x", "preprocess": "stream"},
                       "validation": {"prompts": ["a cat"]}})
+
+
+def test_adapter_type_and_lokr_factor_are_checked():
+    base = {"model": {"path": "m"}, "data": {"metadata_path": "d.csv"}}
+    assert parse_config(base).lora.type == "lora" and parse_config(base).lora.lokr_factor == -1
+    assert parse_config({**base, "lora": {"type": "lokr", "lokr_factor": 16}}).lora.type == "lokr"
+    with pytest.raises(ConfigError, match=r"lora.type: Input should be 'lora', 'dora', 'lokr' or 'loha'"):
+        parse_config({**base, "lora": {"type": "ia3"}})
+    with pytest.raises(ConfigError, match="lora.lokr_factor: must be -1"):
+        parse_config({**base, "lora": {"lokr_factor": 0}})

@@ -15,6 +15,7 @@ from raydiff.config.loading import (
 )
 from raydiff.config.root import RaydiffConfig, config_key_error
 from raydiff.config.sections import (
+    ADAPTER_TYPES,
     DISTRIBUTIONS,
     DTYPE_NAMES,
     EXPERT_COMPONENTS,
@@ -36,8 +37,8 @@ from raydiff.config.sections import (
 )
 
 __all__ = [
-    "DISTRIBUTIONS", "DTYPE_NAMES", "EXPERT_COMPONENTS", "GPU_ONLY_QUANTIZE", "OPTIMIZERS", "QUANTIZE_MODES",
-    "SHARDED_STATE_OPTIMIZERS",
+    "ADAPTER_TYPES", "DISTRIBUTIONS", "DTYPE_NAMES", "EXPERT_COMPONENTS", "GPU_ONLY_QUANTIZE", "OPTIMIZERS",
+    "QUANTIZE_MODES", "SHARDED_STATE_OPTIMIZERS",
     "ConfigError", "DataConfig", "EMAConfig", "EvalConfig", "LogConfig", "LoraConfig", "LossConfig", "ModelConfig",
     "RayConfig", "RaydiffConfig", "TrainConfig", "TuneConfig", "UserError", "ValidationConfig", "apply_overrides",
     "config_key_error", "dump_config", "from_remote", "load_config", "parse_config", "to_dict", "to_remote",

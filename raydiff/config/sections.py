@@ -121,13 +121,29 @@ class DataConfig(_Section):
         return self
 
 
+ADAPTER_TYPES = ("lora", "dora", "lokr", "loha")  # peft's LoraConfig, LoraConfig(use_dora), LoKrConfig, LoHaConfig
+
+
 class LoraConfig(_Section):
     base_model: str | None = Field(None, description="the model the LoRA goes into; null = the denoiser "
                                                      "(`transformer`, or the model.expert's)")
-    target_modules: list[str] | None = Field(None, description="module names; null = the family's default targets")
+    # The adapter peft injects: low-rank B @ A, DoRA (a learned magnitude per output row on top of it),
+    # LoKr (a Kronecker product) or LoHa (a Hadamard product of two low-rank pairs).
+    type: Literal[ADAPTER_TYPES] = "lora"
+    target_modules: list[str] | None = Field(
+        None, description="module names or globs (README: target matching); null = the family's default targets")
     rank: int = Field(8, ge=1)
     alpha: float | None = Field(None, gt=0, description="null = rank (scale 1.0)")
+    lokr_factor: int = Field(-1, description="LoKr: the Kronecker factor's size (peft decompose_factor); -1 = "
+                                             "near the square root of each dimension")
     init_from: str | None = Field(None, description="a LoRA file or checkpoint dir to continue from")
+
+    @field_validator("lokr_factor")
+    @classmethod
+    def _factor(cls, factor: int) -> int:
+        if factor == 0 or factor < -1:
+            raise ValueError("must be -1 (near the square root) or a positive factor size")
+        return factor
 
 
 class EMAConfig(_Section):

@@ -3,6 +3,7 @@ line (`raydiff: error: ...`, exit 2) instead of a worker's traceback minutes lat
 
     check_model(cfg)            model.path exists (or, offline, is cached), holds the configured family and,
                                 for two experts, model.expert names one
+    check_lora(cfg)             lora.target_modules match as meant and lora.init_from loads into the adapter
     check_batch_sizes(cfg, rows) batch_size > 1 needs samples of one size
     check_resources(cfg)        the cluster can hold the workers and a decode task (needs a running Ray)
     check_devices(cfg)          model.quantize fp8/nf4 and train.optimizer find their libraries and a CUDA GPU
@@ -14,12 +15,13 @@ import json
 import math
 import os
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from raydiff.config import GPU_ONLY_QUANTIZE, ConfigError, RaydiffConfig
-from raydiff.console import say
+from raydiff.console import quiet_imports, quiet_libraries, say
 from raydiff.registry import family_for_pipeline, holds_family, pipeline_class_names
 
 _MAX_SIZE_CHECKS = 4096  # image headers read to check batch sizes; larger datasets are sampled
@@ -65,6 +67,42 @@ def check_expert(expert: str | None, boundary_ratio: float | None, path: str) ->
     if expert is None and boundary_ratio is not None:
         raise ConfigError(f"{path} has two experts (boundary_ratio {boundary_ratio}); set model.expert: high or "
                           f"low, one run per expert")
+
+
+def check_lora(cfg: RaydiffConfig) -> None:
+    """What a worker does with the `lora:` section, done on the base model's skeleton (built from its config on
+    the meta device, no weights read): resolve `lora.target_modules` (README: target matching), inject the
+    adapter, load `lora.init_from` into it. Only when one of those two keys is set: it imports diffusers and
+    peft, which a driver otherwise never does."""
+    lora = cfg.lora
+    if lora is None or not (lora.init_from or lora.target_modules):
+        return
+    if lora.init_from and not os.path.exists(lora.init_from):
+        raise ConfigError(f"lora.init_from {lora.init_from}: no such file or checkpoint directory")
+    from raydiff.registry import get_pipeline_class
+
+    with quiet_imports():
+        from raydiff.training import lora as lora_lib
+
+        model = lora_lib.empty_component(cfg.model.path, lora.base_model, revision=cfg.model.revision)
+    quiet_libraries()
+    if model is None:  # not a diffusers model (a text encoder): peft reports its own mismatches in the worker
+        return
+    try:
+        config = lora_lib.inject_lora(
+            model, target_modules=lora.target_modules or get_pipeline_class(cfg.model.family).default_lora_targets,
+            rank=lora.rank, alpha=lora.alpha, adapter_type=lora.type, lokr_factor=lora.lokr_factor,
+            defaults=not lora.target_modules)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if lora.init_from:
+        try:
+            with warnings.catch_warnings():  # loading into meta parameters is a no-op: it checks names and shapes
+                warnings.filterwarnings("ignore", message=".*non-meta parameter in the checkpoint to a meta parameter")
+                lora_lib.load_lora_into(model, lora.init_from, lora_lib.key_prefix(lora.base_model),
+                                        family=cfg.model.family, config=config)
+        except (ValueError, OSError) as err:
+            raise ConfigError(f"lora.init_from: {err}") from None
 
 
 def _looks_local(path: str) -> bool:

@@ -1,8 +1,9 @@
 """`raydiff sample`: one image from a base model plus a trained LoRA (or fully fine-tuned weights),
 with plain diffusers.
 
-The LoRA is loaded the way any diffusers user would load it (`load_lora_weights` on the family's
-pipeline), so a checkpoint that samples here loads everywhere diffusers does.
+The adapter is loaded the way any diffusers user would load it (`load_lora_weights` on the family's
+pipeline; `load_lora_adapter` on its transformer for LoKr), so a checkpoint that samples here loads everywhere
+diffusers does. LoHa, which diffusers cannot load, goes in as peft's own layers.
 """
 
 from __future__ import annotations
@@ -44,13 +45,7 @@ def sample(model: str, lora: str | None, prompt: str, out: str, *, family: str =
     elif lora is not None:
         if not os.path.exists(lora):
             raise FileNotFoundError(f"no LoRA checkpoint or file at {lora}")
-        location, weight_name = (lora, None) if os.path.isdir(lora) else os.path.split(os.path.abspath(lora))
-        # A low-noise expert's LoRA has `transformer.` keys (diffusers' convention) and goes into transformer_2.
-        into = {"load_into_transformer_2": True} if expert == "low" else {}
-        pipe.load_lora_weights(location, weight_name=weight_name, adapter_name=ADAPTER, **into)
-        # peft scales the adapter's output by lora_scale * alpha / r at every call; works for every family's
-        # transformer (FLUX/SD3's joint_attention_kwargs and Wan/Qwen's attention_kwargs differ by name).
-        pipe.set_adapters([ADAPTER], adapter_weights=[lora_scale])
+        load_adapter(pipe, lora, family, lora_scale, expert)
     pipe.to(device)
     # A control video brings its own length: all its frames (4k + 1), or at most --num-frames when set above 1.
     loaded = load_conditions(conditions or {}, num_frames if num_frames > 1 else 1_000_000)
@@ -84,6 +79,34 @@ def load_conditions(paths: dict, num_frames: int) -> dict:
         except DecodeError as err:
             raise DecodeError(f"{path}: {err}") from None
     return out
+def load_adapter(pipe, lora: str, family: str, scale: float, expert: str | None = None) -> None:
+    """Load the adapter file or checkpoint `lora` into `pipe`'s transformer (`transformer_2` for a Wan 2.2
+    low-noise expert's), its output scaled by `scale`: LoRA and DoRA with `load_lora_weights`, LoKr with the
+    transformer's `load_lora_adapter` (what diffusers users call), LoHa and LyCORIS-named files as peft layers
+    (diffusers loads neither)."""
+    from safetensors import safe_open
+
+    from raydiff.training.adapters import type_of
+    from raydiff.training.lora import attach_adapter
+    from raydiff.training.lora_formats import PREFIX, detect_format, lora_file
+
+    path = lora_file(lora)
+    with safe_open(path, "pt") as f:
+        keys = list(f.keys())
+    kind, (location, weight_name) = type_of(keys), os.path.split(os.path.abspath(path))
+    # A low-noise expert's LoRA has `transformer.` keys (diffusers' convention) and goes into transformer_2.
+    into = {"load_into_transformer_2": True} if expert == "low" else {}
+    transformer = pipe.transformer_2 if expert == "low" else pipe.transformer
+    if kind in ("lora", "dora"):
+        pipe.load_lora_weights(location, weight_name=weight_name, adapter_name=ADAPTER, **into)
+        # peft scales the adapter's output by lora_scale * alpha / r at every call; works for every family's
+        # transformer (FLUX/SD3's joint_attention_kwargs and Wan/Qwen's attention_kwargs differ by name).
+        pipe.set_adapters([ADAPTER], adapter_weights=[scale])
+    elif kind == "lokr" and detect_format(keys) == "diffusers":
+        transformer.load_lora_adapter(location, weight_name=weight_name, prefix=PREFIX, adapter_name=ADAPTER)
+        transformer.set_adapters([ADAPTER], weights=[scale])
+    else:
+        attach_adapter(transformer, path, family=family, adapter_name=ADAPTER, scale=scale)
 
 
 def load_full_weights(pipe, path: str) -> None:

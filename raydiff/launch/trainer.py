@@ -23,6 +23,7 @@ from raydiff.data.metadata import train_and_eval_rows
 from raydiff.launch.checks import (
     check_batch_sizes,
     check_devices,
+    check_lora,
     check_model,
     check_resources,
     warn_job_local_storage,
@@ -32,6 +33,7 @@ from raydiff.launch.run_lock import LOCK_FILE, RunLock
 from raydiff.launch.runs import describe_plan, finished_result
 from raydiff.launch.storage import check_storage, latest_checkpoint, resume_point, run_directory, storage_filesystem
 from raydiff.training.loop_args import LoopArgs
+from raydiff.training.model_card import dataset_summary
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -101,7 +103,8 @@ def plan_run(cfg: RaydiffConfig, module_factory: Callable | None = None, rows=No
     epoch_steps = steps_per_epoch(train.num_samples, cfg)
     args = LoopArgs(to_remote(cfg), epoch_steps, total_steps(cfg, epoch_steps), packed=train.packed,
                     empty_prompt=train.empty_prompt, skip_counter=counter, run_dir=run_dir(cfg),
-                    is_tty=sys.stdout.isatty(), module_factory=module_factory, relay=relay, shards=train.shards)
+                    is_tty=sys.stdout.isatty(), module_factory=module_factory, relay=relay, shards=train.shards,
+                    dataset=dataset_summary(rows, cfg.data.repeat, train.num_samples))
     return RunPlan(datasets, args)
 
 
@@ -142,9 +145,10 @@ def launch_training_task(cfg: RaydiffConfig, module_factory: Callable | None = N
     """Train `cfg` on Ray (starting a local Ray if none is running) and return Ray's Result.
 
     Before Ray starts: relative paths are resolved against the working directory, and the storage, the
-    model, the metadata and the batch sizes are checked; the run takes its lock. Then the cluster's
-    resources are checked, and the run resumes from its newest complete checkpoint, if any. Ctrl-C stops
-    it within seconds; the checkpoint a re-run continues from is printed at the end either way.
+    model, the adapter setup (`lora.target_modules`, `lora.init_from`), the metadata and the batch sizes are
+    checked; the run takes its lock. Then the cluster's resources are checked, and the run resumes from its
+    newest complete checkpoint, if any. Ctrl-C stops it within seconds; the checkpoint a re-run continues
+    from is printed at the end either way.
     """
     cfg = cfg.resolved_paths()
     r = cfg.ray
@@ -156,6 +160,7 @@ def launch_training_task(cfg: RaydiffConfig, module_factory: Callable | None = N
         check_batch_sizes(cfg, rows[0])
     if not ray.is_initialized() and not (r.address or os.environ.get("RAY_ADDRESS")):
         check_resources(cfg, autoscaling=False, nodes=lambda: [local_ray_resources(cfg)])  # before Ray starts
+    check_lora(cfg)  # last of the config checks: it imports diffusers and peft when it has anything to check
     check_storage(r.storage_path, r.storage_endpoint, r.storage_region)
     fs, run_path = run_directory(r.storage_path, r.name, r.storage_endpoint, r.storage_region)
     with RunLock(fs, f"{run_path}/{LOCK_FILE}", f"{r.storage_path}/{r.name}"):

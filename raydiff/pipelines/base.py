@@ -108,7 +108,13 @@ class FamilyPipeline:
     # `comfyui`/`kohya` naming (raydiff.training.lora_formats); None = diffusers format only.
     lora_original_names: ClassVar[dict | None] = None
     comfyui_lora_suffixes: ClassVar[tuple[str, str]] = ("lora_A", "lora_B")
-    comfyui_lora_alpha: ClassVar[bool] = True  # False: no `.alpha` keys, alpha / r baked into the up weights
+    comfyui_lora_alpha: ClassVar[bool] = True  # False: no `.alpha` keys, the scale folded into the weights
+    # What `raydiff export --format diffsynth` writes: the layout DiffSynth-Studio's loader for this family reads
+    # ("diffsynth": peft's names with `.default.`; "kohya": FLUX's loader maps kohya names onto its fused modules).
+    diffsynth_lora_format: ClassVar[str] = "diffsynth"
+    # DiffSynth's own module names where its DiT differs from diffusers' ({DiffSynth name: original name}), so
+    # LoRAs DiffSynth trained import; None: DiffSynth uses diffusers' names.
+    diffsynth_lora_names: ClassVar[dict | None] = None
     patch_size: ClassVar[int] = 2  # latent pixels per token side
     # `model.quantize`: fnmatch patterns of DiT modules left unquantized (embedders, the norms' modulation
     # linears, the final projection: small layers whose error every token would share).

@@ -66,6 +66,24 @@ ORIGINAL_NAMES = {
     "single_blocks.{i}.modulation.lin": ((_S + "norm.linear",), None),
 }
 
+# DiffSynth-Studio's FLUX DiT keeps BFL's fused layers under its own names (diffsynth/models/flux_dit.py;
+# FluxLoRAConverter.align_to_opensource_format in diffsynth/utils/lora/flux.py maps them to BFL's).
+DIFFSYNTH_NAMES = {
+    "blocks.{i}.norm1_a.linear": "double_blocks.{i}.img_mod.lin",
+    "blocks.{i}.norm1_b.linear": "double_blocks.{i}.txt_mod.lin",
+    "blocks.{i}.attn.a_to_qkv": "double_blocks.{i}.img_attn.qkv",
+    "blocks.{i}.attn.b_to_qkv": "double_blocks.{i}.txt_attn.qkv",
+    "blocks.{i}.attn.a_to_out": "double_blocks.{i}.img_attn.proj",
+    "blocks.{i}.attn.b_to_out": "double_blocks.{i}.txt_attn.proj",
+    "blocks.{i}.ff_a.0": "double_blocks.{i}.img_mlp.0",
+    "blocks.{i}.ff_a.2": "double_blocks.{i}.img_mlp.2",
+    "blocks.{i}.ff_b.0": "double_blocks.{i}.txt_mlp.0",
+    "blocks.{i}.ff_b.2": "double_blocks.{i}.txt_mlp.2",
+    "single_blocks.{i}.norm.linear": "single_blocks.{i}.modulation.lin",
+    "single_blocks.{i}.to_qkv_mlp": "single_blocks.{i}.linear1",
+    "single_blocks.{i}.proj_out": "single_blocks.{i}.linear2",
+}
+
 
 class FluxImagePipeline(FamilyPipeline):
     family = "flux"
@@ -79,6 +97,10 @@ class FluxImagePipeline(FamilyPipeline):
     lora_original_names = ORIGINAL_NAMES
     # diffusers' FLUX loader converts `diffusion_model.` keys only on its kohya path, entered on lora_down.
     comfyui_lora_suffixes = ("lora_down", "lora_up")
+    # DiffSynth's FLUX loader renames only `lora_unet_` and `transformer.` keys onto its fused modules; the kohya
+    # layout is what its own FLUX recipe saves (--align_to_opensource_format) and it loads exactly.
+    diffsynth_lora_format = "kohya"
+    diffsynth_lora_names = DIFFSYNTH_NAMES
 
     def make_units(self) -> list[PipelineUnit]:
         return [

@@ -1,6 +1,6 @@
 """Checkpoint I/O. A checkpoint is a directory that describes itself:
 
-  pytorch_lora_weights.safetensors  LoRA in diffusers' key format, rank/alpha in metadata
+  pytorch_lora_weights.safetensors  the adapter in diffusers' key format; type, rank, alpha in metadata
   trainable_weights.safetensors     (full fine-tuning instead of LoRA)
   ema_weights.safetensors           train.ema: the EMA of the weights above, in their format
   training_state.pt                 optimizer + LR scheduler state, read with weights_only=True
@@ -83,9 +83,7 @@ def save_checkpoint(directory: str, module, optimizer, scheduler, state: Trainer
 
 def _save_weights(directory: str, module, weights: dict, name: str | None = None) -> None:
     if module.lora_config is not None:
-        prefix = lora_lib.key_prefix(module.lora_base_model)
-        lora_lib.save_lora(directory, module.pipe.diffusers_class, prefix, weights, module.lora_config,
-                           weight_name=name or lora_lib.LORA_FILE)
+        lora_lib.save_lora(directory, weights, module.lora_config, weight_name=name or lora_lib.LORA_FILE)
     else:
         save_file(weights, os.path.join(directory, name or FULL_WEIGHTS_FILE))
 

@@ -17,14 +17,15 @@ from contextlib import nullcontext
 import ray.train
 import torch
 
-from raydiff.config import RaydiffConfig, dump_config
+from raydiff.config import RaydiffConfig, dump_config, to_dict
 from raydiff.data.decode import skipped_samples
-from raydiff.training import fsdp
-from raydiff.training.checkpoint import TrainerState, save_checkpoint
+from raydiff.training import fsdp, model_card
+from raydiff.training.checkpoint import FULL_WEIGHTS_FILE, TrainerState, save_checkpoint
 from raydiff.training.checkpoint_store import checkpoint_name, upload_and_mark_complete
 from raydiff.training.ema import EMA
 from raydiff.training.evaluation import EvalSet
 from raydiff.training.loop_args import LoopArgs
+from raydiff.training.lora_formats import LORA_FILE
 from raydiff.training.reporting import RunLogger, peak_memory_gib, plot_losses
 from raydiff.training.step import StepResult
 from raydiff.training.validation import ValidationSettings, sample_base_images, write_validation
@@ -162,7 +163,8 @@ class StepHooks:
         return self.ema.weights(self.module.trainable_state_dict)
 
     def _write_samples(self, directory: str, state: TrainerState, final: bool) -> None:
-        """Validation samples (at the steps `validation.every_steps` picks) and, at the end, loss.png."""
+        """Validation samples (at the steps `validation.every_steps` picks) and, at the end, loss.png and the
+        model card (README.md)."""
         v = self.cfg.validation
         if v.prompts and (final or v.every_steps is None or state.global_step % v.every_steps == 0):
             if self.base_images is None:
@@ -173,6 +175,11 @@ class StepHooks:
             self.logger.image("validation/grid", written["grid"], state.global_step)
         if final and self.cfg.logging.plot:
             plot_losses(state.log_history, os.path.join(directory, "loss.png"))
+        if final:
+            facts = model_card.facts_from_config(to_dict(self.cfg), steps=state.global_step, dataset=self.args.dataset,
+                                                 directory=directory)
+            weights = LORA_FILE if self.cfg.lora is not None else FULL_WEIGHTS_FILE
+            model_card.write_card(directory, facts, weights=weights)
 
 
 def gather(value, world: int) -> list:

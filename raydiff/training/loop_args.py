@@ -17,7 +17,8 @@ class LoopArgs:
     dropout in stream/cache mode). `skip_counter`: the actor counting skipped samples. `run_dir`: where
     rank 0 writes TensorBoard events. `module_factory(device)`: builds the training module instead of
     the config-driven one. `relay`: a `ConsoleRelay` actor that carries rank 0's console output to the
-    driver (None: rank 0 prints itself)."""
+    driver (None: rank 0 prints itself). `dataset`: what the final checkpoint's model card says about the
+    training data (`model_card.dataset_summary`: size, trigger words)."""
 
     config: dict
     steps_per_epoch: int
@@ -30,6 +31,7 @@ class LoopArgs:
     module_factory: Callable | None = None
     relay: Any = None
     shards: Any = None  # raydiff.data.shards.ShardPlan of sharded data, which each worker streams itself
+    dataset: dict | None = None
 
     def parse_config(self) -> RaydiffConfig:
         return from_remote(self.config)

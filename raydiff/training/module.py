@@ -21,10 +21,10 @@ def _components(pipe) -> dict[str, torch.nn.Module]:
 def switch_pipe_to_training_mode(pipe, *, trainable_models: Sequence[str] = (), lora_base_model: str | None = None,
                                  lora_target_modules: Sequence[str] | None = None, lora_rank: int = 8,
                                  lora_alpha: float | None = None, lora_checkpoint: str | None = None,
-                                 gradient_checkpointing: bool = True):
-    """Freeze everything, then make `trainable_models` fully trainable (fp32) and/or inject a LoRA into
-    `lora_base_model` (`lora_target_modules` None: the family's `default_lora_targets`). Returns the peft
-    `LoraConfig` (or None)."""
+                                 gradient_checkpointing: bool = True, lora_type: str = "lora", lokr_factor: int = -1):
+    """Freeze everything, then make `trainable_models` fully trainable (fp32) and/or inject an adapter of
+    `lora_type` (lora, dora, lokr, loha) into `lora_base_model` (`lora_target_modules` None: the family's
+    `default_lora_targets`). Returns the peft config (or None)."""
     models = _components(pipe)
     for name in [*trainable_models, *([lora_base_model] if lora_base_model else [])]:
         if name not in models:
@@ -39,7 +39,9 @@ def switch_pipe_to_training_mode(pipe, *, trainable_models: Sequence[str] = (), 
     if lora_base_model:
         base = models[lora_base_model]
         targets = pipe.default_lora_targets if lora_target_modules is None else lora_target_modules
-        lora_config = lora_lib.inject_lora(base, target_modules=list(targets), rank=lora_rank, alpha=lora_alpha)
+        lora_config = lora_lib.inject_lora(base, target_modules=list(targets), rank=lora_rank, alpha=lora_alpha,
+                                           adapter_type=lora_type, lokr_factor=lokr_factor,
+                                           defaults=lora_target_modules is None)
         base.train()
         if lora_checkpoint:
             lora_lib.load_lora_into(base, lora_checkpoint, lora_lib.key_prefix(lora_base_model), family=pipe.family,
@@ -118,7 +120,8 @@ class PipelineTrainingModule(DiffusionTrainingModule):
             lora_target_modules=cfg.lora.target_modules if cfg.lora else None,
             lora_rank=cfg.lora.rank if cfg.lora else 0,
             lora_alpha=cfg.lora.alpha if cfg.lora else None, lora_checkpoint=cfg.lora.init_from if cfg.lora else None,
-            gradient_checkpointing=cfg.train.gradient_checkpointing)
+            gradient_checkpointing=cfg.train.gradient_checkpointing, lora_type=cfg.lora.type if cfg.lora else "lora",
+            lokr_factor=cfg.lora.lokr_factor if cfg.lora else -1)
         self.register_pipe(pipe)
         speed_up(getattr(pipe.pipe, pipe.dit_name), cfg.train.attention_backend,
                  cfg.train.compile_backend if cfg.train.compile else None)

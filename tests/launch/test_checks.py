@@ -16,6 +16,7 @@ from raydiff.data.shapes import write_shapes_dataset
 from raydiff.launch.checks import (
     check_batch_sizes,
     check_devices,
+    check_lora,
     check_model,
     check_resources,
     shortfall,
@@ -71,6 +72,90 @@ def test_the_registry_names_each_builtin_familys_pipeline_class_and_data_keys():
         cls = get_pipeline_class(family)
         assert cls.diffusers_class.__name__ in pipeline_class_names(family)
         assert cls.data_keys == BUILTIN_DATA_KEYS[family], family  # the torch-free copy the config checks
+
+
+# --- lora -------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def flux_lora(tiny_model, tmp_path_factory):
+    """A rank-4 LoRA checkpoint of the tiny FLUX model (default targets, random B)."""
+
+    from raydiff.training import lora as lora_lib
+    from raydiff.training.module import PipelineTrainingModule
+
+    cfg = parse_config({"model": {"path": tiny_model("flux")}, "data": {"metadata_path": "d.csv"},
+                        "lora": {"rank": 4}})
+    module = PipelineTrainingModule(cfg)
+    for name, p in module.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.1)
+    directory = tmp_path_factory.mktemp("flux-lora")
+    lora_lib.save_lora(str(directory), module.trainable_state_dict(), module.lora_config)
+    return directory
+
+
+def flux_lora_config(tiny_model, **lora):
+    return config(model={"path": tiny_model("flux")}, lora=lora)
+
+
+def test_lora_init_from_mistakes_are_refused_before_ray_starts(tiny_model, flux_lora, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    def check(**lora):
+        check_lora(flux_lora_config(tiny_model, **lora))
+
+    with pytest.raises(ConfigError, match=r"lora.init_from .*/nope.safetensors: no such file or checkpoint"):
+        check(init_from=str(tmp_path / "nope.safetensors"))
+    with pytest.raises(ConfigError, match="lora.init_from: .* adapter rank 4 does not match lora.rank 8"):
+        check(init_from=str(flux_lora), rank=8)
+    with pytest.raises(ConfigError, match="holds a lora adapter, but lora.type is loha"):
+        check(init_from=str(flux_lora), rank=4, type="loha")
+    with pytest.raises(ConfigError, match="lora.init_from: .* missing 2 adapter keys, e.g. .*add_q_proj"):
+        check(init_from=str(flux_lora), rank=4, target_modules=["to_q", "to_k", "to_v", "to_out.0", "add_q_proj"])
+    (tmp_path / "text.safetensors").write_text("not a safetensors file")
+    with pytest.raises(ConfigError, match="lora.init_from: .*text.safetensors is not a safetensors file"):
+        check(init_from=str(tmp_path / "text.safetensors"))
+    save_file({"text_model.encoder.layers.0.q_proj.weight": torch.zeros(2, 2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ConfigError, match="lora.init_from: not a LoRA in any of"):
+        check(init_from=str(tmp_path / "other.safetensors"))
+    save_file({"blocks.0.attn.c_to_qkv.lora_A.default.weight": torch.zeros(4, 32),
+               "blocks.0.attn.c_to_qkv.lora_B.default.weight": torch.zeros(96, 4)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ConfigError, match=r"2 keys match no adapted module, e.g. \['blocks.0.attn.c_to_qkv"):
+        check(init_from=str(tmp_path / "bad.safetensors"), rank=4)
+    check(init_from=str(flux_lora), rank=4, alpha=8)  # another alpha is fine: rescaled
+
+
+def test_a_diffsynth_flux_training_file_is_accepted_by_converting_it(tiny_model, flux_lora, tmp_path):
+    """DiffSynth-Studio's raw FLUX output (`blocks.0.attn.a_to_qkv.lora_A.default.weight`: its DiT's fused
+    modules, peft's `.default`, alpha = rank) converts: the fused qkv splits into diffusers' to_q, to_k, to_v."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from raydiff.training.lora_formats import export_lora, import_lora
+
+    kohya = load_file(export_lora(str(flux_lora), "kohya", str(tmp_path / "k.safetensors"), family="flux"))
+    # DiffSynth's own FluxLoRAConverter.align_to_diffsynth_format (diffsynth/utils/lora/flux.py), for block 0:
+    renames = {"lora_unet_double_blocks_0_img_attn_qkv": "blocks.0.attn.a_to_qkv",
+               "lora_unet_double_blocks_0_img_attn_proj": "blocks.0.attn.a_to_out",
+               "lora_unet_single_blocks_0_linear1": "single_blocks.0.to_qkv_mlp"}
+    raw = {f"{renames[k.split('.')[0]]}.lora_{'A' if 'down' in k else 'B'}.default.weight": v
+           for k, v in kohya.items() if not k.endswith(".alpha")}
+    path = str(tmp_path / "diffsynth_raw.safetensors")
+    save_file(raw, path)
+    check_lora(flux_lora_config(tiny_model, rank=4, init_from=path))
+    ours, _ = import_lora(str(flux_lora), family="flux")
+    theirs, info = import_lora(path, family="flux")
+    assert info == {"type": "lora", "r": 4, "lora_alpha": 4} and set(theirs) == set(ours)
+    assert all(torch.equal(theirs[k], v) for k, v in ours.items())  # alpha = rank: nothing was folded
+
+
+def test_short_target_names_that_reach_outside_the_blocks_are_refused(tiny_model):
+    with pytest.raises(ConfigError, match=r"lora.target_modules: 'proj_out' matches 1 layers in the transformer "
+                                          r"blocks and also proj_out outside them"):
+        check_lora(flux_lora_config(tiny_model, target_modules=["to_q", "proj_out"]))
+    check_lora(flux_lora_config(tiny_model, target_modules=["single_transformer_blocks.*.proj_out"]))
+    check_lora(flux_lora_config(tiny_model))  # neither key set: nothing to check
 
 
 # --- batch sizes -----------------------------------------------------------------------------------

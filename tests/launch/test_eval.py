@@ -20,8 +20,7 @@ def test_eval_loss_is_reported_and_independent_of_world_size(ray_session, make_c
     for name, p in module.named_parameters():
         if "lora_B" in name:
             p.data.normal_(0, 0.2)
-    save_lora(str(tmp_path / "init"), module.pipe.diffusers_class, "transformer", module.trainable_state_dict(),
-              module.lora_config)
+    save_lora(str(tmp_path / "init"), module.trainable_state_dict(), module.lora_config)
 
     losses = {}
     for workers in (1, 2):

@@ -47,7 +47,7 @@ def test_family_trains_from_its_tiny_example(case, ray_session, tiny_model, tmp_
                        "train.max_steps=2", "ray.num_workers=1"])
     result = launch_training_task(cfg)
     ckpt = result.checkpoint.path
-    assert sorted(os.listdir(ckpt)) == [".raydiff-complete", "config.yaml", "loss.png",
+    assert sorted(os.listdir(ckpt)) == [".raydiff-complete", "README.md", "config.yaml", "loss.png",
                                         "pytorch_lora_weights.safetensors", "trainer_state.json", "training_state.pt"]
     state = json.loads(Path(ckpt, "trainer_state.json").read_text())
     assert state["global_step"] == 2 and all(np.isfinite(h["loss"]) for h in state["log_history"] if "loss" in h)

@@ -126,6 +126,24 @@ def test_everyday_mistakes_end_in_seconds_with_one_line_and_leave_nothing(tiny_m
     assert not (cwd / "runs").exists()  # no half-made run directory (Ray's storage marker included)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("lora.init_from=loras/nope.safetensors", "loras/nope.safetensors: no such file or checkpoint directory"),
+    ("lora.init_from=data/shapes/metadata.csv", "data/shapes/metadata.csv is not a safetensors file"),
+    ("lora.target_modules=[proj_out]", "lora.target_modules: 'proj_out' matches 1 layers in the transformer blocks "
+                                       "and also proj_out outside them"),
+])
+def test_lora_mistakes_end_in_the_driver_with_one_line(tiny_model, tmp_path, override, message):
+    """lora.init_from and lora.target_modules are checked on the model's skeleton before Ray starts (this
+    imports diffusers in the driver, so no 10 s bound here)."""
+    cwd = project(tmp_path, tiny_model)
+    proc = cli("train", "tiny.yaml", "--set", override, "--set", "ray.num_cpus=4", cwd=cwd)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out
+    assert out.strip().splitlines() == [f"raydiff: error: {out.split('raydiff: error: ', 1)[1].strip()}"]
+    assert message in out
+    assert not (cwd / "runs").exists()
+
+
 def test_a_second_cli_run_of_a_held_name_is_refused_naming_the_holder(tiny_model, tmp_path):
     cwd = project(tmp_path, tiny_model)
     (cwd / "runs" / "tiny-flux").mkdir(parents=True)
@@ -147,8 +165,7 @@ def test_export_and_sample_mistakes_are_one_line(tiny_model, tmp_path):
                         "data": {"metadata_path": "unused.csv"}, "lora": {"rank": 4}})
     module = PipelineTrainingModule(cfg)
     checkpoint = tmp_path / "checkpoint"
-    lora_lib.save_lora(str(checkpoint), module.pipe.diffusers_class, "transformer", module.trainable_state_dict(),
-                       module.lora_config)
+    lora_lib.save_lora(str(checkpoint), module.trainable_state_dict(), module.lora_config)
     (checkpoint / "config.yaml").write_text(dump_config(cfg))
 
     export = cli("export", str(checkpoint), "--format", "comfyui", "--family", "sd3", "--out", "x.safetensors",

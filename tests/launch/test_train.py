@@ -35,7 +35,7 @@ def test_ddp_run_writes_complete_checkpoints_then_resumes_for_more_epochs(ray_se
     result = launch_training_task(cfg)
     ckpt = result.checkpoint.path
     assert ckpt.endswith("checkpoint-000004")
-    assert sorted(os.listdir(ckpt)) == [".raydiff-complete", "config.yaml", "loss.png",
+    assert sorted(os.listdir(ckpt)) == [".raydiff-complete", "README.md", "config.yaml", "loss.png",
                                         "pytorch_lora_weights.safetensors", "trainer_state.json", "training_state.pt"]
     state = read_state(ckpt)
     assert state["global_step"] == 4 and state["epoch"] == 1
@@ -47,6 +47,11 @@ def test_ddp_run_writes_complete_checkpoints_then_resumes_for_more_epochs(ray_se
     assert yaml.safe_load(Path(ckpt, "config.yaml").read_text())["lora"]["rank"] == 4
     with safe_open(str(Path(ckpt, "pytorch_lora_weights.safetensors")), "pt") as f:
         assert all(k.startswith("transformer.") and ".default." not in k for k in f.keys())
+    card = Path(ckpt, "README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert "base_model" not in front  # a local path is no hub id
+    assert front["tags"][:4] == ["raydiff", "text-to-image", "flux", "lora"]
+    assert "| steps | 4 |" in card and "| dataset | 16 samples |" in card and "rank 4, alpha 4 (scale 1)" in card
 
     # The LoRA loads into diffusers' FluxPipeline with no key warnings and changes its prediction.
     pipe = diffusers.FluxPipeline.from_pretrained(tiny_model("flux"))
@@ -70,6 +75,27 @@ def test_ddp_run_writes_complete_checkpoints_then_resumes_for_more_epochs(ray_se
     kept = sorted(os.path.basename(p) for p in glob.glob(os.path.join(cfg.ray.storage_path, "ddp", "checkpoint-*")))
     assert kept == ["checkpoint-000006", "checkpoint-000008"]  # num_to_keep: 2
 
+
+def test_a_lokr_run_samples_validation_images_and_loads_into_diffusers(ray_session, make_config, tiny_model):
+    """The whole loop with another adapter type: LoKr trains, its validation grid and model card land in the
+    final checkpoint, and diffusers loads the checkpoint with the transformer's load_lora_adapter."""
+    cfg = make_config("lokr", lora={"type": "lokr", "lokr_factor": 4}, train={"max_steps": 2},
+                      validation={"prompts": ["a red circle"], "steps": 2, "height": 32, "width": 32})
+    ckpt = launch_training_task(cfg).checkpoint.path
+    assert {"README.md", "samples", "pytorch_lora_weights.safetensors"} <= set(os.listdir(ckpt))
+    card = Path(ckpt, "README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["widget"] == [{"text": "a red circle", "output": {"url": "samples/0.png"}}]
+    assert "![validation grid" in card and "pipe.transformer.load_lora_adapter" in card
+    pipe = diffusers.FluxPipeline.from_pretrained(tiny_model("flux"))
+    ours = FluxImagePipeline(pipe, "cpu", max_sequence_length=16)
+    with torch.no_grad():
+        cond = run_units(ours, {"prompt": ["a red circle"], "image": torch.zeros(1, 3, 32, 32)})
+        cond = {k: v for k, v in cond.items() if k not in ("latents", "image", "prompt")}
+        latents, sigma = torch.randn(1, 4, 16, 16), torch.tensor([0.5])
+        base = ours.model_fn(latents, sigma, **cond)
+        pipe.transformer.load_lora_adapter(ckpt, weight_name="pytorch_lora_weights.safetensors", prefix="transformer")
+        assert (ours.model_fn(latents, sigma, **cond) - base).abs().max() > 0
 
 def test_skip_bad_samples_counts_them_and_finishes(ray_session, make_config, tmp_path):
     data = Path(tmp_path, "dirty")

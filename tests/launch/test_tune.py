@@ -58,6 +58,15 @@ def test_values_the_config_refuses_fail_before_tune_starts():
         search_space(cfg, {})
 
 
+def test_tune_can_search_the_adapter_type():
+    cfg = parse_config(with_tune())
+    space = search_space(cfg, {"lora.type": {"choice": ["lora", "dora", "lokr", "loha"]}})
+    assert space["lora.type"].categories == ["lora", "dora", "lokr", "loha"]
+    assert trial_config(cfg, {"lora.type": "lokr"}, "t1").lora.type == "lokr"
+    with pytest.raises(ConfigError, match=r"tune.param_space.lora.type: the value 'ia3' is refused"):
+        search_space(cfg, {"lora.type": {"grid_search": ["lora", "ia3"]}})
+
+
 def test_yaml_distributions_become_tune_domains_and_trials_get_their_own_config():
     cfg = load_config(ROOT / "examples" / "tune" / "lora_flux_dev_search.yaml")
     space = search_space(cfg, cfg.tune.param_space)
@@ -80,8 +89,7 @@ def far_off_lora(cfg, directory: Path) -> str:
     for name, p in module.named_parameters():
         if "lora_A" in name or "lora_B" in name:
             p.data.normal_(0, 0.5)
-    save_lora(str(directory), module.pipe.diffusers_class, "transformer", module.trainable_state_dict(),
-              module.lora_config)
+    save_lora(str(directory), module.trainable_state_dict(), module.lora_config)
     return str(directory)
 
 

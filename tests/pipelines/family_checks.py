@@ -47,7 +47,7 @@ def check_lora_loads_into_diffusers(cfg, family_cls, lora_dir: str, latents, lor
     """save_lora -> the diffusers pipeline's load_lora_weights: no key warnings, the output changes, and the
     diffusers model with the LoRA predicts what the training module predicts (alpha != rank)."""
     module = trained_module(cfg)
-    save_lora(lora_dir, family_cls.diffusers_class, "transformer", module.trainable_state_dict(), module.lora_config)
+    save_lora(lora_dir, module.trainable_state_dict(), module.lora_config)
     cond = conditions(module.pipe)
     sigma = torch.tensor([0.3, 0.8])
     fresh = family_cls(family_cls.diffusers_class.from_pretrained(cfg.model.path), "cpu")

@@ -97,7 +97,7 @@ def test_lora_loads_into_diffusers_without_key_warnings(flux_dir, tmp_path, lora
 
     sd = lora_state_dict(ours.pipe.transformer, "transformer")
     assert all(k.startswith("transformer.") and ".default." not in k for k in sd)
-    save_lora(str(tmp_path), FluxImagePipeline.diffusers_class, "transformer", sd, config)
+    save_lora(str(tmp_path), sd, config)
 
     pipe = diffusers.FluxPipeline.from_pretrained(flux_dir)
     latents, sigma = torch.randn(1, 4, 16, 16), torch.tensor([0.7])

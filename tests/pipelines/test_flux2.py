@@ -130,8 +130,7 @@ def test_encoded_batches_give_the_inline_loss(tiny_dir):
 def test_raydiff_sample(tiny_dir, tmp_path):
     module = trained_module(config(tiny_dir, "lora.alpha=8"), scale=1.0)
     lora_dir = tmp_path / "lora"
-    save_lora(str(lora_dir), Flux2KleinImagePipeline.diffusers_class, "transformer", module.trainable_state_dict(),
-              module.lora_config)
+    save_lora(str(lora_dir), module.trainable_state_dict(), module.lora_config)
     check_sample("flux2_klein", tiny_dir, str(lora_dir), tmp_path)
 
 
@@ -213,4 +212,4 @@ def test_comfyui_names_are_comfyui_weights_of_the_lora_shape(tiny_dir):
         ours = 2 * sd[f"transformer.{name}.lora_B.weight"] @ (sd[f"transformer.{name}.lora_A.weight"] @ x)
         torch.testing.assert_close(b @ (a @ x), ours, atol=1e-4, rtol=1e-5)
     back, info = from_format(exported, family="flux2_klein")
-    assert info == {"r": 4, "lora_alpha": 4} and set(back) == set(sd)
+    assert info == {"type": "lora", "r": 4, "lora_alpha": 4} and set(back) == set(sd)

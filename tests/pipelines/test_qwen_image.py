@@ -120,8 +120,7 @@ def test_lora_round_trip_through_diffusers(tiny_dir):
         if "lora_B" in name:
             p.data.normal_(0, 0.1)
     lora_dir = Path(tiny_dir).parent / "lora"
-    save_lora(str(lora_dir), diffusers.QwenImagePipeline, "transformer", module.trainable_state_dict(),
-              module.lora_config)
+    save_lora(str(lora_dir), module.trainable_state_dict(), module.lora_config)
 
     ours = module.pipe
     cond = run_units(ours, {"prompt": PROMPTS}, ours.units[:1])

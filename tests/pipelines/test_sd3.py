@@ -151,7 +151,7 @@ def test_lora_saved_by_raydiff_loads_into_diffusers(tiny_dir, tmp_path):
     state = module.trainable_state_dict()
     # Every default target is present in the tiny model, both streams and the dual-attention block.
     assert any(".attn.to_add_out." in k for k in state) and any(".attn2.to_q." in k for k in state)
-    save_lora(str(tmp_path), StableDiffusion3Pipeline, "transformer", state, module.lora_config)
+    save_lora(str(tmp_path), state, module.lora_config)
 
     p = module.pipe
     cond = unit(p, "prompt_embedder")(p, {"prompt": PROMPTS})

@@ -113,7 +113,7 @@ def test_lora_round_trips_through_diffusers(tiny_dir, tmp_path):
             p.data = torch.randn(p.shape, generator=g) * 0.1
     state = module.trainable_state_dict()
     assert any(".attn2.to_k." in k for k in state) and any(".ffn.net.2." in k for k in state)
-    save_lora(str(tmp_path), diffusers.WanPipeline, "transformer", state, module.lora_config)
+    save_lora(str(tmp_path), state, module.lora_config)
 
     pipe = diffusers.WanPipeline.from_pretrained(tiny_dir)
     latents = torch.randn(1, 16, 3, 2, 2, generator=g)

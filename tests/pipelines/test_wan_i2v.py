@@ -127,8 +127,7 @@ def test_lora_round_trips_through_diffusers(tiny_model, tmp_path, lora_key_warni
     path = tiny_model("wan_i2v")
     module = PipelineTrainingModule(parse_config(wan_config(path, family="wan_i2v")))
     randomize_lora(module)
-    save_lora(str(tmp_path), diffusers.WanImageToVideoPipeline, "transformer", module.trainable_state_dict(),
-              module.lora_config)
+    save_lora(str(tmp_path), module.trainable_state_dict(), module.lora_config)
     pipe = diffusers.WanImageToVideoPipeline.from_pretrained(path)
     video, _ = first_frame_clip(16)
     with torch.no_grad():

@@ -91,7 +91,7 @@ def test_lora_on_the_dit_or_the_vace_blocks_loads_into_diffusers(tiny_model, tmp
     randomize_lora(module)
     state = module.trainable_state_dict()
     assert {k.split(".")[1] for k in state} == trained
-    save_lora(str(tmp_path), diffusers.WanVACEPipeline, "transformer", state, module.lora_config)
+    save_lora(str(tmp_path), state, module.lora_config)
     pipe = diffusers.WanVACEPipeline.from_pretrained(path)
     inputs = {"prompt": PROMPT, "video": as_input(clip(0)), "control_video": as_input(clip(1))}
     with torch.no_grad():

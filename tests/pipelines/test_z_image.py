@@ -135,8 +135,7 @@ def test_raydiff_sample(tiny_dir, tmp_path):
     cfg = config(tiny_dir, "lora.alpha=8")
     module = trained_module(cfg, scale=1.0)
     lora_dir = tmp_path / "lora"
-    save_lora(str(lora_dir), ZImagePipeline.diffusers_class, "transformer", module.trainable_state_dict(),
-              module.lora_config)
+    save_lora(str(lora_dir), module.trainable_state_dict(), module.lora_config)
     check_sample("z_image", tiny_dir, str(lora_dir), tmp_path)
 
 
@@ -231,4 +230,5 @@ def test_comfyui_names_are_the_keys_comfyui_maps(tiny_dir):
         target = key_map["diffusion_model." + name]
         rows = target[1][2] if isinstance(target, tuple) else dict(dit.named_modules())[name].weight.shape[0]
         assert (up @ down).shape == (rows, down.shape[1])
-        assert exported[f"diffusion_model.{name}.alpha"].item() == 8
+        assert exported[f"diffusion_model.{name}.alpha"].item() == 4  # the scale 8 / 4 is folded into B
+        torch.testing.assert_close(up, 2 * sd[f"transformer.{name}.lora_B.weight"], atol=0, rtol=0)

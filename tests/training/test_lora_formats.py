@@ -1,6 +1,7 @@
 """LoRA formats: every export loads into a fresh diffusers pipeline and predicts exactly what the trained
-LoRA does; every format imports back to the diffusers state dict; FLUX's fused layers match diffusers'
-own kohya/ComfyUI conversion at real FLUX widths."""
+LoRA does; every format imports back to the trained state dict (scale folded in); FLUX's fused layers match
+diffusers' own kohya/ComfyUI conversion at real FLUX widths; ComfyUI's and DiffSynth-Studio's loaders
+(transcribed in foreign_loaders.py) compute the trained delta W from the files meant for them."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ import shutil
 import warnings
 
 import diffusers
+import foreign_loaders
 import pytest
 import torch
+from foreign_loaders import assert_comfyui_applies, delta_weights
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from raydiff.pipelines.base import run_units
 from raydiff.pipelines.flux import FluxImagePipeline
@@ -52,25 +56,38 @@ TARGETS = {
                     "transformer_blocks.0.ff_context.linear_out", "single_transformer_blocks.0.attn.to_qkv_mlp_proj",
                     "single_transformer_blocks.0.attn.to_out"],
 }
-# FLUX and FLUX.2 DiffSynth files use diffusers' module names without the `transformer.` prefix, which
-# diffusers' FLUX loaders do not read (its Qwen-Image and Z-Image loaders do).
-LOADABLE = [(f, fmt) for f in PIPELINES for fmt in FORMATS if (f, fmt) not in {("flux", "diffsynth"),
-                                                                                ("flux2_klein", "diffsynth")}]
+# FLUX.2 DiffSynth files use diffusers' module names without the `transformer.` prefix, which diffusers' FLUX.2
+# loader does not read (its Qwen-Image and Z-Image loaders do); FLUX's diffsynth export is the kohya layout.
+LOADABLE = [(f, fmt) for f in PIPELINES for fmt in FORMATS if (f, fmt) != ("flux2_klein", "diffsynth")]
+
+
+# Every module of both block types that FLUX's original names cover (complete q/k/v groups, which DiffSynth's
+# diffusers path needs to fuse); Qwen-Image's default targets plus the MLPs and modulation.
+WHOLE_BLOCKS = {
+    "flux": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+             "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "norm1.linear",
+             "norm1_context.linear", "proj_mlp", "single_transformer_blocks.*.proj_out", "norm.linear"],
+    "qwen_image": TARGETS["qwen_image"],
+}
 
 
 class Trained:
-    def __init__(self, family: str, model_dir: str, lora_dir: str):
+    """A tiny pipeline with a LoRA of random B (train-like: A random, B no longer zero), saved as a checkpoint
+    would be, and its prediction on a fixed input."""
+
+    def __init__(self, family: str, model_dir: str, lora_dir: str, targets=None, alpha: float = ALPHA):
         self.family, self.model_dir, self.lora_dir = family, model_dir, lora_dir
         self.pipe = PIPELINES[family].from_pretrained(model_dir)
-        switch_pipe_to_training_mode(self.pipe, lora_base_model="transformer", lora_target_modules=TARGETS[family],
-                                     lora_rank=RANK, lora_alpha=ALPHA, gradient_checkpointing=False)
+        switch_pipe_to_training_mode(self.pipe, lora_base_model="transformer",
+                                     lora_target_modules=targets or TARGETS[family], lora_rank=RANK, lora_alpha=alpha,
+                                     gradient_checkpointing=False)
         config = self.pipe.pipe.transformer.peft_config["default"]
         torch.manual_seed(0)
         for name, p in self.pipe.pipe.transformer.named_parameters():
             if "lora_B" in name:
                 p.data.normal_(0, 0.2)
         self.state_dict = lora_state_dict(self.pipe.pipe.transformer, "transformer")
-        save_lora(lora_dir, self.pipe.diffusers_class, "transformer", self.state_dict, config)
+        save_lora(lora_dir, self.state_dict, config)
         with torch.no_grad():
             out = run_units(self.pipe, {"prompt": ["a red circle"], "image": torch.zeros(1, 3, 32, 32)})
             self.latents = torch.randn(out["latents"].shape, generator=torch.Generator().manual_seed(1))
@@ -78,15 +95,21 @@ class Trained:
             self.cond = {k: v for k, v in out.items() if k not in ("latents", "image", "prompt")}
             self.pred = self.pipe.model_fn(self.latents, self.sigma, **self.cond)
 
+    def deltas(self) -> dict[str, torch.Tensor]:
+        """{diffusers module: delta W} of the trained adapter, from peft's own layers."""
+        return delta_weights(self.pipe.pipe.transformer)
+
 
 @pytest.fixture(scope="module")
 def trained(tiny_model, tmp_path_factory):
     cache = {}
 
-    def make(family: str) -> Trained:
-        if family not in cache:
-            cache[family] = Trained(family, tiny_model(family), str(tmp_path_factory.mktemp(f"lora-{family}")))
-        return cache[family]
+    def make(family: str, alpha: float = ALPHA, whole_blocks: bool = False) -> Trained:
+        key = (family, alpha, whole_blocks)
+        if key not in cache:
+            cache[key] = Trained(family, tiny_model(family), str(tmp_path_factory.mktemp(f"lora-{family}")),
+                                 WHOLE_BLOCKS[family] if whole_blocks else None, alpha)
+        return cache[key]
 
     return make
 
@@ -147,21 +170,22 @@ def test_a_kohya_file_exports_back_to_a_loadable_diffusers_file(trained, tmp_pat
 
 @pytest.mark.parametrize("family", PIPELINES)
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_import_round_trips_to_the_diffusers_state_dict(trained, tmp_path, family, fmt):
+def test_import_round_trips_to_the_trained_state_dict_with_the_scale_folded_in(trained, tmp_path, family, fmt):
     t = trained(family)
     out = export_lora(t.lora_dir, fmt, str(tmp_path / f"{fmt}.safetensors"), family=family)
     state_dict, info = import_lora(out, family=family)
     assert set(state_dict) == set(t.state_dict)
-    if fmt == "diffsynth" or (fmt == "comfyui" and not PIPELINES[family].comfyui_lora_alpha):
-        assert info == {"r": RANK, "lora_alpha": RANK}  # no alpha keys: the scale is baked into B
-        for k, v in t.state_dict.items():
-            expected = v * (ALPHA / RANK) if ".lora_B." in k else v
-            torch.testing.assert_close(state_dict[k], expected, atol=0, rtol=0)
-        return
-    assert info == {"r": RANK, "lora_alpha": ALPHA}
+    assert info == {"type": "lora", "r": RANK, "lora_alpha": RANK}  # every export is at scale 1: alpha = rank
     # The fused qkv's parts come back as slices of one tensor: exact too.
     for k, v in t.state_dict.items():
-        assert torch.equal(state_dict[k], v), k
+        assert torch.equal(state_dict[k], v * (ALPHA / RANK) if ".lora_B." in k else v), k
+
+
+def test_a_checkpoint_imports_as_trained(trained):
+    t = trained("flux")
+    state_dict, info = import_lora(t.lora_dir, family="flux")
+    assert info == {"type": "lora", "r": RANK, "lora_alpha": ALPHA}
+    assert all(torch.equal(state_dict[k], v) for k, v in t.state_dict.items()) and set(state_dict) == set(t.state_dict)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -183,7 +207,7 @@ def test_export_reads_the_family_from_the_checkpoint_config(trained, tmp_path):
         export_lora(str(checkpoint), "kohya", str(tmp_path / "k.safetensors"))
     (checkpoint / "config.yaml").write_text("model:\n  family: flux\n")
     out = export_lora(str(checkpoint), "kohya", str(tmp_path / "k.safetensors"))
-    assert import_lora(out, family="flux")[1] == {"r": RANK, "lora_alpha": ALPHA}
+    assert import_lora(out, family="flux")[1] == {"type": "lora", "r": RANK, "lora_alpha": RANK}
 
 
 def test_flux_fused_layers_match_diffusers_conversion():
@@ -214,8 +238,8 @@ def test_flux_fused_layers_match_diffusers_conversion():
                          "transformer.transformer_blocks.0.attn.to_k"}
         assert all(not converted[f"{m}.lora_B.weight"].any() for m in extra)
         back, info = from_format(exported, family="flux")
-        assert info == {"r": RANK, "lora_alpha": ALPHA} and set(back) == set(sd)
-        assert all(torch.equal(back[k], v) for k, v in sd.items())
+        assert info == {"type": "lora", "r": RANK, "lora_alpha": RANK} and set(back) == set(sd)
+        assert all(torch.equal(back[k], v * (ALPHA / RANK) if ".lora_B." in k else v) for k, v in sd.items())
 
 
 def test_non_block_diagonal_fused_layers_share_their_down_weight():
@@ -224,7 +248,7 @@ def test_non_block_diagonal_fused_layers_share_their_down_weight():
     parts, info = from_format({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": down,
                                "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": up,
                                "lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(2.0)}, family="flux")
-    assert info == {"r": 4, "lora_alpha": 2}
+    assert info == {"type": "lora", "r": 4, "lora_alpha": 2}
     for j, name in enumerate(["to_q", "to_k", "to_v"]):
         assert torch.equal(parts[f"transformer.transformer_blocks.0.attn.{name}.lora_A.weight"], down)
         assert torch.equal(parts[f"transformer.transformer_blocks.0.attn.{name}.lora_B.weight"], up[8 * j:8 * (j + 1)])
@@ -248,6 +272,63 @@ def test_modules_with_different_alphas_get_their_scale_baked_into_b():
         key = f"lora_unet_transformer_blocks_0_{name}"
         sd |= {f"{key}.lora_down.weight": a, f"{key}.lora_up.weight": b, f"{key}.alpha": torch.tensor(alpha)}
     out, info = from_format(sd, family="qwen_image")
-    assert info == {"r": 4, "lora_alpha": 4}
+    assert info == {"type": "lora", "r": 4, "lora_alpha": 4}
     torch.testing.assert_close(out["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"], b * 2)
     torch.testing.assert_close(out["transformer.transformer_blocks.0.attn.to_k.lora_B.weight"], b * 0.5)
+
+
+# --- the same delta W in diffusers, ComfyUI and DiffSynth-Studio (foreign_loaders.py) ------------------------
+
+@pytest.mark.parametrize("family", ["flux", "qwen_image"])  # the families foreign_loaders.py transcribes
+def test_alpha_twice_the_rank_means_the_same_in_diffusers_comfyui_and_diffsynth(trained, tmp_path, family):
+    """Train-like weights at alpha = 2 x rank: each loader computes the trained delta W from the files meant for
+    it, and diffusers and ComfyUI agree on the diffusers-format file (the scale is folded in, so loaders that
+    ignore the metadata alpha read it right)."""
+    t = trained(family, alpha=2 * RANK, whole_blocks=True)
+    ours = t.deltas()
+    files = {fmt: export_lora(t.lora_dir, fmt, str(tmp_path / f"{fmt}.safetensors"), family=family)
+             for fmt in FORMATS}
+    fresh = t.pipe.diffusers_class.from_pretrained(t.model_dir)
+    fresh.load_lora_weights(files["diffusers"])
+    loaded = delta_weights(fresh.transformer)
+    assert set(loaded) == set(ours)
+    for module, delta in ours.items():
+        torch.testing.assert_close(loaded[module], delta, atol=1e-6, rtol=1e-5)
+    for fmt in ("diffusers", "comfyui", "kohya"):
+        assert_comfyui_applies(family, t.pipe.pipe.transformer, files[fmt], ours)
+    if family == "flux":  # DiffSynth's FLUX loader: the kohya layout, and diffusers names it fuses itself
+        reference = foreign_loaders.diffsynth_flux_deltas(
+            {f"transformer.{m}.lora_{ab}.weight": w for m, d in ours.items()
+             for ab, w in (("A", torch.eye(d.shape[1])), ("B", d))})
+        for fmt in ("diffsynth", "diffusers"):
+            applied = foreign_loaders.diffsynth_flux_deltas(load_file(files[fmt]))
+            assert set(applied) == set(reference), fmt
+            for module, delta in reference.items():
+                torch.testing.assert_close(applied[module], delta, atol=1e-6, rtol=1e-5)
+    else:  # DiffSynth's general loader, on its own names and on ComfyUI's `diffusion_model.` ones
+        for fmt in ("diffsynth", "comfyui"):
+            applied = foreign_loaders.diffsynth_general_deltas(load_file(files[fmt]))
+            assert set(applied) == set(ours), fmt
+            for module, delta in ours.items():
+                torch.testing.assert_close(applied[module], delta, atol=1e-6, rtol=1e-5)
+
+
+def test_flux_diffsynth_export_is_the_layout_diffsynths_flux_loader_maps(trained, tmp_path):
+    """Every key DiffSynth's FLUX loader must map (all but `.alpha`) has a DiffSynth module name, and the
+    module names are those of DiffSynth's FLUX DiT (diffsynth/models/flux_dit.py)."""
+    t = trained("flux", whole_blocks=True)
+    lora = load_file(export_lora(t.lora_dir, "diffsynth", str(tmp_path / "d.safetensors"), family="flux"))
+    names = {k: foreign_loaders._diffsynth_flux_name(k) for k in lora if not k.endswith(".alpha")}
+    assert all(names.values()), [k for k, v in names.items() if v is None]
+    modules = {n.rsplit(".lora_", 1)[0] for n in names.values()}
+    assert modules == {"blocks.0.norm1_a.linear", "blocks.0.norm1_b.linear", "blocks.0.attn.a_to_qkv",
+                       "blocks.0.attn.b_to_qkv", "blocks.0.attn.a_to_out", "blocks.0.attn.b_to_out", "blocks.0.ff_a.0",
+                       "blocks.0.ff_a.2", "blocks.0.ff_b.0", "blocks.0.ff_b.2", "single_blocks.0.norm.linear",
+                       "single_blocks.0.to_qkv_mlp", "single_blocks.0.proj_out"}
+    # The 0.0.x raw DiffSynth training output (`blocks.0.attn.a_to_qkv.lora_A.default.weight`, alpha = rank)
+    # imports too: DiffSynth's own FluxLoRAConverter.align_to_diffsynth_format renames the kohya layout to it.
+    raw = {names[k].replace(".weight", ".default.weight"): v for k, v in lora.items() if k in names}
+    state_dict, info = from_format(raw, family="flux")
+    assert info == {"type": "lora", "r": RANK, "lora_alpha": RANK} and set(state_dict) == set(t.state_dict)
+    for k, v in t.state_dict.items():
+        torch.testing.assert_close(state_dict[k], v * (ALPHA / RANK) if ".lora_B." in k else v, atol=0, rtol=0)

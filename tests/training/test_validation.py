@@ -30,8 +30,7 @@ def trained(tiny_model, tmp_path_factory):
         if "lora_B" in name:
             p.data = torch.randn(p.shape, generator=g) * 0.5  # B = 0 at init would make the LoRA a no-op
     checkpoint = str(tmp_path_factory.mktemp("lora-checkpoint"))
-    lora_lib.save_lora(checkpoint, FluxImagePipeline.diffusers_class, "transformer",
-                       lora_lib.lora_state_dict(pipe.pipe.transformer, "transformer"), config)
+    lora_lib.save_lora(checkpoint, lora_lib.lora_state_dict(pipe.pipe.transformer, "transformer"), config)
     return pipe, config, checkpoint
 
 

@@ -73,15 +73,19 @@ def trained(tiny_model, tmp_path_factory):
 
 def train(family, model_dir, lora_dir):
     pipe = get_pipeline_class(family).from_pretrained(model_dir, max_sequence_length=16)
-    targets = every_linear(pipe.pipe.transformer)
-    switch_pipe_to_training_mode(pipe, lora_base_model="transformer", lora_target_modules=targets, lora_rank=RANK,
+    # A top-level name that is also a block layer's last part (VACE's proj_out) is a glob, as raydiff requires.
+    linear = every_linear(pipe.pipe.transformer)
+    entries = [f"*{n}" if "." not in n else n for n in linear]
+    switch_pipe_to_training_mode(pipe, lora_base_model="transformer", lora_target_modules=entries, lora_rank=RANK,
                                  lora_alpha=ALPHA, gradient_checkpointing=False)
+    targets = [n for n, m in pipe.pipe.transformer.named_modules() if hasattr(m, "lora_A")]
+    assert sorted(targets) == sorted(linear)
     torch.manual_seed(0)
     for name, p in pipe.pipe.transformer.named_parameters():
         if "lora_B" in name:
             p.data.normal_(0, 0.2)
     state = lora_state_dict(pipe.pipe.transformer, "transformer")
-    save_lora(lora_dir, pipe.diffusers_class, "transformer", state, pipe.pipe.transformer.peft_config["default"])
+    save_lora(lora_dir, state, pipe.pipe.transformer.peft_config["default"])
     return family, model_dir, lora_dir, state, targets
 
 
@@ -93,15 +97,17 @@ def test_comfyui_export_uses_comfyuis_module_names_key_by_key(trained, tmp_path,
     for module in targets:
         name = "diffusion_model." + comfy_name(module)
         a, b = state[f"transformer.{module}.lora_A.weight"], state[f"transformer.{module}.lora_B.weight"]
-        expected |= {f"{name}.lora_A.weight": a, f"{name}.lora_B.weight": b, f"{name}.alpha": torch.tensor(6.0)}
+        # Exports fold alpha / r into B and write alpha = r, so every loader applies the update at scale 1.
+        expected |= {f"{name}.lora_A.weight": a, f"{name}.lora_B.weight": b * (ALPHA / RANK),
+                     f"{name}.alpha": torch.tensor(float(RANK))}
     assert sorted(exported) == sorted(expected)
     for key, value in expected.items():
         torch.testing.assert_close(exported[key], value, rtol=0, atol=0, msg=key)
     if family == "wan_vace":
         assert "diffusion_model.vace_blocks.0.before_proj.lora_A.weight" in exported
     back, info = import_lora(str(tmp_path / "comfy.safetensors"), family=family)
-    assert info == {"r": RANK, "lora_alpha": ALPHA} and back.keys() == state.keys()
-    assert all(torch.equal(back[k], state[k]) for k in state)
+    assert info == {"type": "lora", "r": RANK, "lora_alpha": RANK} and back.keys() == state.keys()
+    assert all(torch.equal(back[k], state[k] * (ALPHA / RANK) if ".lora_B." in k else state[k]) for k in state)
 
 
 @pytest.mark.parametrize("family", ["wan", "wan_i2v"])  # diffusers' converter knows no VACE block names
@@ -112,8 +118,7 @@ def test_diffusers_loads_the_comfyui_export_and_predicts_as_trained(trained, tmp
     _, model_dir, _, state, _ = trained(family)
     cls = get_pipeline_class(family)
     blocks_only = {k: v for k, v in state.items() if k.startswith("transformer.blocks.")}
-    save_lora(str(tmp_path / "ours"), cls.diffusers_class, "transformer", blocks_only,
-              _config(blocks_only))
+    save_lora(str(tmp_path / "ours"), blocks_only, _config(blocks_only))
     out = export_lora(str(tmp_path / "ours"), "comfyui", str(tmp_path / "comfy.safetensors"), family=family)
     video = torch.rand(1, 3, 9, 16, 16) * 2 - 1
     preds = []
