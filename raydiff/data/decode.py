@@ -19,10 +19,15 @@ from raydiff.data.metadata import BadSample, SampleError, is_url
 from raydiff.data.operators import DecodeError, load_image, load_video, resize_image, resize_video, target_size
 from raydiff.data.packing import pack_samples
 from raydiff.data.plan import flipped
+from raydiff.registry import EDIT_IMAGE
 
 log = logging.getLogger(__name__)
 VIDEO_KEYS = ("video", "control_video", "mask_video")
 IMAGE_LIST_KEYS = ("reference_images",)  # a list of image paths (or one), decoded to (N, H, W, 3)
+# Edit sources (a path or a list): decoded to (N, H, W, 3) at the first file's own size, whatever the target's size
+# (fixed, bucket or max_pixels), later files of the row resized to it; the family resizes them by its pipeline's
+# rule, as the pipeline does at inference (raydiff.pipelines.edit). Batches may mix their sizes (collate).
+NATIVE_KEYS = (EDIT_IMAGE,)
 
 
 @ray.remote(num_cpus=0)
@@ -92,7 +97,7 @@ class DecodeSample:
                 size = size or out[key].shape[-3:-1]
             except DecodeError as err:
                 source = row[key] if isinstance(row[key], str) else row.get("_source", "embedded bytes")
-                bad = BadSample(row["_row"], source, str(err))
+                bad = BadSample(row["_row"], source, f"{err} (column {key!r})")
                 if not self.cfg.skip_bad_samples:
                     raise SampleError(bad) from None
                 count_skipped(self.counter_name, bad)
@@ -101,25 +106,31 @@ class DecodeSample:
 
     def load(self, key: str, path: str | bytes | list, size: tuple[int, int] | None = None) -> np.ndarray:
         """One file column of a row, uint8: (H, W, 3), (F, H, W, 3) for VIDEO_KEYS, (N, H, W, 3) for
-        IMAGE_LIST_KEYS; at data.height/width, else `size`, else sized from the file (data.max_pixels).
-        A file is a local path, a URL (read through pyarrow's filesystems) or its bytes."""
+        IMAGE_LIST_KEYS and NATIVE_KEYS; at data.height/width, else `size`, else sized from the file
+        (data.max_pixels); NATIVE_KEYS at their first file's size. A file is a local path, a URL (read through
+        pyarrow's filesystems) or its bytes."""
         cfg = self.cfg
         fixed = (cfg.height, cfg.width) if cfg.height else size
-        if key in IMAGE_LIST_KEYS:
+        if key in IMAGE_LIST_KEYS or key in NATIVE_KEYS:
             paths = [path] if isinstance(path, (str, bytes)) else list(path)
-            first = self.load("image", paths[0], fixed)
+            first = self.read_image(paths[0]) if key in NATIVE_KEYS else self.load("image", paths[0], fixed)
             return np.stack([first, *(self.load("image", p, first.shape[:2]) for p in paths[1:])])
-        if isinstance(path, str) and is_url(path):
-            path = read_url(path)
         if key in VIDEO_KEYS:
-            frames = load_video(path, num_frames=cfg.num_frames, max_pixels_before_decode=cfg.max_image_pixels)
+            frames = load_video(read_url(path) if isinstance(path, str) and is_url(path) else path,
+                                num_frames=cfg.num_frames, max_pixels_before_decode=cfg.max_image_pixels)
             size = target_size(*frames.shape[1:3], fixed=fixed, max_pixels=cfg.max_pixels,
                                division_factor=cfg.division_factor)
             return resize_video(frames, size)
-        image = load_image(path, max_pixels_before_decode=cfg.max_image_pixels)
+        image = self.read_image(path)
         size = target_size(*image.shape[:2], fixed=fixed, max_pixels=cfg.max_pixels,
                            division_factor=cfg.division_factor)
         return resize_image(image, size)
+
+    def read_image(self, path: str | bytes) -> np.ndarray:
+        """An image file (path, URL or bytes) at its own size, uint8 (H, W, 3)."""
+        if isinstance(path, str) and is_url(path):
+            path = read_url(path)
+        return load_image(path, max_pixels_before_decode=self.cfg.max_image_pixels)
 
 
 @dataclass

@@ -18,14 +18,13 @@ from raydiff.registry import EDIT_IMAGE
 
 
 def source_images(inputs: dict, family: str, max_sources: int) -> list[list[Image.Image]]:
-    """Per sample, its source images as PIL (the pixels the decode stage read). `edit_image`: per sample a
-    (3, H, W) tensor in [-1, 1] or a list of them (as collate hands them on), or one (B, 3, H, W) tensor."""
+    """Per sample, its source images as PIL (the pixels the decode stage read). `edit_image` as collate makes it:
+    (B, 3, N, H, W) in [-1, 1], or per sample a (3, N, H, W) (a batch of mixed sizes); a (3, H, W) or a list
+    of them stands for one sample's sources too (B, 3, H, W: one source each)."""
     sources = inputs[EDIT_IMAGE]
-    if torch.is_tensor(sources):
-        sources = list(sources.unbind(0))
     out = []
-    for one in sources:
-        images = [one] if torch.is_tensor(one) else list(one)
+    for one in (sources.unbind(0) if torch.is_tensor(sources) else sources):
+        images = list(one) if not torch.is_tensor(one) else [one] if one.ndim == 3 else list(one.unbind(1))
         if not 1 <= len(images) <= max_sources:
             most = "one source image" if max_sources == 1 else f"1 to {max_sources} source images"
             raise ValueError(f"{family} takes {most} per sample; got {len(images)}")

@@ -161,8 +161,8 @@ class QwenImageEditPlusFamily(QwenImageEditFamily):
 # --- tiny model ------------------------------------------------------------------------------
 
 # The edit template's system prompt in single tokens, so `prompt_template_encode_start_idx` (64) drops it exactly.
-_EDIT_WORDS = ("key features input ( explain how user instruction should alter or modify Generate a new that meets "
-               "requirements while maintaining consistency with original where appropriate").split()
+_EDIT_WORDS = ("key features input ( then explain how user instruction should alter or modify Generate a new that "
+               "meets requirements while maintaining consistency with original where appropriate").split()
 _EDIT_LINE_START_WORDS = ("color", "),", "'s")
 
 

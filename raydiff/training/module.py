@@ -112,7 +112,8 @@ class PipelineTrainingModule(DiffusionTrainingModule):
                                    components=components, revision=cfg.model.revision,
                                    trust_remote_code=cfg.model.trust_remote_code, guidance=cfg.model.guidance,
                                    max_sequence_length=cfg.model.max_sequence_length, quantize=cfg.model.quantize,
-                                   quantize_text_encoders=cfg.model.quantize_text_encoders, expert=cfg.model.expert)
+                                   quantize_text_encoders=cfg.model.quantize_text_encoders, expert=cfg.model.expert,
+                                   **cfg.model.family_options())
         self.loss_config = cfg.loss
         self.lora_base_model = cfg.lora.base_model if cfg.lora else None
         self.lora_config = switch_pipe_to_training_mode(
