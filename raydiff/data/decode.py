@@ -113,7 +113,10 @@ class DecodeSample:
         fixed = (cfg.height, cfg.width) if cfg.height else size
         if key in IMAGE_LIST_KEYS or key in NATIVE_KEYS:
             paths = [path] if isinstance(path, (str, bytes)) else list(path)
-            first = self.read_image(paths[0]) if key in NATIVE_KEYS else self.load("image", paths[0], fixed)
+            if key in NATIVE_KEYS:
+                first = self.read_image(paths[0])
+                return np.stack([first, *(resize_image(self.read_image(p), first.shape[:2]) for p in paths[1:])])
+            first = self.load("image", paths[0], fixed)
             return np.stack([first, *(self.load("image", p, first.shape[:2]) for p in paths[1:])])
         if key in VIDEO_KEYS:
             frames = load_video(read_url(path) if isinstance(path, str) and is_url(path) else path,

@@ -26,6 +26,7 @@ from raydiff.launch.checks import (
     check_lora,
     check_model,
     check_resources,
+    check_validation_images,
     warn_job_local_storage,
 )
 from raydiff.launch.cluster import DriverConsole, init_ray, is_autoscaling, local_ray_resources, stop_ray
@@ -155,6 +156,7 @@ def launch_training_task(cfg: RaydiffConfig, module_factory: Callable | None = N
     warn_job_local_storage(cfg)
     check_model(cfg)
     check_devices(cfg)
+    check_validation_images(cfg)
     rows = train_and_eval_rows(cfg.data, cfg.eval, family_max_paths(cfg))
     if rows[0] is not None:
         check_batch_sizes(cfg, rows[0])

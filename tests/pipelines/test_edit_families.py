@@ -194,3 +194,80 @@ def test_validation_images_go_with_the_prompts():
     with pytest.raises(ConfigError, match="validation.images: flux samples from a prompt alone"):
         parse_config({"model": {"path": "m"}, "data": {"metadata_path": "x.csv"},
                       "validation": {"prompts": ["a"], "images": ["a.png"]}})
+
+
+def test_bad_source_rows_are_refused_naming_row_file_and_column(tmp_path):
+    from raydiff.data.metadata import read_metadata
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    rows = [{"image": "a.png", "edit_image": "a.png", "prompt": "ok"},
+            {"image": "a.png", "edit_image": "gone.png", "prompt": "missing"},
+            {"image": "a.png", "edit_image": ["a.png", "a.png"], "prompt": "a list"},
+            {"image": "a.png", "edit_image": ["a.png"] * 4, "prompt": "too many"}]
+    (tmp_path / "m.jsonl").write_text("\n".join(__import__("json").dumps(r) for r in rows))
+    read = lambda most: read_metadata(str(tmp_path / "m.jsonl"), base_path=str(tmp_path),  # noqa: E731
+                                      data_file_keys=["image", "edit_image"], max_paths={"edit_image": most})
+    good, bad = read(1)
+    assert [r["_row"] for r in good] == [0]  # the readable row is kept
+    assert str(bad[0]) == "row 1, file 'gone.png': file not found (column 'edit_image')"
+    assert "row 2: column 'edit_image' takes one path, not a list" in str(bad[1])
+    good, bad = read(3)
+    assert [r["_row"] for r in good] == [0, 2] and "takes at most 3 paths" in str(bad[1])
+
+
+def test_sources_decode_at_their_own_size(tmp_path):
+    from raydiff.config import DataConfig
+    from raydiff.data.decode import DecodeSample
+
+    Image.new("RGB", (40, 24), (10, 20, 30)).save(tmp_path / "src.png")
+    Image.new("RGB", (64, 64)).save(tmp_path / "target.png")
+    decode = DecodeSample(DataConfig(metadata_path="m.csv", data_file_keys=["image", "edit_image"], height=32,
+                                     width=32))
+    out = decode({"prompt": "p", "_row": 0, "image": str(tmp_path / "target.png"),
+                  "edit_image": [str(tmp_path / "src.png"), str(tmp_path / "target.png")]})[0]
+    assert out["image"].shape == (32, 32, 3) and out["edit_image"].shape == (2, 24, 40, 3)  # not the target's size
+
+
+def test_sample_command_takes_repeated_images(tiny_model, tmp_path, monkeypatch, capsys):
+    import raydiff.training.validation as validation
+    from raydiff.launch.cli import main
+
+    small_pipeline_areas(monkeypatch)  # the pipeline's ~1 MP sources are minutes on CPU
+    calls, sample_images = [], validation.sample_images
+    monkeypatch.setattr(validation, "sample_images", lambda *a, **kw: (calls.append(kw), sample_images(*a, **kw))[1])
+    for name, colour in (("a.png", 200), ("b.png", 50)):
+        Image.fromarray(np.full((24, 40, 3), colour, np.uint8)).save(tmp_path / name)
+    argv = ["sample", "--model", tiny_model("qwen_image_edit_plus"), "--prompt", "put them together", "--steps", "1",
+            "--height", "32", "--width", "32", "--guidance", "1", "--out", str(tmp_path / "out.png")]
+    main([*argv, "--image", str(tmp_path / "a.png"), "--image", str(tmp_path / "b.png")])
+    assert (tmp_path / "out.png").stat().st_size > 0
+    images = calls[0]["call_kwargs"]["image"]
+    assert [np.asarray(i)[0, 0, 0] for i in images] == [200, 50]
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, *["--image", str(tmp_path / "a.png")] * 4])
+    assert exit_.value.code == 2 and "qwen_image_edit_plus takes at most 3 image(s); got 4" in capsys.readouterr().err
+
+
+def test_validation_grid_shows_the_sources_above_the_samples(tiny_model, tmp_path, monkeypatch):
+    from diffusers.pipelines.flux import pipeline_flux_kontext
+
+    from raydiff.launch.checks import check_validation_images
+
+    monkeypatch.setattr(pipeline_flux_kontext, "PREFERRED_KONTEXT_RESOLUTIONS", [(48, 32)])  # not ~1 MP on CPU
+    from raydiff.training.module import PipelineTrainingModule
+    from raydiff.training.validation import ValidationSettings, condition_images, write_validation
+
+    Image.fromarray(np.full((24, 40, 3), 255, np.uint8)).save(tmp_path / "src.png")
+    cfg = parse_config({**edit_config(tiny_model("flux_kontext"), "flux_kontext"),
+                        "validation": {"prompts": ["a", "b"], "images": [str(tmp_path / "src.png")] * 2}})
+    check_validation_images(cfg)
+    with pytest.raises(ConfigError, match=r"validation.images\[1\]: .*gone.png: no such file"):
+        check_validation_images(cfg.model_copy(update={"validation": cfg.validation.model_copy(
+            update={"images": [str(tmp_path / "src.png"), str(tmp_path / "gone.png")]})}))
+    module = PipelineTrainingModule(cfg)
+    settings = ValidationSettings(prompts=["a", "b"], steps=1, height=32, width=32, guidance=1.0,
+                                  images=condition_images(cfg.validation.images))
+    out = write_validation(str(tmp_path / "ckpt"), module.pipe, None, settings)
+    grid = np.asarray(Image.open(out["grid"]))
+    assert grid.shape == (3 * 32, 2 * 32, 3)  # sources, base, trained
+    assert (grid[8:24, :, :] == 255).all()  # the white source, fitted (40x24 -> 32x19) into the top row
