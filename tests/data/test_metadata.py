@@ -162,8 +162,8 @@ def test_missing_file_empty_value_and_urls(base):
         ],
     )
     rows, bad = read(path, base)
-    assert bad[0] == BadSample(0, "imgs/missing.png", "file not found")
-    assert str(bad[0]) == "row 0, file 'imgs/missing.png': file not found"
+    assert bad[0] == BadSample(0, "imgs/missing.png", "file not found (column 'image')")
+    assert str(bad[0]) == "row 0, file 'imgs/missing.png': file not found (column 'image')"
     assert bad[1].row == 1 and "empty value" in bad[1].reason
     assert bad[2].row == 3 and "empty value" in bad[2].reason
     assert rows == [{"image": "s3://bucket/x.png", "prompt": "p", "_row": 2}]
