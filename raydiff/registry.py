@@ -23,6 +23,9 @@ BUILTIN_FAMILIES = {
     "flux2_klein": "raydiff.pipelines.flux2:Flux2KleinImagePipeline",
     "wan_i2v": "raydiff.pipelines.wan_i2v:WanImageToVideoFamily",
     "wan_vace": "raydiff.pipelines.wan_vace:WanVACEFamily",
+    "qwen_image_edit": "raydiff.pipelines.qwen_image_edit:QwenImageEditFamily",
+    "qwen_image_edit_plus": "raydiff.pipelines.qwen_image_edit:QwenImageEditPlusFamily",
+    "flux_kontext": "raydiff.pipelines.flux_kontext:FluxKontextFamily",
 }
 # The diffusers pipeline class each built-in family loads (model_index.json's `_class_name`), so the
 # driver can check a model directory before importing any family (tests check these match the classes).
@@ -37,24 +40,46 @@ BUILTIN_PIPELINES = {
     # WanImageToVideoPipeline on the same files. `Class+key`: only with that model_index.json key true.
     "wan_i2v": ("WanImageToVideoPipeline", "WanPipeline+expand_timesteps"),
     "wan_vace": ("WanVACEPipeline",),
+    "qwen_image_edit": ("QwenImageEditPipeline",),
+    "qwen_image_edit_plus": ("QwenImageEditPlusPipeline",),
+    "flux_kontext": ("FluxKontextPipeline",),
 }
 
 
 @dataclass(frozen=True)
 class DataKeys:
     """The metadata columns a family's units read as files (`data.data_file_keys`): exactly one of `targets`
-    (what is denoised), any of `conditions`; `requires` pairs (key, the key it needs). `sampling`: the
-    conditions its diffusers pipeline cannot sample without (so prompts alone cannot make validation samples)."""
+    (what is denoised), any of `conditions`; `requires` pairs (key, the key it needs); `required`: conditions it
+    cannot train without. `sampling`: the conditions its diffusers pipeline cannot sample without (validation
+    takes them from `validation.images`). `max_paths`: (column, the most paths a row may list there) for columns
+    that take a list (1: one path, never a list). `prompt_conditions`: conditions its prompt encoding reads (an
+    image seen as vision tokens), so no image-free empty prompt can stand in for caption dropout. `flip`: whether
+    `data.random_flip` may mirror its samples (not where an instruction says "move it left")."""
 
     targets: tuple[str, ...]
     conditions: tuple[str, ...] = ()
     requires: tuple[tuple[str, str], ...] = ()
     sampling: tuple[str, ...] = ()
+    required: tuple[str, ...] = ()
+    max_paths: tuple[tuple[str, int], ...] = ()
+    prompt_conditions: tuple[str, ...] = ()
+    flip: bool = True
 
 
 _IMAGE = DataKeys(("image",))
 # An image family with a ControlNet: `control_image` is the ControlNet's input (needed with model.controlnet).
 _CONTROLLED_IMAGE = DataKeys(("image",), ("control_image",))
+# An edit family's source image(s), `edit_image`: required, needed to sample, never flipped with its target.
+EDIT_IMAGE = "edit_image"
+
+
+def edit_keys(max_sources: int = 1, prompt_reads_source: bool = False) -> DataKeys:
+    """The data keys of an edit family: the edited `image` and its `edit_image` source(s), up to `max_sources`."""
+    return DataKeys(("image",), (EDIT_IMAGE,), sampling=(EDIT_IMAGE,), required=(EDIT_IMAGE,),
+                    max_paths=((EDIT_IMAGE, max_sources),),
+                    prompt_conditions=(EDIT_IMAGE,) if prompt_reads_source else (), flip=False)
+
+
 # Each family class holds its own as `data_keys`; copied here so the config can check the keys torch-free
 # (tests check the two agree).
 BUILTIN_DATA_KEYS = {
@@ -67,6 +92,9 @@ BUILTIN_DATA_KEYS = {
                          (("mask_video", "control_video"),)),
     "z_image": _IMAGE,
     "flux2_klein": _IMAGE,
+    "qwen_image_edit": edit_keys(1, prompt_reads_source=True),
+    "qwen_image_edit_plus": edit_keys(3, prompt_reads_source=True),
+    "flux_kontext": edit_keys(1),
 }
 # The diffusers ControlNet class each family trains with `model.controlnet`, and the layer counts a new one
 # takes (its `from_transformer` arguments): the family classes' `controlnet_class` / `controlnet_layers`,
@@ -161,6 +189,8 @@ def data_keys_problem(family: str, keys: list[str]) -> str | None:
     for key, needed in spec.requires:
         if key in keys and needed not in keys:
             return f"{key!r} needs {needed!r} as well"
+    if missing := [k for k in spec.required if k not in keys]:
+        return f"{family} trains on {', '.join(map(repr, missing))} as well; add it (e.g. {[*keys, *missing]})"
     return None
 
 

@@ -29,12 +29,12 @@ def test_every_config_key_is_documented_in_its_readme_section():
     assert missing == []
 
 
-def test_every_doc_the_code_refers_to_exists():
+def test_every_doc_and_example_the_code_and_docs_refer_to_exists():
     referenced = set()
     for path in [*ROOT.glob("raydiff/**/*.py"), ROOT / "README.md", *ROOT.glob("docs/*.md")]:
-        referenced |= {m for m in re.findall(r"(docs/[\w./-]+\.md)", path.read_text())}
-    assert referenced, "the code refers to its docs"
-    assert [doc for doc in sorted(referenced) if not (ROOT / doc).is_file()] == []
+        referenced |= set(re.findall(r"((?:docs|examples)/[\w./-]+\.(?:md|yaml|py))", path.read_text()))
+    assert any(r.startswith("docs/") for r in referenced) and any(r.startswith("examples/") for r in referenced)
+    assert [ref for ref in sorted(referenced) if not (ROOT / ref).is_file()] == []
 
 
 def test_the_readme_layout_names_every_module():

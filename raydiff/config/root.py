@@ -138,11 +138,37 @@ class RaydiffConfig(_Section):
     def _data_keys_fit_the_family(self):
         if (problem := registry.data_keys_problem(self.model.family, self.data.data_file_keys)) is not None:
             raise ValueError(f"data.data_file_keys {self.data.data_file_keys}: {problem}")
-        needs = registry.data_keys(self.model.family).sampling
-        if self.validation.prompts and needs:
-            raise ValueError(f"validation.prompts: {self.model.family} samples need {', '.join(needs)} besides a "
-                             f"prompt; sample checkpoints with `raydiff sample` and its condition options")
+        spec, family = registry.data_keys(self.model.family), self.model.family
+        if self.data.random_flip and not spec.flip:
+            # A mirrored pair no longer matches an instruction such as "move the cup to the left".
+            raise ValueError(f"data.random_flip: {family} is refused, since a flip can change what an edit "
+                             f"instruction means (\"move it left\"); flip the pairs in your data where that is safe")
+        if self.model.edit_image_pixels is not None and registry.EDIT_IMAGE not in spec.conditions:
+            raise ValueError(f"model.edit_image_pixels: {family} reads no {registry.EDIT_IMAGE!r}")
+        if spec.prompt_conditions and self.data.caption_dropout > 0 and self.data.preprocess != "inline":
+            raise ValueError(f"data.caption_dropout: {family}'s prompt embedding reads "
+                             f"{', '.join(spec.prompt_conditions)} (vision tokens), so no one empty prompt can be "
+                             f"encoded ahead; use data.preprocess: inline for caption dropout")
+        self._validation_conditions(spec)
         return self
+
+    def _validation_conditions(self, spec: registry.DataKeys) -> None:
+        v, family = self.validation, self.model.family
+        if v.images and not spec.sampling:
+            raise ValueError(f"validation.images: {family} samples from a prompt alone")
+        if not v.prompts or not spec.sampling:
+            return
+        if spec.sampling != (registry.EDIT_IMAGE,):
+            raise ValueError(f"validation.prompts: {family} samples need {', '.join(spec.sampling)} besides a "
+                             f"prompt; sample checkpoints with `raydiff sample` and its condition options")
+        if len(v.images) != len(v.prompts):
+            raise ValueError(f"validation.images: {family} samples edit a source image; give one (or a list) per "
+                             f"prompt ({len(v.prompts)} prompts, {len(v.images)} images)")
+        most = dict(spec.max_paths).get(registry.EDIT_IMAGE, 1)
+        for i, images in enumerate(v.images):
+            if not 1 <= (len(images) if isinstance(images, list) else 1) <= most:
+                raise ValueError(f"validation.images[{i}]: {family} takes "
+                                 + ("one path, not a list" if most == 1 else f"1 to {most} paths"))
 
     @model_validator(mode="after")
     def _fsdp_is_for_full_fine_tuning(self):
@@ -237,6 +263,8 @@ class RaydiffConfig(_Section):
             cfg.eval.metadata_path = _abs(cfg.eval.metadata_path)
         if (reg := cfg.data.regularization) is not None:
             reg.metadata_path, reg.base_path = _abs(reg.metadata_path), _abs(reg.base_path)
+        v = cfg.validation
+        v.images = [[_abs(p) for p in i] if isinstance(i, list) else _abs(i) for i in v.images]
         if cfg.lora is not None and cfg.lora.init_from:
             cfg.lora.init_from = _abs(cfg.lora.init_from)
         cfg.ray.storage_path = _abs(cfg.ray.storage_path)

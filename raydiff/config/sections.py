@@ -63,12 +63,20 @@ class ModelConfig(_Section):
                           "low-noise `transformer_2`, on its share of the timesteps; one run per expert")
     controlnet: ControlNetConfig | None = Field(None, description="train a ControlNet on data column control_image "
                                                                   "(flux, qwen_image, sd3); null = none")
+    # Edit families resize their source images by their pipeline's rule (Kontext's preferred resolutions, Qwen-Edit's
+    # ~1024² area); this scales that area for training (cheaper steps); sampling always uses the pipeline's own.
+    edit_image_pixels: int | None = Field(
+        None, ge=256, description="edit families: the source image's area in training; null = the pipeline's rule")
 
     @model_validator(mode="after")
     def _text_encoders_follow_the_dit(self):
         if self.quantize_text_encoders and self.quantize is None:
             raise ValueError("model.quantize_text_encoders uses model.quantize's mode; set model.quantize")
         return self
+
+    def family_options(self) -> dict:
+        """Keyword options of the family's constructor beyond the common ones (only those set)."""
+        return {} if self.edit_image_pixels is None else {"edit_image_pixels": self.edit_image_pixels}
 
     @property
     def denoiser(self) -> str | None:
@@ -287,6 +295,9 @@ class ValidationConfig(_Section):
     """Sample images with the current LoRA into each checkpoint (rank 0; see README for the memory cost)."""
 
     prompts: list[str] = []
+    # Condition images per prompt (edit families' sources: a path or a list of paths), parallel to `prompts`.
+    images: list[str | list[str]] = Field([], description="per prompt, the condition image(s) edit families sample "
+                                                          "from; same length as prompts")
     every_steps: int | None = Field(
         None, ge=1, description="sample at checkpoints whose step is a multiple; null = every checkpoint")
     seed: int = 0

@@ -24,7 +24,7 @@ from raydiff.data.buckets import row_buckets
 from raydiff.data.cache_io import SKIPPED_KEY, CacheLayout, columns_to_table, write_empty_prompt
 from raydiff.data.decode import VIDEO_KEYS, DecodeRow
 from raydiff.data.encode import Encoder, remote_empty_prompt, trainable_names, worker_models
-from raydiff.data.metadata import SampleError, is_url, train_and_eval_rows
+from raydiff.data.metadata import SampleError, family_max_paths, is_url, train_and_eval_rows
 
 FORMAT = 1
 SHARD_ROWS = 256
@@ -143,7 +143,7 @@ def preprocess(cfg: RaydiffConfig, rows: list[dict] | None = None, *, shard_rows
     if not d.cache_dir:
         raise ValueError("preprocess needs data.cache_dir")
     # The rows `raydiff train` trains on (eval holdout excluded), so the two agree on the cache.
-    rows = unique_rows(rows if rows is not None else train_and_eval_rows(d, cfg.eval)[0])
+    rows = unique_rows(rows if rows is not None else train_and_eval_rows(d, cfg.eval, family_max_paths(cfg))[0])
     layout = CacheLayout(d.cache_dir)
     identity = cache_identity(cfg, rows, shard_rows)
     manifest = layout.read_manifest()

@@ -19,10 +19,15 @@ from raydiff.data.metadata import BadSample, SampleError, is_url
 from raydiff.data.operators import DecodeError, load_image, load_video, resize_image, resize_video, target_size
 from raydiff.data.packing import pack_samples
 from raydiff.data.plan import flipped
+from raydiff.registry import EDIT_IMAGE
 
 log = logging.getLogger(__name__)
 VIDEO_KEYS = ("video", "control_video", "mask_video")
 IMAGE_LIST_KEYS = ("reference_images",)  # a list of image paths (or one), decoded to (N, H, W, 3)
+# Edit sources (a path or a list): decoded to (N, H, W, 3) at the first file's own size, whatever the target's size
+# (fixed, bucket or max_pixels), later files of the row resized to it; the family resizes them by its pipeline's
+# rule, as the pipeline does at inference (raydiff.pipelines.edit). Batches may mix their sizes (collate).
+NATIVE_KEYS = (EDIT_IMAGE,)
 
 
 @ray.remote(num_cpus=0)
@@ -111,28 +116,37 @@ class DecodeSample:
 
     def load(self, key: str, path: str | bytes | list, size: tuple[int, int] | None = None) -> np.ndarray:
         """One file column of a row, uint8: (H, W, 3), (F, H, W, 3) for VIDEO_KEYS, (N, H, W, 3) for
-        IMAGE_LIST_KEYS; at data.height/width, else `size`, else sized from the file (data.max_pixels).
-        A file is a local path, a URL (read through pyarrow's filesystems) or its bytes."""
+        IMAGE_LIST_KEYS and NATIVE_KEYS; at data.height/width, else `size`, else sized from the file
+        (data.max_pixels); NATIVE_KEYS at their first file's size. A file is a local path, a URL (read through
+        pyarrow's filesystems) or its bytes."""
         cfg = self.cfg
         fixed = (cfg.height, cfg.width) if cfg.height else size
-        if key in IMAGE_LIST_KEYS:
+        if key in IMAGE_LIST_KEYS or key in NATIVE_KEYS:
             paths = [path] if isinstance(path, (str, bytes)) else list(path)
+            if key in NATIVE_KEYS:
+                first = self.read_image(paths[0])
+                return np.stack([first, *(resize_image(self.read_image(p), first.shape[:2]) for p in paths[1:])])
             first = self.load("image", paths[0], fixed)
             return np.stack([first, *(self.load("image", p, first.shape[:2]) for p in paths[1:])])
-        if isinstance(path, str) and is_url(path):
-            path = read_url(path)
         if key in VIDEO_KEYS:
-            frames = load_video(path, num_frames=cfg.num_frames, max_pixels_before_decode=cfg.max_image_pixels)
+            frames = load_video(read_url(path) if isinstance(path, str) and is_url(path) else path,
+                                num_frames=cfg.num_frames, max_pixels_before_decode=cfg.max_image_pixels)
             if self.frames and len(frames) < self.frames:  # a header that over-counts, or a short condition
                 raise DecodeError(f"decoded {len(frames)} usable (4k + 1) frames, fewer than the {self.frames} of "
                                   f"its frame bucket (data.frame_buckets)")
             size = target_size(*frames.shape[1:3], fixed=fixed, max_pixels=cfg.max_pixels,
                                division_factor=cfg.division_factor)
             return resize_video(frames, size)
-        image = load_image(path, max_pixels_before_decode=cfg.max_image_pixels)
+        image = self.read_image(path)
         size = target_size(*image.shape[:2], fixed=fixed, max_pixels=cfg.max_pixels,
                            division_factor=cfg.division_factor)
         return resize_image(image, size)
+
+    def read_image(self, path: str | bytes) -> np.ndarray:
+        """An image file (path, URL or bytes) at its own size, uint8 (H, W, 3)."""
+        if isinstance(path, str) and is_url(path):
+            path = read_url(path)
+        return load_image(path, max_pixels_before_decode=self.cfg.max_image_pixels)
 
 
 @dataclass

@@ -16,7 +16,7 @@ from raydiff.config import RaydiffConfig, from_remote, to_remote
 from raydiff.console import quiet_libraries
 from raydiff.data.collate import collate
 from raydiff.data.columns import to_columns
-from raydiff.data.packing import is_packed, map_packed
+from raydiff.data.packing import is_packed, map_packed, stack_arrays
 from raydiff.pipelines.base import run_units, split_units
 from raydiff.registry import get_pipeline_class
 
@@ -84,7 +84,7 @@ class Encoder:
         parts = []
         for index in groups.values():
             sub = {k: [batch[k][i] for i in index] for k in ("prompt", *self.media_keys)}
-            sub.update({k: np.stack(sub[k]) for k in self.media_keys})
+            sub.update({k: stack_arrays(sub[k]) for k in self.media_keys})  # edit sources may vary in size
             outputs = self.run(collate(sub, self.device, self.media_keys))
             parts.append((index, to_columns(outputs, len(index), self.pipe.shared_outputs)))
         cols = {}

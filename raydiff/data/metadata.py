@@ -90,14 +90,15 @@ def read_metadata(
     data_file_keys: Sequence[str],
     required_columns: Sequence[str] = ("prompt",),
     allow_outside_base: bool = False,
+    max_paths: dict[str, int] | None = None,
 ) -> tuple[list[dict], list[BadSample]]:
     """Read `metadata_path` (.csv, .json, .jsonl, .parquet) and resolve its file columns.
 
     Returns `(rows, bad)`. Each row is a dict of every column plus `"_row"` (0-based
     record index in the file); each `data_file_keys` column holds an absolute local path
     (or the URL, untouched), and `"prompt"` is always a string. Rows with undecodable
-    text, unsafe or missing files land in `bad` instead.
-    Raises MetadataError for whole-file problems.
+    text, unsafe or missing files land in `bad` instead, as do rows listing more paths in a column than
+    `max_paths` ({column: most}; 1: a path, never a list) allows. Raises MetadataError for whole-file problems.
     """
     records, columns = _read_records(metadata_path)
     for col in [*required_columns, *data_file_keys]:
@@ -108,7 +109,7 @@ def read_metadata(
     rows: list[dict] = []
     bad: list[BadSample] = []
     for index, record in enumerate(records):
-        result = _check_row(index, record, base_path, data_file_keys, allow_outside_base)
+        result = _check_row(index, record, base_path, data_file_keys, allow_outside_base, max_paths or {})
         (bad if isinstance(result, BadSample) else rows).append(result)
     return rows, bad
 
@@ -198,7 +199,7 @@ def _objects(items: list[Any]) -> tuple[list[Any], set[str]]:
 
 
 def _check_row(
-    index: int, record: Any, base_path: str, keys: Sequence[str], allow_outside_base: bool
+    index: int, record: Any, base_path: str, keys: Sequence[str], allow_outside_base: bool, max_paths: dict[str, int]
 ) -> dict | BadSample:
     if isinstance(record, _Reason):
         return BadSample(index, None, str(record))
@@ -217,6 +218,10 @@ def _check_row(
         value = row.get(key)
         # A list of paths (json, jsonl, parquet) is checked path by path: VACE's reference images.
         values = list(value) if isinstance(value, (list, tuple)) and value else [value]
+        if key in max_paths and (isinstance(value, (list, tuple)) and max_paths[key] == 1 or
+                                 len(values) > max_paths[key]):
+            most = "one path, not a list" if max_paths[key] == 1 else f"at most {max_paths[key]} paths"
+            return BadSample(index, None, f"column {key!r} takes {most}; got {value!r}")
         resolved = [_check_path(index, key, v, base_path, allow_outside_base) for v in values]
         if bad := next((r for r in resolved if isinstance(r, BadSample)), None):
             return bad
@@ -269,13 +274,13 @@ def resolve_path(value: str, base_path: str, allow_outside_base: bool = False) -
 
 # --- the rows a run trains on ----------------------------------------------------------------
 
-def read_rows(cfg: DataConfig, metadata_path: str | None = None, repeat: int | None = None
-              ) -> tuple[list[dict], list[BadSample]]:
+def read_rows(cfg: DataConfig, metadata_path: str | None = None, repeat: int | None = None,
+              max_paths: dict[str, int] | None = None) -> tuple[list[dict], list[BadSample]]:
     """Metadata rows (repeated `cfg.repeat` times) and the rows refused before decoding.
-    With `skip_bad_samples: false` the first refused row raises `SampleError`."""
+    With `skip_bad_samples: false` the first refused row raises `SampleError`. `max_paths`: as `read_metadata`."""
     metadata_path = metadata_path or cfg.metadata_path
     rows, bad = read_metadata(metadata_path, base_path=cfg.base_path, data_file_keys=cfg.data_file_keys,
-                              allow_outside_base=cfg.allow_outside_base)
+                              allow_outside_base=cfg.allow_outside_base, max_paths=max_paths)
     if bad and not cfg.skip_bad_samples:
         first, more = bad[0], len(bad) - 1
         hint = f" ({more} more bad rows)" if more else ""
@@ -290,21 +295,29 @@ def read_rows(cfg: DataConfig, metadata_path: str | None = None, repeat: int | N
     return rows, bad
 
 
-def train_and_eval_rows(data: DataConfig, eval_cfg) -> tuple[list[dict] | None, list[dict], list[BadSample]]:
+def family_max_paths(cfg) -> dict[str, int]:
+    """{column: the most paths a row may list} for `cfg.model.family` (an edit family's sources)."""
+    from raydiff.registry import data_keys
+
+    return dict(data_keys(cfg.model.family).max_paths)
+
+
+def train_and_eval_rows(data: DataConfig, eval_cfg, max_paths: dict[str, int] | None = None
+                        ) -> tuple[list[dict] | None, list[dict], list[BadSample]]:
     """(training rows, eval rows, bad rows). Eval rows come from `eval.metadata_path`, or are the last
     `eval.holdout` metadata rows, which then never reach training. Sharded data has no training rows
-    here (None): the workers stream them."""
+    here (None): the workers stream them. `max_paths`: the family's (`DataKeys.max_paths`)."""
     if data.sharded:
         if not eval_cfg.metadata_path:
             return None, [], []
-        held, bad_eval = read_rows(data, eval_cfg.metadata_path, repeat=1)
+        held, bad_eval = read_rows(data, eval_cfg.metadata_path, repeat=1, max_paths=max_paths)
         return None, held, bad_eval
     if eval_cfg.metadata_path:
-        train, bad = read_rows(data)
-        held, bad_eval = read_rows(data, eval_cfg.metadata_path, repeat=1)
+        train, bad = read_rows(data, max_paths=max_paths)
+        held, bad_eval = read_rows(data, eval_cfg.metadata_path, repeat=1, max_paths=max_paths)
         bad += bad_eval
     else:
-        rows, bad = read_rows(data, repeat=1)
+        rows, bad = read_rows(data, repeat=1, max_paths=max_paths)
         if eval_cfg.holdout >= len(rows):
             raise ValueError(f"eval.holdout {eval_cfg.holdout} leaves no training rows out of {len(rows)}")
         cut = len(rows) - eval_cfg.holdout

@@ -30,7 +30,17 @@ def pack_samples(samples: list[dict], batch_id: int) -> dict:
     out = {PACKED: len(samples), "_batch": batch_id}
     for key in samples[0]:
         values = [s[key] for s in samples]
-        out[key] = np.stack(values) if isinstance(values[0], np.ndarray) else values
+        out[key] = stack_arrays(values) if isinstance(values[0], np.ndarray) else values
+    return out
+
+
+def stack_arrays(arrays: list[np.ndarray]) -> np.ndarray:
+    """(B, ...) when the arrays share a shape, else an object array of them (edit sources keep their sizes)."""
+    if len({a.shape for a in arrays}) == 1:
+        return np.stack(arrays)
+    out = np.empty(len(arrays), dtype=object)
+    for i, a in enumerate(arrays):
+        out[i] = a
     return out
 
 
@@ -50,7 +60,7 @@ def pack_group(group: dict) -> dict:
             continue
         members = [v[i] for i in order]
         packed = np.empty(1, dtype=object)
-        packed[0] = members if v.dtype == object and k == "prompt" else np.stack([np.asarray(m) for m in members])
+        packed[0] = members if v.dtype == object and k == "prompt" else stack_arrays([np.asarray(m) for m in members])
         row[k] = packed
     return row
 

@@ -5,6 +5,7 @@ line (`raydiff: error: ...`, exit 2) instead of a worker's traceback minutes lat
                                 for two experts, model.expert names one
     check_lora(cfg)             lora.target_modules match as meant and lora.init_from loads into the adapter
     check_batch_sizes(cfg, rows) batch_size > 1 needs samples of one size
+    check_validation_images(cfg) validation.images exist (edit families' sources for the validation grid)
     check_resources(cfg)        the cluster can hold the workers and a decode task (needs a running Ray)
     check_devices(cfg)          model.quantize fp8/nf4 and train.optimizer find their libraries and a CUDA GPU
 """
@@ -103,6 +104,14 @@ def check_lora(cfg: RaydiffConfig) -> None:
                                         family=cfg.model.family, config=config)
         except (ValueError, OSError) as err:
             raise ConfigError(f"lora.init_from: {err}") from None
+
+
+def check_validation_images(cfg: RaydiffConfig) -> None:
+    """Every `validation.images` path exists (rank 0 reads them at its first checkpoint, too late to learn it)."""
+    for i, images in enumerate(cfg.validation.images):
+        for path in [images] if isinstance(images, str) else images:
+            if not os.path.isfile(path):
+                raise ConfigError(f"validation.images[{i}]: {path}: no such file")
 
 
 def _looks_local(path: str) -> bool:

@@ -41,7 +41,7 @@ def sample(model: str, lora: str | None, prompt: str, out: str, *, family: str =
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     family_cls = get_pipeline_class(family)
-    pipe = family_cls.diffusers_class.from_pretrained(model, dtype=DTYPES[dtype])
+    pipe = family_cls.load_diffusers(model, dtype=DTYPES[dtype])
     if lora is not None and os.path.isfile(os.path.join(lora, FULL_WEIGHTS_FILE)):
         load_full_weights(pipe, os.path.join(lora, FULL_WEIGHTS_FILE))  # a full fine-tuning checkpoint
     elif lora is not None:
@@ -80,10 +80,10 @@ def with_trained_controlnet(family_cls, pipe, controlnet: str, dtype: torch.dtyp
 
 def load_conditions(paths: dict, num_frames: int) -> dict:
     """Condition files by data key -> PIL images as diffusers pipelines take them: an image, a video's first
-    `num_frames` frames (4k + 1) as a list, a list of images for `reference_images`."""
+    `num_frames` frames (4k + 1) as a list, a list of images for `reference_images` and `edit_image`."""
     from PIL import Image
 
-    from raydiff.data.decode import IMAGE_LIST_KEYS, VIDEO_KEYS
+    from raydiff.data.decode import IMAGE_LIST_KEYS, NATIVE_KEYS, VIDEO_KEYS
     from raydiff.data.operators import DecodeError, load_image, load_video
 
     out = {}
@@ -91,7 +91,7 @@ def load_conditions(paths: dict, num_frames: int) -> dict:
         try:
             if key in VIDEO_KEYS:
                 out[key] = [Image.fromarray(f) for f in load_video(path, num_frames=num_frames)]
-            elif key in IMAGE_LIST_KEYS:
+            elif key in IMAGE_LIST_KEYS or key in NATIVE_KEYS:
                 out[key] = [Image.fromarray(load_image(p)) for p in ([path] if isinstance(path, str) else path)]
             else:
                 out[key] = Image.fromarray(load_image(path))
@@ -188,7 +188,9 @@ def cmd_sample(args) -> None:
                         + (f", and {model} names no pipeline of a known family" if model else ""))
     if not os.path.isdir(model) and model.startswith((".", "/", "~")):
         raise UserError(f"model {model}: no such directory")
-    conditions = {key: value for key, value in (("image", args.image), ("control_video", args.control_video),
+    images = args.image[0] if len(args.image) == 1 else args.image  # one path, or an edit family's list
+    conditions = {key: value for key, value in ((image_key(family, args.image), images),
+                                                ("control_video", args.control_video),
                                                 ("mask_video", args.mask_video),
                                                 ("reference_images", args.reference_image),
                                                 ("control_image", args.control_image)) if value}
@@ -207,6 +209,20 @@ def cmd_sample(args) -> None:
                   num_frames=args.num_frames, dtype=args.dtype, device=args.device,
                   expert=args.expert or trained.get("expert"), conditions=conditions, controlnet=args.controlnet)
     say(f"[raydiff] wrote {os.path.abspath(path)}")
+
+
+def image_key(family: str, images: list[str]) -> str:
+    """The data key `--image` fills for `family`: its edit source (`edit_image`, repeatable up to the family's
+    limit) or the image an image-to-video family animates (`image`, once)."""
+    from raydiff.config import UserError
+    from raydiff.registry import EDIT_IMAGE, data_keys
+
+    spec = data_keys(family)
+    key = EDIT_IMAGE if EDIT_IMAGE in spec.sampling else "image"
+    most = dict(spec.max_paths).get(key, 1)
+    if len(images) > most:
+        raise UserError(f"--image: {family} takes at most {most} image(s); got {len(images)}")
+    return key
 
 
 def add_sample_parser(subparsers) -> None:
@@ -234,7 +250,8 @@ def add_sample_parser(subparsers) -> None:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--expert", choices=("high", "low"), default=None,
                    help="the Wan 2.2 expert a LoRA file was trained on (default: the checkpoint's model.expert)")
-    p.add_argument("--image", default=None, help="image-to-video families (wan_i2v): the first frame")
+    p.add_argument("--image", action="append", default=[], help="image-to-video families (wan_i2v): the first "
+                   "frame; edit families: the source image, repeatable for qwen_image_edit_plus (1-3)")
     p.add_argument("--control-video", default=None, help="wan_vace: the control video (sets the frame count)")
     p.add_argument("--mask-video", default=None, help="wan_vace: white where the control video is regenerated")
     p.add_argument("--reference-image", action="append", default=[], help="wan_vace: a reference image; repeatable")

@@ -19,13 +19,14 @@ from raydiff.config import RaydiffConfig, to_remote
 from raydiff.console import say
 from raydiff.data.dataset import build_eval_dataset, build_train_data
 from raydiff.data.decode import skip_counter, skip_counter_name
-from raydiff.data.metadata import train_and_eval_rows
+from raydiff.data.metadata import family_max_paths, train_and_eval_rows
 from raydiff.launch.checks import (
     check_batch_sizes,
     check_devices,
     check_lora,
     check_model,
     check_resources,
+    check_validation_images,
     warn_job_local_storage,
 )
 from raydiff.launch.cluster import DriverConsole, init_ray, is_autoscaling, local_ray_resources, stop_ray
@@ -88,7 +89,7 @@ class RunPlan:
 def plan_run(cfg: RaydiffConfig, module_factory: Callable | None = None, rows=None, relay=None) -> RunPlan:
     """Read the metadata (unless `rows` from `train_and_eval_rows` are given), build the datasets of the
     configured preprocess mode and count the steps. Needs a running Ray."""
-    rows, eval_rows, bad = rows or train_and_eval_rows(cfg.data, cfg.eval)
+    rows, eval_rows, bad = rows or train_and_eval_rows(cfg.data, cfg.eval, family_max_paths(cfg))
     counter = None
     if cfg.data.skip_bad_samples:
         counter = skip_counter_name(cfg.ray.name)
@@ -155,7 +156,8 @@ def launch_training_task(cfg: RaydiffConfig, module_factory: Callable | None = N
     warn_job_local_storage(cfg)
     check_model(cfg)
     check_devices(cfg)
-    rows = train_and_eval_rows(cfg.data, cfg.eval)
+    check_validation_images(cfg)
+    rows = train_and_eval_rows(cfg.data, cfg.eval, family_max_paths(cfg))
     if rows[0] is not None:
         check_batch_sizes(cfg, rows[0])
     if not ray.is_initialized() and not (r.address or os.environ.get("RAY_ADDRESS")):

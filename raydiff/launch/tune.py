@@ -34,7 +34,7 @@ from raydiff.config import ConfigError, RaydiffConfig, apply_overrides, config_k
 from raydiff.config import TuneConfig as TuneSettings
 from raydiff.console import say
 from raydiff.data.decode import skip_counter_name
-from raydiff.data.metadata import train_and_eval_rows
+from raydiff.data.metadata import family_max_paths, train_and_eval_rows
 from raydiff.data.shards import plan_shards
 from raydiff.launch.cluster import init_ray
 from raydiff.launch.storage import storage_filesystem
@@ -260,7 +260,7 @@ def planned_steps(cfg: RaydiffConfig) -> int:
     if cfg.data.sharded:
         samples = plan_shards(cfg.data, cfg.train.seed).num_samples
     else:
-        samples = len(train_and_eval_rows(cfg.data, cfg.eval)[0])
+        samples = len(train_and_eval_rows(cfg.data, cfg.eval, family_max_paths(cfg))[0])
     return total_steps(cfg, steps_per_epoch(samples, cfg))
 
 

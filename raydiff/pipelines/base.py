@@ -172,7 +172,8 @@ class FamilyPipeline:
                                    revision=m.revision, trust_remote_code=m.trust_remote_code, quantize=m.quantize,
                                    quantize_text_encoders=m.quantize_text_encoders, guidance=m.guidance,
                                    max_sequence_length=m.max_sequence_length, expert=m.expert,
-                                   controlnet=m.controlnet, masked="mask" in cfg.data.data_file_keys)
+                                   controlnet=m.controlnet, masked="mask" in cfg.data.data_file_keys,
+                                   **m.family_options())
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype: torch.dtype = torch.float32, device="cpu",
@@ -192,7 +193,7 @@ class FamilyPipeline:
         kwargs = dict(dtype=dtype, revision=revision, **skip)
         if trust_remote_code:  # only ever when the user's config says so
             kwargs["trust_remote_code"] = True
-        pipe = cls.diffusers_class.from_pretrained(path, **kwargs)
+        pipe = cls.load_diffusers(path, **kwargs)
         spec, controlnet = options.get("controlnet"), None
         if spec is not None and cls.controlnet_class is not None and (components is None or CONTROLNET in components):
             controlnet = build_controlnet(cls, spec, getattr(pipe, dit_name), dtype).to(device)
@@ -207,6 +208,12 @@ class FamilyPipeline:
         family = cls(pipe, device, **options)
         family.quantized = {name: quantize for name in quantized}
         return family
+
+    @classmethod
+    def load_diffusers(cls, path: str, **kwargs):
+        """`diffusers_class.from_pretrained(path, **kwargs)`: the family's diffusers pipeline, as training, validation
+        and `raydiff sample` load it (a family whose component needs loading help overrides this)."""
+        return cls.diffusers_class.from_pretrained(path, **kwargs)
 
     @classmethod
     def quantize_plan(cls, pipe, quantize: str | None, text_encoders: bool,
@@ -325,6 +332,14 @@ def scaled_vae_latents(vae, image: torch.Tensor, shift_factor: float | None = No
     latents = vae.encode(image.to(vae.device, vae.dtype)).latent_dist.mode()
     shift = vae.config.shift_factor if shift_factor is None else shift_factor
     return ((latents - shift) * vae.config.scaling_factor).float()
+
+
+def to_pil(image: torch.Tensor) -> list:
+    """(B, 3, H, W) in [-1, 1] -> PIL images, the pixels the decode stage read (its uint8 values round-trip)."""
+    from PIL import Image
+
+    pixels = ((image.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(p) for p in pixels]
 
 
 def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

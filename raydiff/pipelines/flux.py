@@ -122,19 +122,29 @@ class FluxImagePipeline(FamilyPipeline):
 
     def model_fn(self, latents, sigma, *, prompt_embeds, pooled_prompt_embeds, text_ids, guidance=None,
                  control_latents=None, **_):
-        dit = self.pipe.transformer
         h, w = latents.shape[-2:]
-        pred = self.call_dit(
+        ids = latent_image_ids(h, w, latents.device, self.pipe.transformer.dtype)
+        pred = self.denoise_tokens(pack_latents(latents), sigma, ids, prompt_embeds=prompt_embeds,
+                                   pooled_prompt_embeds=pooled_prompt_embeds, text_ids=text_ids, guidance=guidance,
+                                   control_latents=control_latents)
+        return unpack_latents(pred, h, w).float()
+
+    def denoise_tokens(self, tokens, sigma, img_ids, *, prompt_embeds, pooled_prompt_embeds, text_ids,
+                       guidance=None, control_latents=None) -> torch.Tensor:
+        """The transformer on packed image tokens (B, L, 4C) with their RoPE positions `img_ids` (L, 3) -> its output
+        (B, L, 4C) (Kontext puts its reference's tokens after the target's); with `model.controlnet`, after the
+        ControlNet on `control_latents` (`call_dit`)."""
+        dit = self.pipe.transformer
+        return self.call_dit(
             control_latents,
-            hidden_states=pack_latents(latents).to(dit.dtype),
+            hidden_states=tokens.to(dit.dtype),
             timestep=sigma.to(dit.dtype),  # FLUX's transformer multiplies by 1000 itself
             guidance=guidance,
             pooled_projections=pooled_prompt_embeds.to(dit.dtype),
             encoder_hidden_states=prompt_embeds.to(dit.dtype),
             txt_ids=text_ids,
-            img_ids=latent_image_ids(h, w, latents.device, dit.dtype),
+            img_ids=img_ids,
         )
-        return unpack_latents(pred, h, w).float()
 
     def controlnet_inputs(self, dit_kwargs: dict, control_latents: torch.Tensor) -> dict:
         inputs = super().controlnet_inputs(dit_kwargs, control_latents)
@@ -146,21 +156,23 @@ class FluxImagePipeline(FamilyPipeline):
 
     @staticmethod
     def write_tiny(path: str, seed: int = 0) -> None:
-        from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+        FluxPipeline(**tiny_components(seed)).save_pretrained(path)
 
-        from raydiff.pipelines import tiny_parts
 
-        torch.manual_seed(seed)
-        transformer = FluxTransformer2DModel(
-            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
-            guidance_embeds=True)
-        scheduler = FlowMatchEulerDiscreteScheduler(
-            shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-            max_image_seq_len=4096)
-        pipe = FluxPipeline(scheduler=scheduler, vae=tiny_parts.autoencoder_kl(scaling_factor=1.5035),
-                            transformer=transformer,
-                            text_encoder=tiny_parts.clip_text_model(seed + 1),
-                            tokenizer=tiny_parts.clip_tokenizer(),
-                            text_encoder_2=tiny_parts.t5_encoder(seed + 2), tokenizer_2=tiny_parts.t5_tokenizer())
-        pipe.save_pretrained(path)
+def tiny_components(seed: int) -> dict:
+    """Every component of a tiny FLUX.1 pipeline (FLUX.1 Kontext's too: the same transformer class)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    from raydiff.pipelines import tiny_parts
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+        guidance_embeds=True)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096)
+    return dict(scheduler=scheduler, vae=tiny_parts.autoencoder_kl(scaling_factor=1.5035), transformer=transformer,
+                text_encoder=tiny_parts.clip_text_model(seed + 1), tokenizer=tiny_parts.clip_tokenizer(),
+                text_encoder_2=tiny_parts.t5_encoder(seed + 2), tokenizer_2=tiny_parts.t5_tokenizer())

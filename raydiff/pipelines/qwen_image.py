@@ -88,20 +88,29 @@ class QwenImagePipeline(FamilyPipeline):
         ]
 
     def model_fn(self, latents, sigma, *, prompt_embeds, prompt_embeds_mask=None, control_latents=None, **_):
-        dit = self.pipe.transformer
         b, _, h, w = latents.shape
+        pred = self.denoise_tokens(pack_latents(latents), sigma, [[(1, h // 2, w // 2)]] * b, prompt_embeds,
+                                   prompt_embeds_mask, control_latents=control_latents)
+        return unpack_latents(pred, h, w).float()
+
+    def denoise_tokens(self, tokens, sigma, img_shapes, prompt_embeds, prompt_embeds_mask=None,
+                       control_latents=None) -> torch.Tensor:
+        """The transformer on packed image tokens (B, L, 4C) -> its output (B, L, 4C). `img_shapes`: per sample,
+        the (frames, rows, cols) of each image whose tokens `tokens` holds in order, for RoPE (the edit families
+        put their sources' tokens after the target's); with `model.controlnet`, after the ControlNet
+        (`call_dit`)."""
+        dit = self.pipe.transformer
         if prompt_embeds_mask is not None and bool(prompt_embeds_mask.all()):
             # No padding: drop the mask as sampling does, so attention can use the fast unmasked kernels.
             prompt_embeds_mask = None
-        pred = self.call_dit(
+        return self.call_dit(
             control_latents,
-            hidden_states=pack_latents(latents).to(dit.dtype),
+            hidden_states=tokens.to(dit.dtype),
             timestep=sigma.to(dit.dtype),  # the transformer's time projection multiplies by 1000 itself
             encoder_hidden_states=prompt_embeds.to(dit.dtype),
             encoder_hidden_states_mask=prompt_embeds_mask,
-            img_shapes=[[(1, h // 2, w // 2)]] * b,  # (frames, rows, cols) of tokens, for RoPE
+            img_shapes=img_shapes,
         )
-        return unpack_latents(pred, h, w).float()
 
     def encode_control(self, image: torch.Tensor) -> torch.Tensor:
         return encode_image(self, image)
@@ -115,29 +124,34 @@ class QwenImagePipeline(FamilyPipeline):
 
     @staticmethod
     def write_tiny(path: str, seed: int = 0) -> None:
-        from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
-
-        torch.manual_seed(seed)
-        transformer = QwenImageTransformer2DModel(
-            patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=3,
-            joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4))
-        # Non-trivial mean/std so tests can tell normalised latents from raw ones.
-        vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
-                                     temperal_downsample=[False, True], latents_mean=[0.1, -0.2, 0.3, -0.4],
-                                     latents_std=[1.5, 0.5, 2.0, 0.8])
-        # The released Qwen/Qwen-Image scheduler_config.json.
-        scheduler = FlowMatchEulerDiscreteScheduler(
-            shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
-            max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential")
         tokenizer = tiny_qwen_tokenizer()
-        pipe = DiffusersQwenImagePipeline(scheduler=scheduler, vae=vae, transformer=transformer,
-                                          text_encoder=tiny_qwen_vl(seed + 1, tokenizer), tokenizer=tokenizer)
+        pipe = DiffusersQwenImagePipeline(**tiny_components(seed), text_encoder=tiny_qwen_vl(seed + 1, tokenizer),
+                                          tokenizer=tokenizer)
         prefix = pipe.prompt_template_encode.split("{}")[0]
         assert len(tokenizer(prefix).input_ids) == pipe.prompt_template_encode_start_idx, "template drop misaligned"
         pipe.save_pretrained(path)
 
 
 # --- tiny parts (Qwen-only, so they live here rather than in tiny_parts) ---------------------
+
+def tiny_components(seed: int) -> dict:
+    """The tiny transformer, VAE and scheduler of a Qwen-Image pipeline (the edit families' too)."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=3,
+        joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4))
+    # Non-trivial mean/std so tests can tell normalised latents from raw ones.
+    vae = AutoencoderKLQwenImage(base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True], latents_mean=[0.1, -0.2, 0.3, -0.4],
+                                 latents_std=[1.5, 0.5, 2.0, 0.8])
+    # The released Qwen/Qwen-Image scheduler_config.json.
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+        max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential")
+    return {"transformer": transformer, "vae": vae, "scheduler": scheduler}
+
 
 _SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
             "<|video_pad|>"]
@@ -149,11 +163,12 @@ _TEMPLATE_WORDS = ("the image by detailing color shape size texture quantity tex
 _LINE_START_WORDS = ("Describe", "assistant", "system", "user")
 
 
-def tiny_qwen_tokenizer():
-    """Byte-level BPE Qwen2Tokenizer: any text tokenizes; template words are single tokens."""
+def tiny_qwen_tokenizer(words=(), line_start_words=()):
+    """Byte-level BPE Qwen2Tokenizer: any text tokenizes; template words (and `words`, `line_start_words`: another
+    pipeline's template) are single tokens."""
     from raydiff.pipelines import tiny_parts
 
-    return tiny_parts.qwen_tokenizer(_SPECIAL, _TEMPLATE_WORDS, _LINE_START_WORDS)
+    return tiny_parts.qwen_tokenizer(_SPECIAL, (*_TEMPLATE_WORDS, *words), (*_LINE_START_WORDS, *line_start_words))
 
 
 def tiny_qwen_vl(seed: int, tokenizer):

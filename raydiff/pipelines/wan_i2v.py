@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import torch
 from diffusers import WanImageToVideoPipeline
-from PIL import Image
 
-from raydiff.pipelines.base import FamilyPipeline, PipelineUnit
+from raydiff.pipelines.base import FamilyPipeline, PipelineUnit, to_pil
 from raydiff.pipelines.wan import (
     ORIGINAL_NAMES,
     PROMPT_EMBEDDER,
@@ -39,12 +38,6 @@ def condition_image(inputs: dict) -> torch.Tensor:
     if image.shape[-2:] != video.shape[-2:]:
         raise ValueError(f"the condition image is {tuple(image.shape[-2:])}, the video {tuple(video.shape[-2:])}")
     return image
-
-
-def to_pil(image: torch.Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) in [-1, 1] -> PIL images, the pixels the decode stage read (its uint8 values round-trip)."""
-    pixels = ((image.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(p) for p in pixels]
 
 
 # --- units -----------------------------------------------------------------------------------

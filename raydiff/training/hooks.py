@@ -28,7 +28,7 @@ from raydiff.training.loop_args import LoopArgs
 from raydiff.training.lora_formats import LORA_FILE
 from raydiff.training.reporting import RunLogger, peak_memory_gib, plot_losses
 from raydiff.training.step import StepResult
-from raydiff.training.validation import ValidationSettings, sample_base_images, write_validation
+from raydiff.training.validation import ValidationSettings, condition_images, sample_base_images, write_validation
 
 
 class LogWindow:
@@ -70,7 +70,8 @@ class StepHooks:
         self.window, self.last_saved, self.bad_in_a_row = LogWindow(), start_step, 0
         v = cfg.validation
         self.validation = ValidationSettings(prompts=v.prompts, seed=v.seed, steps=v.steps, guidance=v.guidance,
-                                             height=v.height, width=v.width, num_frames=v.num_frames)
+                                             height=v.height, width=v.width, num_frames=v.num_frames,
+                                             images=condition_images(v.images) if rank == 0 else ())
         self.base_images = None  # the base model never changes: sampled once, at the first checkpoint
 
     def after_step(self, state: TrainerState, result: StepResult) -> None:

@@ -26,7 +26,8 @@ class ValidationSettings:
     `guidance` is the family pipeline's guidance strength (the family's `sampling_kwargs`): FLUX.1-dev's
     distilled guidance embedding, classifier-free guidance for SD3 and Wan (doubles the batch), and for
     Qwen-Image true CFG with an empty negative prompt (or the distilled embedding if the model has one).
-    `num_frames` is for video families (4k + 1); only the first frame is kept.
+    `num_frames` is for video families (4k + 1); only the first frame is kept. `images`: per prompt, the
+    condition images an edit family samples from (`validation.images`, loaded by `condition_images`).
     """
 
     prompts: list[str]
@@ -36,6 +37,12 @@ class ValidationSettings:
     height: int = 512
     width: int = 512
     num_frames: int = 1
+    images: tuple[list[Image.Image], ...] = ()
+
+
+def condition_images(paths: list[str | list[str]]) -> tuple[list[Image.Image], ...]:
+    """`validation.images` -> per prompt, its images (RGB)."""
+    return tuple([Image.open(p).convert("RGB") for p in ([one] if isinstance(one, str) else one)] for one in paths)
 
 
 # Components a call may lack (IP-Adapter parts, a one-expert Wan's second expert, a CLIP-less Wan I2V's
@@ -57,12 +64,16 @@ def sample_images(family, diffusers_pipe, settings: ValidationSettings, *, devic
     diffusers_pipe.set_progress_bar_config(disable=True)
     params = inspect.signature(diffusers_pipe.__call__).parameters
     extra = {"num_frames": settings.num_frames} if "num_frames" in params else {}
+    if "max_area" in params:  # Kontext would otherwise sample at ~1 MP whatever height and width say
+        extra["max_area"] = settings.height * settings.width
     if max_sequence_length:
         extra["max_sequence_length"] = max_sequence_length
     images = []
     with torch.no_grad():  # not inference_mode: its tensors could leak into later autograd through caches
         for i, prompt in enumerate(settings.prompts):
             generator = torch.Generator(device or "cpu").manual_seed(settings.seed + i)
+            if settings.images:  # an edit family's sources for this prompt, as `raydiff sample --image` passes them
+                call_kwargs = family.sampling_conditions({family.data_keys.sampling[0]: settings.images[i]})
             out = diffusers_pipe(prompt=prompt, num_inference_steps=settings.steps, height=settings.height,
                                  width=settings.width, generator=generator, output_type="pil",
                                  **family.sampling_kwargs(diffusers_pipe, settings.guidance), **extra,
@@ -133,6 +144,17 @@ def make_grid(rows: list[list[Image.Image]]) -> Image.Image:
     return grid
 
 
+def condition_cell(sources: list[Image.Image], size: tuple[int, int]) -> Image.Image:
+    """A prompt's condition images side by side, each fitted (aspect kept) into its share of a `size` cell."""
+    w, h = size
+    cell = Image.new("RGB", size, "white")
+    for i, source in enumerate(sources):
+        fitted = source.copy()
+        fitted.thumbnail((w // len(sources), h))
+        cell.paste(fitted, (i * (w // len(sources)), (h - fitted.height) // 2))
+    return cell
+
+
 @contextmanager
 def _lora_weights(dit, state_dict: dict | None, prefix: str):
     """Temporarily load `state_dict` (diffusers keys, `{prefix}.<module>.lora_A.weight`) into the injected
@@ -158,9 +180,9 @@ def write_validation(checkpoint_dir: str, training_pipe, lora_state_dict: dict |
     """Write `samples/<i>.png` (one per prompt, current weights) and `samples/grid.png` under
     `checkpoint_dir`; returns {"samples": [paths], "grid": path}.
 
-    grid.png has one column per prompt; the top row is the base model (the transformer's LoRA disabled,
-    or `base_images` when given), the bottom row the LoRA, same seeds. With no adapter and no
-    `base_images` (full fine-tuning), the grid is the single row of samples.
+    grid.png has one column per prompt; with `settings.images` the top row shows them; then the base model (the
+    transformer's LoRA disabled, or `base_images` when given), the bottom row the LoRA, same seeds. With no
+    adapter and no `base_images` (full fine-tuning), the grid is the samples' single row.
 
     `lora_state_dict`: None samples the transformer as it is (the LoRA being trained). A dict in
     diffusers key format (what `trainable_state_dict()` returns, e.g. EMA weights) is loaded into the
@@ -189,5 +211,8 @@ def write_validation(checkpoint_dir: str, training_pipe, lora_state_dict: dict |
         paths.append(os.path.join(directory, f"{i}.png"))
         image.save(paths[-1])
     grid_path = os.path.join(directory, "grid.png")
-    make_grid([list(base_images), images] if base_images else [images]).save(grid_path)
+    rows = [list(base_images), images] if base_images else [images]
+    if settings.images:  # the sources on top, so each column reads source -> base -> trained
+        rows.insert(0, [condition_cell(sources, images[0].size) for sources in settings.images])
+    make_grid(rows).save(grid_path)
     return {"samples": paths, "grid": grid_path}
