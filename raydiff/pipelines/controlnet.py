@@ -19,7 +19,6 @@ import os
 from typing import Any
 
 import torch
-from diffusers.configuration_utils import FrozenDict
 
 from raydiff.config import CONTROLNET, ControlNetConfig
 
@@ -34,6 +33,8 @@ def new_controlnet(family_cls, transformer: torch.nn.Module, layers: dict[str, i
     cls = family_cls.controlnet_class
     params = inspect.signature(cls.from_transformer).parameters
     widths = {k: transformer.config[k] for k in ("attention_head_dim", "num_attention_heads") if k in params}
+    from diffusers.configuration_utils import FrozenDict  # here: the driver imports this module, never diffusers
+
     before = dict(transformer.config)
     try:
         return cls.from_transformer(transformer, **layers, **widths, **family_cls.controlnet_init)

@@ -334,3 +334,17 @@ def test_a_storage_path_inside_a_ray_jobs_working_directory_is_warned_about(tmp_
     assert warn_job_local_storage(config(ray={"storage_path": "s3://b/runs"}), cwd=str(job)) is None
     assert warn_job_local_storage(inside, cwd=str(tmp_path)) is None
     assert Path(tmp_path).exists()
+
+
+def test_the_driver_and_ray_trains_controller_import_no_model_library():
+    """`raydiff train`'s driver, and Ray Train's controller (which imports raydiff.launch.trainer to unpickle
+    the worker function), never import diffusers, transformers or peft: each would add a second or more before
+    the first step of every run (docs/performance.md). The workers import them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, raydiff.launch.cli, raydiff.launch.trainer; "
+            "print(sorted(m for m in ('diffusers', 'transformers', 'peft') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
