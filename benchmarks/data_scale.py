@@ -83,7 +83,9 @@ def write_tars(directory: str, rows: int, pool: list[str]) -> str:
 
 def train(work: str, model: str, data: str, name: str, steps: int, fmt: str = "auto") -> dict:
     raw = fixtures.bench_config(model, data, os.path.join(work, "runs"), name, steps=steps)
-    raw["data"].update({"metadata_path": data + "/", "base_path": "/", "format": fmt, "shuffle_buffer": 64})
+    # The manifests hold absolute paths into the image pool, which raydiff refuses unless allowed.
+    raw["data"].update({"metadata_path": data + "/", "base_path": "/", "allow_outside_base": True, "format": fmt,
+                        "shuffle_buffer": 64})
     config = fixtures.write_yaml(raw, os.path.join(work, f"{name}.yaml"))
     shutil.rmtree(os.path.join(work, "runs", name), ignore_errors=True)
     peak = PeakRss()
