@@ -29,7 +29,14 @@ from raydiff.launch.checks import (
     check_validation_images,
     warn_job_local_storage,
 )
-from raydiff.launch.cluster import DriverConsole, init_ray, is_autoscaling, local_ray_resources, stop_ray
+from raydiff.launch.cluster import (
+    DriverConsole,
+    init_ray,
+    is_autoscaling,
+    local_ray_resources,
+    quiet_ray_driver,
+    stop_ray,
+)
 from raydiff.launch.run_lock import LOCK_FILE, RunLock
 from raydiff.launch.runs import describe_plan, finished_result
 from raydiff.launch.storage import check_storage, latest_checkpoint, resume_point, run_directory, storage_filesystem
@@ -145,11 +152,11 @@ def build_trainer(cfg: RaydiffConfig, module_factory: Callable | None = None, *,
 def launch_training_task(cfg: RaydiffConfig, module_factory: Callable | None = None) -> ray.train.Result:
     """Train `cfg` on Ray (starting a local Ray if none is running) and return Ray's Result.
 
-    Before Ray starts: relative paths are resolved against the working directory, and the storage, the
-    model, the adapter setup (`lora.target_modules`, `lora.init_from`), the metadata and the batch sizes are
-    checked; the run takes its lock. Then the cluster's resources are checked, and the run resumes from its
-    newest complete checkpoint, if any. Ctrl-C stops it within seconds; the checkpoint a re-run continues
-    from is printed at the end either way.
+    Before Ray starts: relative paths are resolved against the working directory, and the model, the metadata
+    and the batch sizes are checked; the adapter setup (`lora.target_modules`, `lora.init_from`) is checked
+    while Ray starts; then the storage is checked, the run takes its lock, the cluster's resources are
+    checked, and the run resumes from its newest complete checkpoint, if any. Ctrl-C stops it within seconds;
+    the checkpoint a re-run continues from is printed at the end either way.
     """
     cfg = cfg.resolved_paths()
     r = cfg.ray
@@ -162,12 +169,12 @@ def launch_training_task(cfg: RaydiffConfig, module_factory: Callable | None = N
         check_batch_sizes(cfg, rows[0])
     if not ray.is_initialized() and not (r.address or os.environ.get("RAY_ADDRESS")):
         check_resources(cfg, autoscaling=False, nodes=lambda: [local_ray_resources(cfg)])  # before Ray starts
-    check_lora(cfg)  # last of the config checks: it imports diffusers and peft when it has anything to check
-    check_storage(r.storage_path, r.storage_endpoint, r.storage_region)
+    started = start_ray_checking_lora(cfg)
+    check_storage(r.storage_path, r.storage_endpoint, r.storage_region)  # after: it makes the storage folder
     fs, run_path = run_directory(r.storage_path, r.name, r.storage_endpoint, r.storage_region)
     with RunLock(fs, f"{run_path}/{LOCK_FILE}", f"{r.storage_path}/{r.name}"):
         try:
-            return _train(cfg, module_factory, rows)
+            return _train(cfg, module_factory, rows, started)
         finally:
             resumes = latest_checkpoint(r.storage_path, r.name, r.storage_endpoint, r.storage_region)
             if resumes:
@@ -183,9 +190,36 @@ def launch_training_task(cfg: RaydiffConfig, module_factory: Callable | None = N
 HEALTH_CHECK_INTERVAL = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
-def _train(cfg: RaydiffConfig, module_factory: Callable | None, rows) -> ray.train.Result:
-    os.environ.setdefault(*HEALTH_CHECK_INTERVAL)
-    started = init_ray(cfg)
+def start_ray_checking_lora(cfg: RaydiffConfig) -> bool:
+    """`init_ray` with `check_lora` beside it in a thread: the check imports diffusers and peft and builds the
+    model's skeleton (4 s on 2 cores), which overlaps Ray's start instead of delaying it. A mistake it finds
+    stops a Ray this call started and ends the run as before (`raydiff: error:`, exit 2, no run directory).
+    Returns init_ray's answer: whether raydiff started this Ray."""
+    if not cfg.logging.verbose:
+        quiet_ray_driver()  # first: the check's warnings.catch_warnings() must restore these filters, not drop them
+    errors: list[BaseException] = []
+
+    def check() -> None:
+        try:
+            check_lora(cfg)
+        except BaseException as err:  # noqa: BLE001 - raised in the calling thread
+            errors.append(err)
+
+    thread = threading.Thread(target=check, daemon=True, name="raydiff-check-lora")
+    thread.start()
+    try:
+        os.environ.setdefault(*HEALTH_CHECK_INTERVAL)
+        started = init_ray(cfg)
+    finally:
+        thread.join()
+    if errors:
+        if started:
+            stop_ray()
+        raise errors[0]
+    return started
+
+
+def _train(cfg: RaydiffConfig, module_factory: Callable | None, rows, started: bool) -> ray.train.Result:
     check_resources(cfg, autoscaling=not started and is_autoscaling())
     console = DriverConsole(cfg.logging.progress_bar, sys.stdout.isatty())
     try:
