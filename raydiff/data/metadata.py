@@ -44,6 +44,8 @@ class BadSample:
     reason: str
 
     def __str__(self) -> str:
+        if self.row >= 1 << 32:  # a sharded sample's id (shard_id << 32 | record): its reason names both
+            return f"file {self.file!r}: {self.reason}" if self.file is not None else self.reason
         row = f"regularization row {reg_id(self.row)}" if self.row < 0 else f"row {self.row}"
         where = row if self.file is None else f"{row}, file {self.file!r}"
         return f"{where}: {self.reason}"

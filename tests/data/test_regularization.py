@@ -44,6 +44,9 @@ def test_regularization_rows_are_marked_and_named_in_errors(shapes, reg_data):
     largest_sharded_id = ((2**31 - 1) << 32) + 2**32 - 1  # shard_id << 32 | record
     assert is_regularization([0, 5, largest_sharded_id, reg_id(0), reg_id(3)]).tolist() == [0, 0, 0, 1, 1]
     assert str(BadSample(reg_id(3), "x.png", "empty")) == "regularization row 3, file 'x.png': empty"
+    # A sharded sample's id means nothing to a user; its reason names the shard and record instead.
+    assert str(BadSample(largest_sharded_id, "x.png", "empty (shard s.parquet, record 3)")) == \
+        "file 'x.png': empty (shard s.parquet, record 3)"
     with open(f"{reg_data}/metadata.csv", "a") as f:
         f.write("missing.png,a ghost\n")
     cfg = config(shapes, reg_data)
