@@ -80,16 +80,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from raydiff.config import parse_config
-    from raydiff.console import quiet_libraries
 
-    quiet_libraries()
-    measure.reserve_stdout()
-    work = fixtures.workdir("all_cores", args.workdir)
-    model = fixtures.write_bench_flux(os.path.join(work, "model"))
-    data = os.path.join(work, "data")
     total = args.steps + args.warmup
-    fixtures.write_images(data, n=16, side=fixtures.image_side(1024))
-    runs = os.path.join(work, "runs")
+    work, model, data, runs = fixtures.workspace("all_cores", args.workdir, images=16)
     result = {"benchmark": "all_cores", "cores": CORES, "torch_threads": CORES, "warmup_steps": args.warmup,
               "loadavg_before": measure.loadavg()}
     for mode in args.modes:

@@ -126,6 +126,22 @@ def encoded_batches(cfg, n: int, device="cpu") -> list[dict]:
     return [collate(encoder.encode(b), device, cfg.data.data_file_keys) for b in decoded_batches(cfg, n)]
 
 
+def workspace(name: str, override: str | None, images: int) -> tuple[str, str, str, str]:
+    """A CPU benchmark's (work dir, benchmark model, folder of `images` 128 px images, runs dir), quiet and
+    with stdout kept for its JSON: the start every Ray benchmark shares."""
+    import measure  # the sibling module: benchmarks put this folder on sys.path
+
+    from raydiff.console import quiet_libraries
+
+    quiet_libraries()
+    measure.reserve_stdout()
+    work = workdir(name, override)
+    model = write_bench_flux(os.path.join(work, "model"))
+    data = os.path.join(work, "data")
+    write_images(data, n=images, side=image_side(1024))
+    return work, model, data, os.path.join(work, "runs")
+
+
 def workdir(name: str, override: str | None = None) -> str:
     """Where a benchmark keeps its model, data and runs (outside the repository; models and images are
     reused between runs, delete the directory to start afresh)."""

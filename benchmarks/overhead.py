@@ -90,16 +90,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from raydiff.config import parse_config
-    from raydiff.console import quiet_libraries
 
-    quiet_libraries()
-    measure.reserve_stdout()
-    work = fixtures.workdir("overhead", args.workdir)
-    model = fixtures.write_bench_flux(os.path.join(work, "model"))
-    data = os.path.join(work, "data")
     total = args.steps + args.warmup
-    fixtures.write_images(data, n=total, side=fixtures.image_side(1024))
-    runs = os.path.join(work, "runs")
+    work, model, data, runs = fixtures.workspace("overhead", args.workdir, images=total)
     shutil.rmtree(runs, ignore_errors=True)
     cfg = parse_config(fixtures.bench_config(model, data, runs, "overhead", tokens=1024, steps=total))
     load_before = measure.loadavg()

@@ -55,16 +55,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from raydiff.config import parse_config
-    from raydiff.console import quiet_libraries
 
-    quiet_libraries()
-    measure.reserve_stdout()
-    work = fixtures.workdir("scaling", args.workdir)
-    model = fixtures.write_bench_flux(os.path.join(work, "model"))
-    data = os.path.join(work, "data")
     total = args.steps + args.warmup
-    fixtures.write_images(data, n=32, side=fixtures.image_side(1024))
-    runs = os.path.join(work, "runs")
+    work, model, data, runs = fixtures.workspace("scaling", args.workdir, images=32)
     shutil.rmtree(runs, ignore_errors=True)
     load_before = measure.loadavg()
 
