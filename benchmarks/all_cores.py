@@ -48,24 +48,6 @@ def bare(cfg, mode: str, steps: int, warmup: int) -> dict:
     return {"wall": wall[warmup:], "cpu": cpu[warmup:]}
 
 
-def raydiff_run(cfg, warmup: int) -> dict:
-    import ray
-
-    from raydiff.launch.trainer import launch_training_task
-
-    with measure.ProcessSampler(interval=0.5) as sampler:
-        launch_training_task(cfg)
-    ray.shutdown()
-    state = measure.latest_trainer_state(cfg.ray.storage_path, cfg.ray.name)
-    history = state["log_history"]
-    wall = measure.step_seconds_from_history(history, batch_size=1, world=1)
-    total = cfg.train.max_steps
-    assert state["workers"][0]["torch_threads"] == CORES, state["workers"]
-    profile = sampler.cpu_between(history[warmup]["time"], history[total - 1]["time"])
-    return {"wall": wall[warmup:], "cpu_per_step": measure.worker_cpu_per_step(profile, total - 1 - warmup),
-            "profile": profile}
-
-
 def summary(wall: list[float]) -> dict:
     return {"steps_per_s": round(measure.steady_steps_per_second(wall, 0), 4),
             "median_step_s": round(statistics.median(wall), 4)}
@@ -93,7 +75,8 @@ def main() -> None:
         raw["ray"]["cpus_per_worker"] = CORES
         cfg = parse_config(raw)
         first = bare(cfg, mode, args.steps, args.warmup)
-        ray_side = raydiff_run(cfg, args.warmup)
+        wall, cpu_per_step, profile = measure.timed_raydiff_run(cfg, args.warmup, CORES, interval=0.5)
+        ray_side = {"wall": wall, "cpu_per_step": cpu_per_step, "profile": profile}
         second = bare(cfg, mode, args.steps, args.warmup)
         bare_wall = first["wall"] + second["wall"]
         bare_cpu = statistics.mean(first["cpu"] + second["cpu"])

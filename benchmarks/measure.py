@@ -141,6 +141,29 @@ def _process_name(cmd: str) -> str:
     return name[:60]
 
 
+def timed_raydiff_run(cfg, warmup: int, threads: int, interval: float = 1.0) -> tuple[list[float], float, dict]:
+    """Run `cfg` (1 worker) through `launch_training_task`: the wall seconds of each timed step, the worker's
+    CPU seconds per step, and where the machine's CPU went during those steps (per process of the local
+    Ray, per thread of the worker). Checks every step was logged and the worker ran `threads` torch threads."""
+    import ray
+
+    from raydiff.launch.trainer import launch_training_task
+
+    with ProcessSampler(interval=interval) as sampler:
+        launch_training_task(cfg)
+    ray.shutdown()
+    state = latest_trainer_state(cfg.ray.storage_path, cfg.ray.name)
+    history = state["log_history"]
+    wall = step_seconds_from_history(history, batch_size=1, world=1)
+    total = cfg.train.max_steps
+    assert len(wall) == total, f"expected {total} logged steps, got {len(wall)}"
+    assert state["workers"][0]["torch_threads"] == threads, state["workers"]
+    # Log line k is written at the end of step k, so (history[warmup], history[total - 1]) spans the
+    # timed steps but the first.
+    profile = sampler.cpu_between(history[warmup]["time"], history[total - 1]["time"])
+    return wall[warmup:], worker_cpu_per_step(profile, total - 1 - warmup), profile
+
+
 class ProcessSampler:
     """Samples, in a background thread, the CPU seconds of this process and every descendant (the local
     Ray: GCS, raylet, dashboard, train workers, Ray Data tasks) and of each thread of the processes whose

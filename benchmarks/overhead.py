@@ -51,29 +51,6 @@ def bare(cfg, steps: int, warmup: int) -> tuple[list[float], list[float]]:
     return wall[warmup:], cpu[warmup:]
 
 
-def raydiff_run(cfg, warmup: int) -> tuple[list[float], float, dict]:
-    """Wall seconds of each timed step of a 1-worker raydiff run, the worker's CPU seconds per step,
-    and where the machine's CPU went during those steps (per process of the local Ray, per thread of
-    the worker)."""
-    import ray
-
-    from raydiff.launch.trainer import launch_training_task
-
-    with measure.ProcessSampler() as sampler:
-        launch_training_task(cfg)
-    ray.shutdown()
-    state = measure.latest_trainer_state(cfg.ray.storage_path, cfg.ray.name)
-    history = state["log_history"]
-    wall = measure.step_seconds_from_history(history, batch_size=1, world=1)
-    total = cfg.train.max_steps
-    assert len(wall) == total, f"expected {total} logged steps, got {len(wall)}"
-    assert state["workers"][0]["torch_threads"] == THREADS, state["workers"]
-    # Log line k is written at the end of step k, so (history[warmup], history[total - 1]) spans the
-    # timed steps but the first.
-    profile = sampler.cpu_between(history[warmup]["time"], history[total - 1]["time"])
-    return wall[warmup:], measure.worker_cpu_per_step(profile, total - 1 - warmup), profile
-
-
 def summary(timed: list[float]) -> dict:
     """Steady-state numbers of the timed (post-warm-up) step times."""
     return {"steps_timed": len(timed), "steps_per_s": round(measure.steady_steps_per_second(timed, 0), 4),
@@ -106,7 +83,7 @@ def main() -> None:
     assert run["returncode"] == 0, "\n".join(run["tail"])
     startup_cpu = sampler.cpu_between(run["started_at"], run["started_at"] + run["marks"]["first_step"])
 
-    ray_wall, ray_cpu, profile = raydiff_run(cfg, args.warmup)
+    ray_wall, ray_cpu, profile = measure.timed_raydiff_run(cfg, args.warmup, THREADS)
     bare_second = bare(cfg, args.steps, args.warmup)
 
     raydiff_s = summary(ray_wall)
