@@ -50,12 +50,16 @@ def _guidance(p: FluxImagePipeline, inputs: dict) -> dict:
 # single_blocks.N.linear1 = to_q|to_k|to_v|proj_mlp (FLUX's MLP is 4x wide).
 
 _D, _S = "transformer_blocks.{i}.", "single_transformer_blocks.{i}."
-ORIGINAL_NAMES = {
+# The double blocks' attention, named alike in FLUX.1 and FLUX.2 (raydiff.pipelines.flux2 reuses it).
+DOUBLE_ATTENTION_NAMES = {
     "double_blocks.{i}.img_attn.qkv": ((_D + "attn.to_q", _D + "attn.to_k", _D + "attn.to_v"), (1, 1, 1)),
     "double_blocks.{i}.txt_attn.qkv": ((_D + "attn.add_q_proj", _D + "attn.add_k_proj", _D + "attn.add_v_proj"),
                                        (1, 1, 1)),
     "double_blocks.{i}.img_attn.proj": ((_D + "attn.to_out.0",), None),
     "double_blocks.{i}.txt_attn.proj": ((_D + "attn.to_add_out",), None),
+}
+ORIGINAL_NAMES = {
+    **DOUBLE_ATTENTION_NAMES,
     "double_blocks.{i}.img_mlp.0": ((_D + "ff.net.0.proj",), None),
     "double_blocks.{i}.img_mlp.2": ((_D + "ff.net.2",), None),
     "double_blocks.{i}.txt_mlp.0": ((_D + "ff_context.net.0.proj",), None),

@@ -12,6 +12,7 @@ from diffusers import Flux2KleinPipeline
 
 from raydiff.diffusion.flow_matching import FlowSchedule
 from raydiff.pipelines.base import FamilyPipeline, PipelineUnit, pack_latents
+from raydiff.pipelines.flux import DOUBLE_ATTENTION_NAMES
 
 
 def patchified_latents(vae, image: torch.Tensor) -> torch.Tensor:
@@ -70,11 +71,7 @@ def _input_image_embedder(p: Flux2KleinImagePipeline, inputs: dict) -> dict:
 
 _D, _S = "transformer_blocks.{i}.", "single_transformer_blocks.{i}."
 ORIGINAL_NAMES = {
-    "double_blocks.{i}.img_attn.qkv": ((_D + "attn.to_q", _D + "attn.to_k", _D + "attn.to_v"), (1, 1, 1)),
-    "double_blocks.{i}.txt_attn.qkv": ((_D + "attn.add_q_proj", _D + "attn.add_k_proj", _D + "attn.add_v_proj"),
-                                       (1, 1, 1)),
-    "double_blocks.{i}.img_attn.proj": ((_D + "attn.to_out.0",), None),
-    "double_blocks.{i}.txt_attn.proj": ((_D + "attn.to_add_out",), None),
+    **DOUBLE_ATTENTION_NAMES,
     "double_blocks.{i}.img_mlp.0": ((_D + "ff.linear_in",), None),
     "double_blocks.{i}.img_mlp.2": ((_D + "ff.linear_out",), None),
     "double_blocks.{i}.txt_mlp.0": ((_D + "ff_context.linear_in",), None),
