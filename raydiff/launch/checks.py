@@ -3,6 +3,7 @@ line (`raydiff: error: ...`, exit 2) instead of a worker's traceback minutes lat
 
     check_model(cfg)            model.path exists (or, offline, is cached), holds the configured family and,
                                 for two experts, model.expert names one
+    check_lora_file(cfg)        lora.init_from exists and is a safetensors file (at once, before Ray starts)
     check_lora(cfg)             lora.target_modules match as meant and lora.init_from loads into the adapter
     check_batch_sizes(cfg, rows) batch_size > 1 needs samples of one size
     check_validation_images(cfg) validation.images exist (edit families' sources for the validation grid)
@@ -70,6 +71,25 @@ def check_expert(expert: str | None, boundary_ratio: float | None, path: str) ->
                           f"low, one run per expert")
 
 
+def check_lora_file(cfg: RaydiffConfig) -> None:
+    """`lora.init_from` names a readable safetensors file (or a checkpoint directory holding one). Only its
+    header is read, so a wrong path ends in a second, before Ray starts; `check_lora` then loads it."""
+    path = cfg.lora.init_from if cfg.lora is not None else None
+    if not path:
+        return
+    if not os.path.exists(path):
+        raise ConfigError(f"lora.init_from {path}: no such file or checkpoint directory")
+    from safetensors import SafetensorError, safe_open
+
+    from raydiff.training.lora_formats import lora_file
+
+    try:
+        with safe_open(lora_file(path), "np"):
+            pass
+    except (SafetensorError, OSError) as err:
+        raise ConfigError(f"lora.init_from: {lora_file(path)} is not a safetensors file ({err})") from None
+
+
 def check_lora(cfg: RaydiffConfig) -> None:
     """What a worker does with the `lora:` section, done on the base model's skeleton (built from its config on
     the meta device, no weights read): resolve `lora.target_modules` (README: target matching), inject the
@@ -78,8 +98,7 @@ def check_lora(cfg: RaydiffConfig) -> None:
     lora = cfg.lora
     if lora is None or not (lora.init_from or lora.target_modules):
         return
-    if lora.init_from and not os.path.exists(lora.init_from):
-        raise ConfigError(f"lora.init_from {lora.init_from}: no such file or checkpoint directory")
+    check_lora_file(cfg)
     from raydiff.registry import get_pipeline_class
 
     with quiet_imports():

@@ -24,6 +24,7 @@ from raydiff.launch.checks import (
     check_batch_sizes,
     check_devices,
     check_lora,
+    check_lora_file,
     check_model,
     check_resources,
     check_validation_images,
@@ -152,10 +153,11 @@ def build_trainer(cfg: RaydiffConfig, module_factory: Callable | None = None, *,
 def launch_training_task(cfg: RaydiffConfig, module_factory: Callable | None = None) -> ray.train.Result:
     """Train `cfg` on Ray (starting a local Ray if none is running) and return Ray's Result.
 
-    Before Ray starts: relative paths are resolved against the working directory, and the model, the metadata
-    and the batch sizes are checked; the adapter setup (`lora.target_modules`, `lora.init_from`) is checked
-    while Ray starts; then the storage is checked, the run takes its lock, the cluster's resources are
-    checked, and the run resumes from its newest complete checkpoint, if any. Ctrl-C stops it within seconds;
+    Before Ray starts: relative paths are resolved against the working directory, and the model, the metadata,
+    the batch sizes and that `lora.init_from` is a safetensors file are checked; the adapter setup
+    (`lora.target_modules`, `lora.init_from`) is checked while Ray starts; then the storage is checked, the run
+    takes its lock, the cluster's resources are checked, and the run resumes from its newest complete checkpoint,
+    if any. Ctrl-C stops it within seconds;
     the checkpoint a re-run continues from is printed at the end either way.
     """
     cfg = cfg.resolved_paths()
@@ -164,6 +166,7 @@ def launch_training_task(cfg: RaydiffConfig, module_factory: Callable | None = N
     check_model(cfg)
     check_devices(cfg)
     check_validation_images(cfg)
+    check_lora_file(cfg)
     rows = train_and_eval_rows(cfg.data, cfg.eval, family_max_paths(cfg))
     if rows[0] is not None:
         check_batch_sizes(cfg, rows[0])

@@ -113,6 +113,8 @@ def test_ctrl_c_ends_a_cli_run_in_seconds_and_says_where_a_rerun_continues(tiny_
     ("model.family=sd3", "holds a FluxPipeline; set model.family: flux"),
     ("ray.num_workers=8", "ray.num_workers 8 x (ray.cpus_per_worker 1) plus data.num_cpus for decoding needs 8.5 "
                           "CPUs"),
+    ("lora.init_from=loras/nope.safetensors", "loras/nope.safetensors: no such file or checkpoint directory"),
+    ("lora.init_from=data/shapes/metadata.csv", "data/shapes/metadata.csv is not a safetensors file"),
 ])
 def test_everyday_mistakes_end_in_seconds_with_one_line_and_leave_nothing(tiny_model, tmp_path, override, message):
     cwd = project(tmp_path, tiny_model)
@@ -126,17 +128,13 @@ def test_everyday_mistakes_end_in_seconds_with_one_line_and_leave_nothing(tiny_m
     assert not (cwd / "runs").exists()  # no half-made run directory (Ray's storage marker included)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("lora.init_from=loras/nope.safetensors", "loras/nope.safetensors: no such file or checkpoint directory"),
-    ("lora.init_from=data/shapes/metadata.csv", "data/shapes/metadata.csv is not a safetensors file"),
-    ("lora.target_modules=[proj_out]", "lora.target_modules: 'proj_out' matches 1 layers in the transformer blocks "
-                                       "and also proj_out outside them"),
-])
-def test_lora_mistakes_end_in_the_driver_with_one_line(tiny_model, tmp_path, override, message):
-    """lora.init_from and lora.target_modules are checked on the model's skeleton before Ray starts (this
-    imports diffusers in the driver, so no 10 s bound here)."""
+def test_a_lora_target_mistake_ends_in_the_driver_with_one_line(tiny_model, tmp_path):
+    """lora.target_modules is checked on the model's skeleton while Ray starts (this imports diffusers in the
+    driver, so no 10 s bound here); a lora.init_from that is missing or no safetensors file is refused before
+    (above)."""
+    message = "lora.target_modules: 'proj_out' matches 1 layers in the transformer blocks and also proj_out outside"
     cwd = project(tmp_path, tiny_model)
-    proc = cli("train", "tiny.yaml", "--set", override, "--set", "ray.num_cpus=4", cwd=cwd)
+    proc = cli("train", "tiny.yaml", "--set", "lora.target_modules=[proj_out]", "--set", "ray.num_cpus=4", cwd=cwd)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2, out
     assert out.strip().splitlines() == [f"raydiff: error: {out.split('raydiff: error: ', 1)[1].strip()}"]
