@@ -348,3 +348,31 @@ def test_the_driver_and_ray_trains_controller_import_no_model_library():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("settings, hidden", [
+    ({}, ["bitsandbytes", "torchao"]),
+    ({"model": {"quantize": "int8"}}, ["bitsandbytes"]),
+    ({"model": {"quantize": "int8"}, "train": {"optimizer": "adamw8bit"}}, []),
+])
+def test_a_worker_skips_the_quantization_libraries_its_run_does_not_use(tiny_model, settings, hidden):
+    """peft imports torchao and bitsandbytes whenever they are installed (~1 s of each worker's start); a
+    worker hides those its config does not use, and peft still injects a LoRA."""
+    import subprocess
+    import sys
+
+    raw = {"model": {"path": tiny_model("flux"), **settings.get("model", {})}, "data": {"metadata_path": "m.csv"},
+           "train": settings.get("train", {})}
+    code = f"""
+import sys
+from raydiff.config import parse_config
+from raydiff.launch.trainer import hide_unused_quantization_libraries
+print(sorted(hide_unused_quantization_libraries(parse_config({raw!r}))))
+from raydiff.training.lora import empty_component, inject_lora
+model = empty_component({tiny_model("flux")!r}, "transformer")
+inject_lora(model, target_modules=["to_q"], rank=2, alpha=2)
+print(sorted(m for m in ("bitsandbytes", "torchao") if sys.modules.get(m) is not None))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split("\n")[:2] == [str(hidden), str(sorted({"bitsandbytes", "torchao"} - set(hidden)))]
