@@ -1,13 +1,16 @@
 """The source image reaches an edit model: after a short run on the synthetic edit pairs, the deterministic eval
 loss with each row's own source is below the loss with the source of another row, and with the source's latents
-zeroed (the condition dropped) there is no such gap. In-process, no Ray."""
+zeroed (the condition dropped) there is no such gap. Also the tiny edit example (what `raydiff demo --task edit`
+trains) from its relative paths. In-process, no Ray."""
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from raydiff.config import parse_config
+from raydiff.config import load_config, parse_config
 from raydiff.data.collate import collate
 from raydiff.data.decode import DecodeSample
 from raydiff.data.metadata import read_metadata
@@ -16,7 +19,9 @@ from raydiff.pipelines.flux_kontext import FluxKontextFamily
 from raydiff.training.evaluation import EvalSettings, evaluate
 from raydiff.training.module import PipelineTrainingModule
 from raydiff.training.step import build_optimizer
+from raydiff.training.validation import ValidationSettings, condition_images, write_validation
 
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "flux_kontext" / "tiny.yaml"
 N = 16
 KEYS = ["image", "edit_image"]
 
@@ -112,3 +117,23 @@ def test_edit_pairs_differ_only_in_the_shape_colour(tmp_path):
         changed = (source != target).any(-1)
         assert 0.05 < changed.mean() < 0.6  # the shape, not the background
         assert (target[changed] == COLORS[row["prompt"].split()[-1]]).all()  # "make the circle blue"
+
+
+def test_the_tiny_example_trains_and_validates_from_its_relative_paths(tiny_model, tmp_path, monkeypatch):
+    """examples/flux_kontext/tiny.yaml run where its model and data were written: a step, then the validation grid
+    of its prompts (the sources on top)."""
+    monkeypatch.chdir(tmp_path)
+    write_edit_dataset("data/edits")
+    cfg = load_config(EXAMPLE, [f"model.path={tiny_model('flux_kontext')}"])
+    rows = decoded_rows(cfg)
+    module = PipelineTrainingModule(cfg)
+    loss = module(batch(rows, [0, 1]), generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in module.trainable_parameters())
+    v = cfg.validation
+    settings = ValidationSettings(prompts=v.prompts, steps=v.steps, height=v.height, width=v.width,
+                                  images=condition_images(v.images))
+    grid = Image.open(write_validation(str(tmp_path / "ckpt"), module.pipe, None, settings)["grid"])
+    assert grid.size == (len(v.prompts) * v.width, 3 * v.height)
+    first = Image.open(v.images[0]).convert("RGB")
+    assert list(grid.crop((0, 0, v.width, v.height)).getdata()) == list(first.getdata())
