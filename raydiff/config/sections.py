@@ -64,7 +64,8 @@ class ModelConfig(_Section):
     controlnet: ControlNetConfig | None = Field(None, description="train a ControlNet on data column control_image "
                                                                   "(flux, qwen_image, sd3); null = none")
     # Edit families resize their source images by their pipeline's rule (Kontext's preferred resolutions, Qwen-Edit's
-    # ~1024² area); this scales that area for training (cheaper steps); sampling always uses the pipeline's own.
+    # ~1024² area); this scales that area for training (cheaper steps) and Kontext's validation samples; `raydiff
+    # sample` always uses the pipeline's own.
     edit_image_pixels: int | None = Field(
         None, ge=256, description="edit families: the source image's area in training; null = the pipeline's rule")
 

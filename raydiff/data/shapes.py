@@ -1,12 +1,13 @@
 """Small synthetic datasets written on demand, so the demo, the tiny examples and the tests need no
 download and the repository holds no binaries: coloured shapes (images; with their edge maps as ControlNet
-control images), moving squares (clips) and clips with VACE conditions (control clip, mask clip, reference
-image).
+control images; recoloured by instruction as edit pairs), moving squares (clips) and clips with VACE conditions
+(control clip, mask clip, reference image).
 
     python -c "from raydiff.data.shapes import write_shapes_dataset as w; w('data/shapes')"
     python -c "from raydiff.data.shapes import write_clips_dataset as w; w('data/clips')"
     python -c "from raydiff.data.shapes import write_vace_dataset as w; w('data/vace')"
     python -c "from raydiff.data.shapes import write_control_dataset as w; w('data/control')"
+    python -c "from raydiff.data.shapes import write_edit_dataset as w; w('data/edits')"
 """
 
 from __future__ import annotations
@@ -21,12 +22,15 @@ COLORS = {"red": (220, 40, 40), "green": (40, 180, 70), "blue": (40, 80, 220), "
 SHAPES = ("circle", "square", "triangle")
 
 
-def draw_shape(shape: str, color: tuple, size: tuple[int, int], rng: random.Random) -> Image.Image:
+def draw_shape(shape: str, color: tuple, size: tuple[int, int], rng: random.Random,
+               spread: float = 0.1, background: tuple = (245, 245, 240)) -> Image.Image:
+    """`shape` in `color` on `background`, its centre up to `spread` (a fraction of the side) off the
+    image's centre, its radius 25-40% of the shorter side."""
     w, h = size
-    image = Image.new("RGB", size, (245, 245, 240))
+    image = Image.new("RGB", size, background)
     d = ImageDraw.Draw(image)
     r = min(w, h) * rng.uniform(0.25, 0.4)
-    cx, cy = w / 2 + rng.uniform(-0.1, 0.1) * w, h / 2 + rng.uniform(-0.1, 0.1) * h
+    cx, cy = w / 2 + rng.uniform(-spread, spread) * w, h / 2 + rng.uniform(-spread, spread) * h
     box = (cx - r, cy - r, cx + r, cy + r)
     if shape == "circle":
         d.ellipse(box, fill=color)
@@ -35,6 +39,15 @@ def draw_shape(shape: str, color: tuple, size: tuple[int, int], rng: random.Rand
     else:
         d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=color)
     return image
+
+
+def write_csv(path: str, rows: list[dict]) -> str:
+    """`rows` as a CSV with a header of the first row's keys; returns `path`."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
 
 
 def write_shapes_dataset(directory: str, n: int = 16, size: tuple[int, int] | list = (32, 32), seed: int = 0,
@@ -50,12 +63,7 @@ def write_shapes_dataset(directory: str, n: int = 16, size: tuple[int, int] | li
         name = f"{i:04d}.png"
         draw_shape(shape, COLORS[color], tuple(sizes[i % len(sizes)]), rng).save(os.path.join(directory, name))
         rows.append({"image": name, "prompt": f"a {color} {shape}"})
-    path = os.path.join(directory, metadata_name)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["image", "prompt"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    return write_csv(os.path.join(directory, metadata_name), rows)
 
 
 def write_control_dataset(directory: str, n: int = 8, size: tuple[int, int] = (32, 32), seed: int = 0) -> str:
@@ -71,11 +79,32 @@ def write_control_dataset(directory: str, n: int = 8, size: tuple[int, int] = (3
         edges = Image.open(os.path.join(directory, row["image"])).convert("L").filter(ImageFilter.FIND_EDGES)
         row["control_image"] = f"control/{row['image']}"
         edges.point(lambda v: 255 if v > 24 else 0).convert("RGB").save(os.path.join(directory, row["control_image"]))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["image", "control_image", "prompt"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    return write_csv(path, [{"image": r["image"], "control_image": r["control_image"], "prompt": r["prompt"]}
+                            for r in rows])
+
+
+def write_edit_dataset(directory: str, n: int = 16, size: tuple[int, int] = (32, 32), seed: int = 0,
+                       spread: float = 0.25) -> str:
+    """Edit pairs, shapes recoloured by instruction: per row a shape on a random background (`source/`) and the
+    same shape, at the same place and size on the same background, in another colour (`target/`); metadata
+    `metadata.csv` with image (the target), edit_image (the source) and prompt ("make the circle blue"). The
+    prompt names the shape and its new colour only: where the shape is, how big, and the background, the model
+    can learn from the source alone. `spread`: how far off centre a shape may sit. Returns the metadata path."""
+    rng = random.Random(seed)
+    for sub in ("source", "target"):
+        os.makedirs(os.path.join(directory, sub), exist_ok=True)
+    rows = []
+    for i in range(n):
+        shape = rng.choice(SHAPES)
+        before, after = rng.sample(list(COLORS), 2)
+        geometry = rng.getrandbits(32)  # one seed for both drawings: the same centre and radius
+        background = tuple(rng.randint(0, 255) for _ in range(3))
+        name = f"{i:04d}.png"
+        for sub, color in (("source", before), ("target", after)):
+            image = draw_shape(shape, COLORS[color], size, random.Random(geometry), spread, background)
+            image.save(os.path.join(directory, sub, name))
+        rows.append({"image": f"target/{name}", "edit_image": f"source/{name}", "prompt": f"make the {shape} {after}"})
+    return write_csv(os.path.join(directory, "metadata.csv"), rows)
 
 
 def write_vace_dataset(directory: str, n: int = 4, frames: int = 11, size: int = 16) -> str:
@@ -137,12 +166,7 @@ def write_clips_dataset(directory: str, n: int = 4, frames: int | list[int] = 11
                 out.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
             out.mux(stream.encode())
         rows.append({"video": name, "prompt": f"a red square moving right {i}"})
-    path = os.path.join(directory, "metadata.csv")
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["video", "prompt"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    return write_csv(os.path.join(directory, "metadata.csv"), rows)
 
 
 def write_shards(rows: list[dict], directory: str, sizes: list[int], kind: str = "parquet",
@@ -166,10 +190,7 @@ def write_shards(rows: list[dict], directory: str, sizes: list[int], kind: str =
             with open(path, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in part)
         else:
-            with open(path, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(part[0]))
-                writer.writeheader()
-                writer.writerows(part)
+            write_csv(path, part)
         paths.append(path)
     return paths
 

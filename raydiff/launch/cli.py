@@ -48,7 +48,7 @@ def cmd_tune(args) -> None:
 def cmd_demo(args) -> None:
     from raydiff.launch.demo import run_demo
 
-    run_demo(args.dir, steps=args.steps, num_workers=args.workers)
+    run_demo(args.dir, steps=args.steps, num_workers=args.workers, task=args.task)
 
 
 def cmd_tiny_model(args) -> None:
@@ -139,7 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p, "YAML config file with a `tune:` section (see README: Tune)")
     p.set_defaults(func=cmd_tune)
 
-    p = sub.add_parser("demo", help="write a tiny FLUX model and dataset, train a LoRA with 2 workers, no network")
+    p = sub.add_parser("demo", help="write a tiny model and dataset, train a LoRA with 2 workers, no network")
+    p.add_argument("--task", choices=["text-to-image", "edit"], default="text-to-image",
+                   help="text-to-image: tiny FLUX.1 on shapes (default); edit: tiny FLUX.1 Kontext on shapes "
+                        "recoloured by instruction")
     p.add_argument("--dir", default="raydiff-demo", help="where the model, data and runs go (default: ./raydiff-demo)")
     p.add_argument("--steps", type=int, default=8, help="optimizer steps (default 8)")
     p.add_argument("--workers", type=int, default=2, help="training workers (default 2)")

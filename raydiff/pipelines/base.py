@@ -304,6 +304,11 @@ class FamilyPipeline:
             raise ValueError(f"the {cls.family} family samples from a prompt alone; got {sorted(conditions)}")
         return {}
 
+    def validation_conditions(self, conditions: dict) -> dict:
+        """`sampling_conditions` for a validation sample during training; a family whose training resizes its
+        conditions otherwise than its pipeline does (`model.edit_image_pixels`) passes them as training saw them."""
+        return self.sampling_conditions(conditions)
+
     @staticmethod
     def write_tiny(path: str, seed: int = 0, variant: str | None = None) -> None:
         """Write a complete tiny random diffusers-format pipeline to `path`, offline (`variant`: one of

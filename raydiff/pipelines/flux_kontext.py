@@ -5,7 +5,8 @@ The reference is resized as the pipeline resizes it at inference: to the preferr
 VAE-encoded and packed by its `prepare_latents`. Its tokens follow the target's along the sequence with their own
 RoPE positions (first coordinate 1, the target's 0), and only the target's tokens are the prediction. The reference
 comes at its file's size (raydiff.pipelines.edit); `model.edit_image_pixels` scales the preferred resolution to
-another area (training only: sampling uses the pipeline's own rule). Prompts are text-only, as for FLUX.1.
+another area (training and its validation samples; `raydiff sample` uses the pipeline's own rule). Prompts are
+text-only, as for FLUX.1.
 """
 
 from __future__ import annotations
@@ -90,6 +91,16 @@ class FluxKontextFamily(FluxImagePipeline):
     def sampling_conditions(cls, conditions: dict) -> dict:
         images = sampling_sources(cls, conditions, 1)
         return {"image": None if images is None else images[0]}
+
+    def validation_conditions(self, conditions: dict) -> dict:
+        """With `model.edit_image_pixels`, the reference at the size training gave it (`_auto_resize` off): a
+        model trained on small references is judged on them, and a tiny model's validation is not a ~1 MP
+        reference (minutes on CPU)."""
+        kwargs = self.sampling_conditions(conditions)
+        if self.edit_image_pixels is None or kwargs["image"] is None:
+            return kwargs
+        image = kwargs["image"]
+        return {"image": self.pipe.image_processor.resize(image, *self.reference_size(image)), "_auto_resize": False}
 
     @staticmethod
     def write_tiny(path: str, seed: int = 0) -> None:

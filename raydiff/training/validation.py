@@ -51,13 +51,16 @@ _OPTIONAL = {"image_encoder", "feature_extractor", "transformer_2", "image_proce
 
 
 def sample_images(family, diffusers_pipe, settings: ValidationSettings, *, device=None,
-                  max_sequence_length: int | None = None, call_kwargs: dict | None = None) -> list[Image.Image]:
+                  max_sequence_length: int | None = None, call_kwargs: dict | None = None,
+                  conditions=None) -> list[Image.Image]:
     """One image per prompt at batch 1 from `diffusers_pipe` (of the family class `family`), generator
     seeded with `settings.seed + i` on `device` (None = CPU, so images do not depend on the accelerator).
     Video pipelines give their first frame.
     `max_sequence_length`: text tokens (None = the pipeline's default); pass the training value so
     prompts are encoded as in training. `call_kwargs`: condition inputs of the call (the family's
-    `sampling_conditions`: an image to animate, a control video)."""
+    `sampling_conditions`: an image to animate, a control video). `conditions`: what turns a prompt's
+    `settings.images` into such inputs (default `family.sampling_conditions`; training's validation passes
+    the family's `validation_conditions`)."""
     missing = [name for name, c in diffusers_pipe.components.items() if c is None and name not in _OPTIONAL]
     if missing:
         raise ValueError(f"sampling needs every component; this pipeline was loaded without {missing}")
@@ -73,7 +76,8 @@ def sample_images(family, diffusers_pipe, settings: ValidationSettings, *, devic
         for i, prompt in enumerate(settings.prompts):
             generator = torch.Generator(device or "cpu").manual_seed(settings.seed + i)
             if settings.images:  # an edit family's sources for this prompt, as `raydiff sample --image` passes them
-                call_kwargs = family.sampling_conditions({family.data_keys.sampling[0]: settings.images[i]})
+                call_kwargs = (conditions or family.sampling_conditions)({family.data_keys.sampling[0]:
+                                                                         settings.images[i]})
             out = diffusers_pipe(prompt=prompt, num_inference_steps=settings.steps, height=settings.height,
                                  width=settings.width, generator=generator, output_type="pil",
                                  **family.sampling_kwargs(diffusers_pipe, settings.guidance), **extra,
@@ -116,7 +120,8 @@ def _modules(training_pipe) -> list[torch.nn.Module]:
 def _sample(training_pipe, settings: ValidationSettings) -> list[Image.Image]:
     # Prompts encoded with the training's text length, so samples show what training conditioned on.
     tokens = getattr(training_pipe, "max_sequence_length", None)
-    return sample_images(type(training_pipe), training_pipe.pipe, settings, max_sequence_length=tokens)
+    return sample_images(type(training_pipe), training_pipe.pipe, settings, max_sequence_length=tokens,
+                         conditions=training_pipe.validation_conditions)
 
 
 def sample_base_images(training_pipe, settings: ValidationSettings) -> list[Image.Image]:

@@ -9,16 +9,33 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_demo_trains_and_prints_the_final_checkpoint(tmp_path):
+def run_demo(directory, *args: str) -> list[str]:
+    """`raydiff demo --dir DIRECTORY --steps 4 ARGS` in a fresh process; its stdout lines."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-m", "raydiff.launch.cli", "demo", "--dir", str(tmp_path), "--steps", "4"],
-                          env=env, capture_output=True, text=True, timeout=400)
+    proc = subprocess.run([sys.executable, "-m", "raydiff.launch.cli", "demo", "--dir", str(directory), "--steps", "4",
+                           *args], env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    last = proc.stdout.strip().splitlines()[-1]
+    assert "[raydiff] step 4/4" in proc.stdout and "loss" in proc.stdout
+    return proc.stdout.strip().splitlines()
+
+
+def test_demo_trains_and_prints_the_final_checkpoint(tmp_path):
+    last = run_demo(tmp_path)[-1]
     assert os.path.basename(last) == "checkpoint-000004"
     assert os.path.isfile(os.path.join(last, "pytorch_lora_weights.safetensors"))
-    assert "[raydiff] step 4/4" in proc.stdout and "loss" in proc.stdout
+
+
+def test_edit_demo_trains_kontext_and_shows_the_sources_above_its_samples(tmp_path):
+    from PIL import Image
+
+    last = run_demo(tmp_path, "--task", "edit")[-1]
+    assert os.path.basename(last) == "checkpoint-000004"
+    assert os.path.isfile(os.path.join(last, "pytorch_lora_weights.safetensors"))
+    grid = Image.open(os.path.join(last, "samples", "grid.png"))
+    assert grid.size == (2 * 32, 3 * 32)  # two prompts; sources, base, LoRA
+    source = Image.open(tmp_path / "data" / "edits" / "source" / "0000.png").convert("RGB")
+    assert list(grid.crop((0, 0, 32, 32)).getdata()) == list(source.getdata())  # the top row is the source
 
 
 def test_tiny_model_command_writes_a_loadable_pipeline(tmp_path):

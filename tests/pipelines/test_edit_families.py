@@ -271,3 +271,14 @@ def test_validation_grid_shows_the_sources_above_the_samples(tiny_model, tmp_pat
     grid = np.asarray(Image.open(out["grid"]))
     assert grid.shape == (3 * 32, 2 * 32, 3)  # sources, base, trained
     assert (grid[8:24, :, :] == 255).all()  # the white source, fitted (40x24 -> 32x19) into the top row
+
+
+def test_kontext_validation_samples_the_reference_at_its_training_size(tiny_model):
+    """With model.edit_image_pixels, validation passes the reference as training resized it (the pipeline's
+    ~1 MP auto-resize off: minutes per tiny sample on CPU); without, the pipeline's own rule, as `raydiff sample`."""
+    cls, path, source = get_pipeline_class("flux_kontext"), tiny_model("flux_kontext"), Image.new("RGB", (40, 24))
+    small = cls.from_pretrained(path, max_sequence_length=16, edit_image_pixels=AREA)
+    kwargs = small.validation_conditions({"edit_image": source})
+    assert kwargs["_auto_resize"] is False and kwargs["image"].size[::-1] == small.reference_size(source)
+    native = cls.from_pretrained(path, max_sequence_length=16)
+    assert native.validation_conditions({"edit_image": source}) == {"image": source}

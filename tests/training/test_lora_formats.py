@@ -23,6 +23,7 @@ from raydiff.pipelines.flux import FluxImagePipeline
 from raydiff.pipelines.flux2 import Flux2KleinImagePipeline
 from raydiff.pipelines.qwen_image import QwenImagePipeline
 from raydiff.pipelines.z_image import ZImagePipeline
+from raydiff.registry import get_pipeline_class
 from raydiff.training.lora import LORA_FILE, lora_state_dict, save_lora
 from raydiff.training.lora_formats import FORMATS, detect_format, export_lora, from_format, import_lora, to_format
 from raydiff.training.module import switch_pipe_to_training_mode
@@ -56,6 +57,10 @@ TARGETS = {
                     "transformer_blocks.0.ff_context.linear_out", "single_transformer_blocks.0.attn.to_qkv_mlp_proj",
                     "single_transformer_blocks.0.attn.to_out"],
 }
+# Edit families and their base family, whose LoRA targets and export names they use. Their sources are resized to
+# the target's 32² here (the pipelines' ~1 MP would take minutes on CPU).
+EDIT_BASES = {"qwen_image_edit": "qwen_image", "flux_kontext": "flux"}
+EDIT_OPTIONS = {"edit_image_pixels": 32 * 32}
 # FLUX.2 DiffSynth files use diffusers' module names without the `transformer.` prefix, which diffusers' FLUX.2
 # loader does not read (its Qwen-Image and Z-Image loaders do); FLUX's diffsynth export is the kohya layout.
 LOADABLE = [(f, fmt) for f in PIPELINES for fmt in FORMATS if (f, fmt) != ("flux2_klein", "diffsynth")]
@@ -77,10 +82,11 @@ class Trained:
 
     def __init__(self, family: str, model_dir: str, lora_dir: str, targets=None, alpha: float = ALPHA):
         self.family, self.model_dir, self.lora_dir = family, model_dir, lora_dir
-        self.pipe = PIPELINES[family].from_pretrained(model_dir)
+        self.options = EDIT_OPTIONS if family in EDIT_BASES else {}
+        self.pipe = get_pipeline_class(family).from_pretrained(model_dir, **self.options)
         switch_pipe_to_training_mode(self.pipe, lora_base_model="transformer",
-                                     lora_target_modules=targets or TARGETS[family], lora_rank=RANK, lora_alpha=alpha,
-                                     gradient_checkpointing=False)
+                                     lora_target_modules=targets or TARGETS[EDIT_BASES.get(family, family)],
+                                     lora_rank=RANK, lora_alpha=alpha, gradient_checkpointing=False)
         config = self.pipe.pipe.transformer.peft_config["default"]
         torch.manual_seed(0)
         for name, p in self.pipe.pipe.transformer.named_parameters():
@@ -89,11 +95,19 @@ class Trained:
         self.state_dict = lora_state_dict(self.pipe.pipe.transformer, "transformer")
         save_lora(lora_dir, self.state_dict, config)
         with torch.no_grad():
-            out = run_units(self.pipe, {"prompt": ["a red circle"], "image": torch.zeros(1, 3, 32, 32)})
+            inputs = {"prompt": ["a red circle"], "image": torch.zeros(1, 3, 32, 32)}
+            if family in EDIT_BASES:  # a source image, (B, 3, H, W) in [-1, 1]
+                inputs["edit_image"] = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+            out = run_units(self.pipe, inputs)
             self.latents = torch.randn(out["latents"].shape, generator=torch.Generator().manual_seed(1))
             self.sigma = torch.tensor([0.7])
-            self.cond = {k: v for k, v in out.items() if k not in ("latents", "image", "prompt")}
+            self.cond = {k: v for k, v in out.items() if k not in ("latents", "image", "prompt", "edit_image")}
             self.pred = self.pipe.model_fn(self.latents, self.sigma, **self.cond)
+
+    def fresh(self):
+        """The family's pipeline over a freshly loaded diffusers pipeline, without the LoRA."""
+        cls = get_pipeline_class(self.family)
+        return cls(cls.load_diffusers(self.model_dir), "cpu", **self.options)
 
     def deltas(self) -> dict[str, torch.Tensor]:
         """{diffusers module: delta W} of the trained adapter, from peft's own layers."""
@@ -155,6 +169,35 @@ def test_export_loads_into_diffusers_and_predicts_as_trained(trained, tmp_path, 
     assert lora_modules(t.pipe.pipe.transformer) <= lora_modules(fresh.pipe.transformer)
     assert (pred - base).abs().max() > 1e-2  # the LoRA matters...
     torch.testing.assert_close(pred, t.pred, atol=1e-4, rtol=1e-4)  # ...exactly as trained (alpha 6 / r 4)
+
+
+@pytest.mark.parametrize("family", EDIT_BASES)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_an_edit_family_exports_as_its_base_family_and_loads_into_its_pipeline(trained, tmp_path, family, fmt):
+    """`raydiff export` of an edit family's checkpoint (its config.yaml names the family) writes what the base
+    family's export of the same LoRA writes, tensor for tensor; the file loads into the edit family's diffusers
+    pipeline and predicts (with the source) what the trained LoRA does."""
+    from raydiff.launch.cli import main
+
+    t = trained(family)
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    shutil.copy(os.path.join(t.lora_dir, LORA_FILE), checkpoint / LORA_FILE)
+    (checkpoint / "config.yaml").write_text(f"model:\n  family: {family}\n")
+    out = str(tmp_path / f"{fmt}.safetensors")
+    main(["export", str(checkpoint), "--format", fmt, "--out", out])
+    base = load_file(export_lora(t.lora_dir, fmt, str(tmp_path / "base.safetensors"), family=EDIT_BASES[family]))
+    exported = load_file(out)
+    assert exported.keys() == base.keys() and all(torch.equal(exported[k], base[k]) for k in base)
+    fresh = t.fresh()
+    with torch.no_grad():
+        before = fresh.model_fn(t.latents, t.sigma, **t.cond)
+        messages = [m for m in load_logged(fresh.pipe, out) if "prefix='text_encoder'" not in m]
+        pred = fresh.model_fn(t.latents, t.sigma, **t.cond)
+    bad = ("missing", "unexpected", "unsupported", "incompatible", "no lora keys", "not loaded")
+    assert not [m for m in messages if any(b in m.lower() for b in bad)], messages
+    assert (pred - before).abs().max() > 1e-2
+    torch.testing.assert_close(pred, t.pred, atol=1e-4, rtol=1e-4)
 
 
 def test_a_kohya_file_exports_back_to_a_loadable_diffusers_file(trained, tmp_path):
