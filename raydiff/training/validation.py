@@ -124,12 +124,13 @@ def _sample(training_pipe, settings: ValidationSettings) -> list[Image.Image]:
                          conditions=training_pipe.validation_conditions)
 
 
-def sample_base_images(training_pipe, settings: ValidationSettings) -> list[Image.Image]:
-    """The base model's images (LoRA disabled), same seeds. They never change during a LoRA run, so a
-    loop can compute them once and pass them to every `write_validation(..., base_images=...)`."""
+def sample_base_images(training_pipe, settings: ValidationSettings) -> list[Image.Image] | None:
+    """The base model's images (LoRA disabled), same seeds; None when the DiT has no adapter to disable (full
+    fine-tuning, a ControlNet): such grids have no base row. They never change during a LoRA run, so a loop
+    can compute them once and pass them to every `write_validation(..., base_images=...)`."""
     dit = getattr(training_pipe.pipe, training_pipe.dit_name)
     if not _has_adapter(dit):
-        raise ValueError(f"the {training_pipe.dit_name} has no LoRA adapter to disable; pass base_images instead")
+        return None
     _free_memory()
     with _sampling_mode(_modules(training_pipe)):  # restores requires_grad after enable_adapters resets it
         dit.disable_adapters()
@@ -202,7 +203,7 @@ def write_validation(checkpoint_dir: str, training_pipe, lora_state_dict: dict |
     Time: (1 + base row) x prompts x steps transformer calls.
     """
     dit = getattr(training_pipe.pipe, training_pipe.dit_name)
-    if base_images is None and _has_adapter(dit):
+    if base_images is None:
         base_images = sample_base_images(training_pipe, settings)
     _free_memory()
     with _sampling_mode(_modules(training_pipe)), _lora_weights(dit, lora_state_dict, training_pipe.dit_name):

@@ -75,6 +75,19 @@ def test_write_validation_grid_of_base_and_lora(trained, tmp_path):
     assert not pipe.pipe.vae.training
 
 
+def test_full_fine_tuning_validates_without_a_base_row(tiny_model, tmp_path):
+    """With no adapter to disable (full fine-tuning, a ControlNet) there is no base row: the loop's once-per-run
+    base sampling gives None instead of ending the run at its first checkpoint."""
+    from raydiff.training.validation import sample_base_images
+
+    pipe = FluxImagePipeline.from_pretrained(tiny_model("flux"), max_sequence_length=16)
+    switch_pipe_to_training_mode(pipe, trainable_models=["transformer"])
+    assert sample_base_images(pipe, SETTINGS) is None
+    result = write_validation(str(tmp_path), pipe, None, SETTINGS)
+    assert Image.open(result["grid"]).size == (64, 32)  # one row: the samples
+    assert (pixels(Image.open(result["grid"]).crop((32, 0, 64, 32))) == pixels(result["samples"][1])).all()
+
+
 def test_lora_state_dict_is_sampled_then_training_weights_restored(trained, tmp_path):
     pipe, _, _ = trained
     before = transformer_output(pipe)
