@@ -130,9 +130,10 @@ class RaydiffConfig(_Section):
                              "null, train.trainable_models: [controlnet]) or continue one (model.controlnet.path)")
         if self.ray.strategy == "fsdp":  # a ControlNet is a fraction of its DiT; DDP holds it on every GPU
             raise ValueError("ray.strategy fsdp: a ControlNet trains with ddp (the frozen DiT is not sharded either)")
-        if self.validation.prompts:
-            raise ValueError("validation.prompts: a ControlNet samples from a control image besides the prompt; "
-                             "sample checkpoints with `raydiff sample --control-image ... --controlnet ...`")
+        v = self.validation
+        if v.prompts and (len(v.images) != len(v.prompts) or not all(isinstance(i, str) for i in v.images)):
+            raise ValueError(f"validation.images: a ControlNet samples from a control image besides the prompt; give "
+                             f"one path per prompt ({len(v.prompts)} prompts, {len(v.images)} images)")
 
     @model_validator(mode="after")
     def _data_keys_fit_the_family(self):
@@ -154,6 +155,8 @@ class RaydiffConfig(_Section):
 
     def _validation_conditions(self, spec: registry.DataKeys) -> None:
         v, family = self.validation, self.model.family
+        if self.model.controlnet is not None:  # its control images: checked with the ControlNet
+            return
         if v.images and not spec.sampling:
             raise ValueError(f"validation.images: {family} samples from a prompt alone")
         if not v.prompts or not spec.sampling:

@@ -296,9 +296,11 @@ class ValidationConfig(_Section):
     """Sample images with the current LoRA into each checkpoint (rank 0; see README for the memory cost)."""
 
     prompts: list[str] = []
-    # Condition images per prompt (edit families' sources: a path or a list of paths), parallel to `prompts`.
+    # Condition images per prompt (edit families' sources: a path or a list of paths; a ControlNet's control
+    # image: one path), parallel to `prompts`.
     images: list[str | list[str]] = Field([], description="per prompt, the condition image(s) edit families sample "
-                                                          "from; same length as prompts")
+                                                          "from, or a ControlNet's control image; same length as "
+                                                          "prompts")
     every_steps: int | None = Field(
         None, ge=1, description="sample at checkpoints whose step is a multiple; null = every checkpoint")
     seed: int = 0

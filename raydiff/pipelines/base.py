@@ -306,8 +306,12 @@ class FamilyPipeline:
 
     def validation_conditions(self, conditions: dict) -> dict:
         """`sampling_conditions` for a validation sample during training; a family whose training resizes its
-        conditions otherwise than its pipeline does (`model.edit_image_pixels`) passes them as training saw them."""
-        return self.sampling_conditions(conditions)
+        conditions otherwise than its pipeline does (`model.edit_image_pixels`) passes them as training saw them.
+        A ControlNet run's `control_image` (a one-image list) goes to its ControlNet pipeline's own keyword, which
+        resizes it to the sample's size as training resized it to the target's."""
+        conditions = dict(conditions)
+        control = conditions.pop(CONTROL_IMAGE, None)
+        return {**self.sampling_conditions(conditions), **({CONTROL_IMAGE: control[0]} if control else {})}
 
     @staticmethod
     def write_tiny(path: str, seed: int = 0, variant: str | None = None) -> None:

@@ -19,6 +19,7 @@ import torch
 
 from raydiff.config import CONTROLNET, RaydiffConfig, dump_config, to_dict
 from raydiff.data.decode import skipped_samples
+from raydiff.pipelines.controlnet import CONTROL_IMAGE
 from raydiff.training import fsdp, model_card
 from raydiff.training.checkpoint import FULL_WEIGHTS_FILE, MODEL_WEIGHTS_FILE, TrainerState, save_checkpoint
 from raydiff.training.checkpoint_store import checkpoint_name, upload_and_mark_complete
@@ -71,7 +72,8 @@ class StepHooks:
         v = cfg.validation
         self.validation = ValidationSettings(prompts=v.prompts, seed=v.seed, steps=v.steps, guidance=v.guidance,
                                              height=v.height, width=v.width, num_frames=v.num_frames,
-                                             images=condition_images(v.images) if rank == 0 else ())
+                                             images=condition_images(v.images) if rank == 0 else (),
+                                             condition_key=CONTROL_IMAGE if cfg.model.controlnet else None)
         self.base_images = None  # the base model never changes: sampled once, at the first checkpoint
 
     def after_step(self, state: TrainerState, result: StepResult) -> None:

@@ -27,7 +27,8 @@ class ValidationSettings:
     distilled guidance embedding, classifier-free guidance for SD3 and Wan (doubles the batch), and for
     Qwen-Image true CFG with an empty negative prompt (or the distilled embedding if the model has one).
     `num_frames` is for video families (4k + 1); only the first frame is kept. `images`: per prompt, the
-    condition images an edit family samples from (`validation.images`, loaded by `condition_images`).
+    condition images an edit family samples from, or a ControlNet's control image (`validation.images`, loaded
+    by `condition_images`), for the data key `condition_key` (None: the family's first sampling key).
     """
 
     prompts: list[str]
@@ -38,6 +39,7 @@ class ValidationSettings:
     width: int = 512
     num_frames: int = 1
     images: tuple[list[Image.Image], ...] = ()
+    condition_key: str | None = None
 
 
 def condition_images(paths: list[str | list[str]]) -> tuple[list[Image.Image], ...]:
@@ -76,8 +78,8 @@ def sample_images(family, diffusers_pipe, settings: ValidationSettings, *, devic
         for i, prompt in enumerate(settings.prompts):
             generator = torch.Generator(device or "cpu").manual_seed(settings.seed + i)
             if settings.images:  # an edit family's sources for this prompt, as `raydiff sample --image` passes them
-                call_kwargs = (conditions or family.sampling_conditions)({family.data_keys.sampling[0]:
-                                                                         settings.images[i]})
+                key = settings.condition_key or family.data_keys.sampling[0]
+                call_kwargs = (conditions or family.sampling_conditions)({key: settings.images[i]})
             out = diffusers_pipe(prompt=prompt, num_inference_steps=settings.steps, height=settings.height,
                                  width=settings.width, generator=generator, output_type="pil",
                                  **family.sampling_kwargs(diffusers_pipe, settings.guidance), **extra,

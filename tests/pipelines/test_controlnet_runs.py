@@ -122,6 +122,34 @@ def test_sample_with_a_controlnet_checkpoint_follows_the_control_image(tiny_cont
         assert "--controlnet" in capsys.readouterr().err
 
 
+def test_validation_samples_the_controlnet_from_each_prompts_control_image(tiny_controlnet, tmp_path):
+    """validation.images gives each prompt its control image: the grid shows them above the samples (no base row:
+    the ControlNet has no adapter to disable), and another control image gives another sample."""
+    from raydiff.training.validation import ValidationSettings, condition_images, write_validation
+
+    paths = []
+    for seed in (1, 2):
+        Image.fromarray(uint8_images(1, seed=seed)[0]).save(path := tmp_path / f"control{seed}.png")
+        paths.append(str(path))
+    cfg = parse_config(controlnet_config("flux", tiny_controlnet("flux"), validation={
+        "prompts": ["a red circle", "a blue square"], "images": paths, "steps": 2, "height": 32, "width": 32}))
+    module = PipelineTrainingModule(cfg)
+
+    def validate(directory: str, prompts: list[str], images: list[str]) -> dict:
+        settings = ValidationSettings(prompts=prompts, steps=2, height=32, width=32, images=condition_images(images),
+                                      condition_key="control_image")
+        return write_validation(str(tmp_path / directory), module.pipe, None, settings)
+
+    written = validate("ckpt", cfg.validation.prompts, cfg.validation.images)
+    grid = np.asarray(Image.open(written["grid"]), dtype=np.int16)
+    assert grid.shape == (64, 64, 3)  # the control images' row, then the samples'
+    assert (grid[:32, :32] == np.asarray(Image.open(paths[0]), dtype=np.int16)).all()
+    # The first prompt and seed again, with the second control image:
+    swapped = validate("swapped", cfg.validation.prompts[:1], paths[1:])
+    first, other = (np.asarray(Image.open(r["samples"][0]), dtype=np.int16) for r in (written, swapped))
+    assert np.abs(first - other).max() > 0
+
+
 def test_tiny_model_writes_a_controlnet_only_for_families_that_have_one(tmp_path, capsys):
     main(["tiny-model", "sd3", str(tmp_path / "sd3"), "--controlnet"])
     controlnet = get_pipeline_class("sd3").controlnet_class.from_pretrained(str(tmp_path / "sd3" / "controlnet"))
@@ -142,7 +170,9 @@ def test_tiny_model_writes_a_controlnet_only_for_families_that_have_one(tmp_path
     ({"train": {"trainable_models": ["controlnet", "transformer"]}}, r"also name \['transformer'\]"),
     ({"model": {"controlnet": {"num_layers": 1}}}, r"a new FluxControlNetModel needs num_single_layers"),
     ({"ray": {"strategy": "fsdp"}}, r"a ControlNet trains with ddp"),
-    ({"validation": {"prompts": ["a red circle"]}}, r"raydiff sample --control-image"),
+    ({"validation": {"prompts": ["a red circle"]}}, r"validation.images: a ControlNet samples from a control image "
+                                                     r"besides the prompt; give one path per prompt \(1 prompts, 0"),
+    ({"validation": {"prompts": ["a red circle"], "images": [["a.png", "b.png"]]}}, r"one path per prompt"),
 ])
 def test_the_config_refuses_controlnet_mistakes_before_ray_starts(change, message):
     raw = controlnet_config("flux", "/nonexistent/tiny-flux")
