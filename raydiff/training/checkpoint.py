@@ -190,7 +190,8 @@ def load_trained_controlnet(checkpoint: str, dtype: torch.dtype = torch.float32)
     if not os.path.isfile(os.path.join(checkpoint, lora_lib.LORA_FILE)):
         raise ValueError(f"{checkpoint}: neither {CONTROLNET}/{MODEL_WEIGHTS_FILE} nor {lora_lib.LORA_FILE}")
     controlnet = cls.from_pretrained(model[CONTROLNET]["path"], dtype=dtype)
-    controlnet.load_lora_adapter(checkpoint, weight_name=lora_lib.LORA_FILE, prefix=CONTROLNET)
+    # Not diffusers' load_lora_adapter: it builds a LoraConfig, so it reads no LoKr or LoHa file.
+    lora_lib.attach_adapter(controlnet, checkpoint, family=None, adapter_name="trained", prefix=CONTROLNET)
     controlnet.fuse_lora()
     controlnet.unload_lora()  # the fused weights stay; the adapter layers go
     return controlnet

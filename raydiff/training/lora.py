@@ -166,13 +166,14 @@ def empty_component(path: str, name: str, *, revision: str | None = None):
 
 
 def attach_adapter(model: torch.nn.Module, path: str, *, family: str | None, adapter_name: str,
-                   scale: float = 1.0) -> None:
+                   scale: float = 1.0, prefix: str = PREFIX) -> None:
     """Add the adapter in `path` (any format) to `model` as peft layers named `adapter_name`, its output
-    multiplied by `scale`: for what diffusers cannot load itself (LoHa, LyCORIS-named LoKr)."""
+    multiplied by `scale`: for what diffusers cannot load itself (LoHa, LyCORIS-named LoKr). `prefix`: the
+    keys' (`controlnet` for a ControlNet's adapter)."""
     from peft import inject_adapter_in_model
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    sd, info = import_lora(path, family=family)
+    sd, info = import_lora(path, family=family, prefix=prefix)
     sd = {k.split(".", 1)[1]: v for k, v in sd.items()}
     modules = adapters.by_module(sd)
     factor = info.get("lokr_factor", lokr_factor(modules) if info["type"] == "lokr" else -1)

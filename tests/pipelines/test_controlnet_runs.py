@@ -27,11 +27,11 @@ BATCH = collate(decoded_batch(), "cpu", ["image", "control_image"])
 def trained(cfg, steps: int):
     """A module, optimizer and schedule after `steps` optimizer steps on BATCH."""
     module = PipelineTrainingModule(cfg)
-    if cfg.lora is not None:  # a LoRA starts as the base: make it differ, as training would
+    if cfg.lora is not None:  # an adapter starts as the base (one factor at zero): move it, as training would
         g = torch.Generator().manual_seed(1)
-        for name, p in module.named_parameters():
-            if "lora_B" in name:
-                p.data = torch.randn(p.shape, generator=g) * 0.3
+        with torch.no_grad():
+            for p in module.trainable_parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
     optimizer, scheduler = build_optimizer(cfg, module.trainable_parameters(), total_steps=10)
     for step in range(steps):
         take_step(module, optimizer, scheduler, step)
@@ -78,10 +78,12 @@ def test_a_full_controlnet_checkpoint_loads_with_diffusers_resumes_and_exports(t
     assert exit_.value.code == 2
 
 
-@pytest.mark.parametrize("family", ["qwen_image", "sd3"])
-def test_a_lora_on_the_controlnet_resumes_and_exports_fused(family, tiny_controlnet, tmp_path):
+@pytest.mark.parametrize("family, adapter", [("qwen_image", "lora"), ("sd3", "lora"), ("sd3", "dora"),
+                                             ("sd3", "lokr"), ("sd3", "loha")])
+def test_a_lora_on_the_controlnet_resumes_and_exports_fused(family, adapter, tiny_controlnet, tmp_path):
     path = tiny_controlnet(family)
-    cfg = parse_config(controlnet_config(family, path, lora={"rank": 4, "alpha": 8}, train={"trainable_models": []}))
+    cfg = parse_config(controlnet_config(family, path, lora={"rank": 4, "alpha": 8, "type": adapter},
+                                         train={"trainable_models": []}))
     module, _, _, ckpt = saved(tmp_path, cfg, steps=1)
     fresh = PipelineTrainingModule(cfg)
     opt2, sched2 = build_optimizer(cfg, fresh.trainable_parameters(), total_steps=10)
