@@ -7,6 +7,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a hub
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")  # faster report/finish detection
 
+import signal
+
 import pytest
 
 from raydiff.config import parse_config
@@ -15,6 +17,11 @@ from raydiff.data.shapes import write_shapes_dataset
 from raydiff.registry import get_pipeline_class
 
 quiet_libraries()
+
+# Ctrl-C as in a terminal, even when the suite was started in the background by a non-interactive shell, which
+# makes SIGINT ignored: Python then keeps ignoring it, and so would every raydiff command a test starts.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

@@ -55,12 +55,12 @@ def test_resume_takes_the_newest_complete_checkpoint_whatever_rays_own_list_says
 
 
 def test_fit_stops_at_once_on_ctrl_c_even_while_the_trainer_waits():
-    class Waiting:  # a trainer stuck waiting for resources
+    class Waiting:  # a trainer stuck waiting for resources (for a minute: a failing test must not hang)
         def fit(self):
-            threading.Event().wait()
+            threading.Event().wait(60)
 
     stopped = []
-    threading.Timer(0.5, signal.raise_signal, args=(signal.SIGINT,)).start()
+    threading.Timer(0.5, os.kill, args=(os.getpid(), signal.SIGINT)).start()  # as a terminal's Ctrl-C
     start = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         fit_interruptibly(Waiting(), stop=lambda: stopped.append(True))
