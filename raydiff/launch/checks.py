@@ -268,12 +268,6 @@ _LIBRARIES = {("quantize", "int8"): ("torchao", "torchao"), ("quantize", "fp8"):
               ("optimizer", "prodigy"): ("prodigyopt", "prodigyopt")}
 
 
-def libraries_needed(cfg: RaydiffConfig) -> set[str]:
-    """The importable modules that cfg's model.quantize and train.optimizer need (torchao, bitsandbytes, ...)."""
-    return {_LIBRARIES[key][0] for key in (("quantize", cfg.model.quantize), ("optimizer", cfg.train.optimizer))
-            if key in _LIBRARIES}
-
-
 def check_devices(cfg: RaydiffConfig, cuda_available: Callable[[], bool] | None = None) -> None:
     """model.quantize fp8 and nf4 are for CUDA GPUs (torchao's float8 and bitsandbytes' 4-bit kernels):
     refused unless the workers get GPUs (`ray.use_gpu`, and for stream/cache encoders with quantized text

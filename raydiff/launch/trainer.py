@@ -28,7 +28,6 @@ from raydiff.launch.checks import (
     check_model,
     check_resources,
     check_validation_images,
-    libraries_needed,
     warn_job_local_storage,
 )
 from raydiff.launch.cluster import (
@@ -45,19 +44,6 @@ from raydiff.launch.storage import check_storage, latest_checkpoint, resume_poin
 from raydiff.training.loop_args import LoopArgs
 from raydiff.training.model_card import dataset_summary
 
-# peft, transformers and diffusers import each quantization library they find installed, used or not:
-# torchao and bitsandbytes cost a worker ~1 s of its start on 2 cores.
-QUANTIZATION_LIBRARIES = ("torchao", "bitsandbytes")
-
-
-def hide_unused_quantization_libraries(cfg: RaydiffConfig) -> list[str]:
-    """In a training worker's own process: mark the quantization libraries that cfg's model.quantize and
-    train.optimizer do not use as absent (`sys.modules[name] = None`, Python's way to block an import), so
-    that peft and diffusers skip them. Returns the names hidden."""
-    hidden = [name for name in QUANTIZATION_LIBRARIES if name not in libraries_needed(cfg) and name not in sys.modules]
-    sys.modules.update(dict.fromkeys(hidden))
-    return hidden
-
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """raydiff.training.loop.train_loop_per_worker, imported in the worker (the driver never imports
@@ -69,10 +55,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from raydiff.training.feed import EpochFeed
 
     args: LoopArgs = loop_config["args"]
-    cfg = args.parse_config()
-    if args.module_factory is None:  # a custom module's own code may import them
-        hide_unused_quantization_libraries(cfg)
-    feed = EpochFeed(cfg, args, ray.train.torch.get_device(), fresh=not has_checkpoint())
+    feed = EpochFeed(args.parse_config(), args, ray.train.torch.get_device(), fresh=not has_checkpoint())
     from raydiff.training.loop import train_loop_per_worker as loop
 
     loop(loop_config, feed)
@@ -174,8 +157,7 @@ def launch_training_task(cfg: RaydiffConfig, module_factory: Callable | None = N
     the batch sizes and that `lora.init_from` is a safetensors file are checked; the adapter setup
     (`lora.target_modules`, `lora.init_from`) is checked while Ray starts; then the storage is checked, the run
     takes its lock, the cluster's resources are checked, and the run resumes from its newest complete checkpoint,
-    if any. Ctrl-C stops it within seconds;
-    the checkpoint a re-run continues from is printed at the end either way.
+    if any. Ctrl-C stops it within seconds; the checkpoint a re-run continues from is printed at the end either way.
     """
     cfg = cfg.resolved_paths()
     r = cfg.ray

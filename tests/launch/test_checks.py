@@ -349,34 +349,3 @@ def test_the_driver_and_ray_trains_controller_import_no_model_library():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]"
 
-
-def test_a_worker_skips_the_quantization_libraries_its_run_does_not_use(tiny_model):
-    """peft imports torchao and bitsandbytes whenever they are installed (~1 s of each worker's start); a
-    worker hides those its config does not use (in a fresh process here, as in a worker), and peft still
-    injects a LoRA. A run that quantizes or uses an 8-bit optimizer keeps its library."""
-    import subprocess
-    import sys
-
-    from raydiff.launch.checks import libraries_needed
-
-    def config(model=None, train=None):
-        return parse_config({"model": {"path": tiny_model("flux"), **(model or {})},
-                             "data": {"metadata_path": "m.csv"}, "train": train or {}})
-
-    assert libraries_needed(config()) == set()
-    assert libraries_needed(config({"quantize": "int8"})) == {"torchao"}
-    assert libraries_needed(config({"quantize": "int8"}, {"optimizer": "adamw8bit"})) == {"torchao", "bitsandbytes"}
-    code = f"""
-import sys
-from raydiff.config import parse_config
-from raydiff.launch.trainer import hide_unused_quantization_libraries
-print(sorted(hide_unused_quantization_libraries(parse_config({{"model": {{"path": {tiny_model("flux")!r}}},
-                                                               "data": {{"metadata_path": "m.csv"}}}}))))
-from raydiff.training.lora import empty_component, inject_lora
-model = empty_component({tiny_model("flux")!r}, "transformer")
-inject_lora(model, target_modules=["to_q"], rank=2, alpha=2)
-print(sorted(m for m in ("bitsandbytes", "torchao") if sys.modules.get(m) is not None))
-"""
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split("\n")[:2] == ["['bitsandbytes', 'torchao']", "[]"]
