@@ -7,6 +7,7 @@ import pytest
 import torch
 from controlnet_common import MAX_LEN, as_input, conditions, controlnet_config, decoded_batch, uint8_images
 from PIL import Image
+from safetensors.torch import load_file
 
 from raydiff.config import DataConfig, dump_config, parse_config
 from raydiff.data.collate import collate
@@ -18,6 +19,7 @@ from raydiff.launch.cli import main
 from raydiff.pipelines.base import run_units
 from raydiff.registry import get_pipeline_class
 from raydiff.training.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+from raydiff.training.ema import EMA, EMA_FILE
 from raydiff.training.module import PipelineTrainingModule
 from raydiff.training.step import build_optimizer
 
@@ -76,6 +78,36 @@ def test_a_full_controlnet_checkpoint_loads_with_diffusers_resumes_and_exports(t
     with pytest.raises(SystemExit) as exit_:
         main(["export", str(ckpt), "--format", "comfyui", "--out", str(tmp_path / "x.safetensors")])
     assert exit_.value.code == 2
+
+
+def test_the_ema_of_a_controlnet_is_checkpointed_and_resumes_bitwise(tiny_controlnet, tmp_path):
+    """train.ema over a full ControlNet: ema_weights.safetensors holds the average of the ControlNet's weights
+    (not the step's), and a resume continues both the weights and the average exactly."""
+    cfg = parse_config(controlnet_config("flux", tiny_controlnet("flux"),
+                                         train={"ema": {"decay": 0.7, "device": "cpu"}, "learning_rate": 1e-2}))
+    module = PipelineTrainingModule(cfg)
+    optimizer, scheduler = build_optimizer(cfg, module.trainable_parameters(), total_steps=10)
+    ema = EMA(module.trainable_parameters(), cfg.train.ema)
+    for step in range(2):
+        take_step(module, optimizer, scheduler, step), ema.update(step + 1)
+    averaged = ema.weights(module.trainable_state_dict)
+    assert averaged and all(k.startswith("controlnet.") for k in averaged)
+    assert any(not torch.equal(averaged[k], v) for k, v in module.trainable_state_dict().items())
+    ckpt = str(tmp_path / "ckpt")
+    save_checkpoint(ckpt, module, optimizer, scheduler, TrainerState(global_step=2), dump_config(cfg),
+                    ema_weights=averaged)
+    saved_ema = load_file(str(tmp_path / "ckpt" / EMA_FILE))
+    assert saved_ema.keys() == averaged.keys() and all(torch.equal(saved_ema[k], averaged[k]) for k in averaged)
+
+    torch.manual_seed(5)
+    fresh = PipelineTrainingModule(cfg)
+    opt2, sched2 = build_optimizer(cfg, fresh.trainable_parameters(), total_steps=10)
+    ema2 = EMA(fresh.trainable_parameters(), cfg.train.ema)
+    load_checkpoint(ckpt, fresh, opt2, sched2, ema=ema2)
+    for model, opt, sched, avg in ((module, optimizer, scheduler, ema), (fresh, opt2, sched2, ema2)):
+        take_step(model, opt, sched, 2), avg.update(3)
+    assert all(torch.equal(a, b) for a, b in zip(ema.shadow, ema2.shadow, strict=True))
+    assert_same_weights(module.pipe.controlnet, fresh.pipe.controlnet)
 
 
 @pytest.mark.parametrize("family, adapter", [("qwen_image", "lora"), ("sd3", "lora"), ("sd3", "dora"),
