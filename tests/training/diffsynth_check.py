@@ -4,12 +4,11 @@ and the general one Qwen-Image uses).
 DiffSynth-Studio needs torchvision, which does not install next to raydiff's CPU torch, so this runs in two
 virtualenvs:
 
-    python tests/training/diffsynth_check.py write DIR   # raydiff's venv: tiny FLUX and Qwen-Image,
-                                                             # trained-like LoRAs
-                                                             # at alpha = 2 x rank, its exports, the expected
-                                                             # delta W per DiffSynth module
-    python tests/training/diffsynth_check.py check DIR  # a venv with `pip install torch==2.14.1
-                                                             # torchvision==0.29.1 diffsynth`
+    python tests/training/diffsynth_check.py write DIR   # in raydiff's venv: tiny FLUX and Qwen-Image,
+                                                         # trained-like LoRAs at alpha = 2 x rank, their
+                                                         # exports, the expected delta W per DiffSynth layer
+    python tests/training/diffsynth_check.py check DIR   # in a venv with `pip install torch==2.14.1
+                                                         # torchvision==0.29.1 diffsynth`
 
 `check` loads each export with the loader's `convert_state_dict` (`FluxLoRALoader` for FLUX, `GeneralLoRALoader`
 for Qwen-Image), computes what its `fuse_lora_to_base_model` adds to each layer (up @ down, `pipe.load_lora`'s
