@@ -1,20 +1,21 @@
-"""A one-off check, not part of the suite: raydiff's LoRA exports through DiffSynth-Studio's own loaders (FLUX's
-and the general one Qwen-Image uses).
+"""A one-off check, not part of the suite: raydiff's LoRA exports through DiffSynth-Studio's own loaders (FLUX's,
+and the general one Qwen-Image and Wan use).
 
 DiffSynth-Studio needs torchvision, which does not install next to raydiff's CPU torch, so this runs in two
 virtualenvs:
 
-    python tests/training/diffsynth_check.py write DIR   # in raydiff's venv: tiny FLUX and Qwen-Image,
+    python tests/training/diffsynth_check.py write DIR   # in raydiff's venv: tiny FLUX, Qwen-Image, Wan,
                                                          # trained-like LoRAs at alpha = 2 x rank, their
                                                          # exports, the expected delta W per DiffSynth layer
     python tests/training/diffsynth_check.py check DIR   # in a venv with `pip install torch==2.14.1
                                                          # torchvision==0.29.1 diffsynth`
 
 `check` loads each export with the loader's `convert_state_dict` (`FluxLoRALoader` for FLUX, `GeneralLoRALoader`
-for Qwen-Image), computes what its `fuse_lora_to_base_model` adds to each layer (up @ down, `pipe.load_lora`'s
-alpha 1), checks that every layer is a module of DiffSynth's DiT (`FluxDiT`, `QwenImageDiT`, built on the meta
-device), and compares the deltas with the expected ones. It prints a JSON report and exits 1 on a mismatch.
-Last run: 2026-12-05, diffsynth 2.1.12: FLUX 13 layers, Qwen-Image 26, every delta equal (max |diff| 0.0).
+for the others), computes what its `fuse_lora_to_base_model` adds to each layer (up @ down, `pipe.load_lora`'s
+alpha 1), checks that every layer is a module of DiffSynth's DiT (`FluxDiT`, `QwenImageDiT`, Wan 2.1 1.3B's
+`WanModel`, built on the meta device), and compares the deltas with the expected ones. It prints a JSON report
+and exits 1 on a mismatch. Last run: 2026-12-05, diffsynth 2.1.12: FLUX 13 layers, Qwen-Image 26, Wan 26, every
+delta equal (max |diff| 0.0).
 """
 
 from __future__ import annotations
@@ -27,24 +28,31 @@ import torch
 from safetensors.torch import load_file, save_file
 
 # family -> the export formats DiffSynth-Studio loads (README: Adapter files for other tools)
-FORMATS = {"flux": ("diffsynth", "diffusers"), "qwen_image": ("diffsynth", "comfyui")}
+FORMATS = {"flux": ("diffsynth", "diffusers"), "qwen_image": ("diffsynth", "comfyui"), "wan": ("diffsynth",)}
 
 
 def write(out: str) -> None:
     sys.path[:0] = [os.path.dirname(__file__), os.path.dirname(os.path.dirname(__file__))]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import foreign_loaders
+    import test_wan_lora_formats
     from test_lora_formats import RANK, WHOLE_BLOCKS, Trained
 
     from raydiff.registry import get_pipeline_class
     from raydiff.training.lora_formats import export_lora
 
     for family, formats in FORMATS.items():
-        get_pipeline_class(family).write_tiny(f"{out}/tiny-{family}")
-        trained = Trained(family, f"{out}/tiny-{family}", f"{out}/lora-{family}", WHOLE_BLOCKS[family], 2 * RANK)
+        model, lora_dir = f"{out}/tiny-{family}", f"{out}/lora-{family}"
+        get_pipeline_class(family).write_tiny(model)
+        if family == "wan":  # every linear layer ComfyUI names; DiffSynth's WanModel keeps the same names
+            _, _, _, state, targets = test_wan_lora_formats.train(family, model, lora_dir)
+            scale = test_wan_lora_formats.ALPHA / test_wan_lora_formats.RANK
+            deltas = {test_wan_lora_formats.comfy_name(m): scale * state[f"transformer.{m}.lora_B.weight"]
+                      @ state[f"transformer.{m}.lora_A.weight"] for m in targets}
+        else:
+            deltas = Trained(family, model, lora_dir, WHOLE_BLOCKS[family], 2 * RANK).deltas()  # per diffusers module
         for fmt in formats:
-            export_lora(trained.lora_dir, fmt, f"{out}/{family}-{fmt}.safetensors", family=family)
-        deltas = trained.deltas()  # the trained delta W of each diffusers module
+            export_lora(lora_dir, fmt, f"{out}/{family}-{fmt}.safetensors", family=family)
         if family == "flux":  # as DiffSynth's names and fused layers hold it
             deltas = foreign_loaders.diffsynth_flux_deltas(
                 {f"transformer.{m}.lora_{ab}.weight": w for m, d in deltas.items()
@@ -55,14 +63,19 @@ def write(out: str) -> None:
 def check(out: str) -> bool:
     from diffsynth.models.flux_dit import FluxDiT
     from diffsynth.models.qwen_image_dit import QwenImageDiT
+    from diffsynth.models.wan_video_dit import WanModel
     from diffsynth.utils.lora.flux import FluxLoRALoader
     from diffsynth.utils.lora.general import GeneralLoRALoader
 
+    wan_1_3b = {"dim": 1536, "in_dim": 16, "ffn_dim": 8960, "out_dim": 16, "text_dim": 4096, "freq_dim": 256,
+                "eps": 1e-6, "patch_size": (1, 2, 2), "num_heads": 12, "num_layers": 30, "has_image_input": False}
+    DITS = {"flux": FluxDiT, "qwen_image": QwenImageDiT, "wan": lambda: WanModel(**wan_1_3b)}
+
     report, ok = {}, True
     for family, formats in FORMATS.items():
-        dit, loader = (FluxDiT, FluxLoRALoader) if family == "flux" else (QwenImageDiT, GeneralLoRALoader)
+        loader = FluxLoRALoader if family == "flux" else GeneralLoRALoader
         with torch.device("meta"):
-            modules = {name for name, _ in dit().named_modules()}
+            modules = {name for name, _ in DITS[family]().named_modules()}
         expected = load_file(f"{out}/{family}-expected.safetensors")
         for fmt in formats:
             converted = loader().convert_state_dict(load_file(f"{out}/{family}-{fmt}.safetensors"))
