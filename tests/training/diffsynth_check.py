@@ -16,6 +16,11 @@ alpha 1), checks that every layer is a module of DiffSynth's DiT (`FluxDiT`, `Qw
 `WanModel`, built on the meta device), and compares the deltas with the expected ones. It prints a JSON report
 and exits 1 on a mismatch. Last run: 2026-12-05, diffsynth 2.1.12: FLUX 13 layers, Qwen-Image 26, Wan 26, every
 delta equal (max |diff| 0.0).
+
+It also compares each family's training timestep grid (1000 σ) and DiffSynth loss weights
+(`train.sigma_weighting: diffsynth`) with DiffSynth's `FlowMatchScheduler(template).set_timesteps(1000,
+training=True)`: FLUX.1, Wan, Qwen-Image (default μ and the dynamic shift at 1024 and 4096 tokens), FLUX.2,
+Z-Image. Last run: every σ within 1.2e-7, every weight within 1.1e-6 (float32 rounding).
 """
 
 from __future__ import annotations
@@ -28,6 +33,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 # family -> the export formats DiffSynth-Studio loads (README: Adapter files for other tools)
+# family, DiffSynth's scheduler template, image tokens for a dynamic shift (None: the default)
+SCHEDULES = [("flux", "FLUX.1", None), ("wan", "Wan", None), ("qwen_image", "Qwen-Image", None),
+             ("qwen_image", "Qwen-Image", 1024), ("qwen_image", "Qwen-Image", 4096), ("flux2_klein", "FLUX.2", None),
+             ("z_image", "Z-Image", None)]
 FORMATS = {"flux": ("diffsynth", "diffusers"), "qwen_image": ("diffsynth", "comfyui"), "wan": ("diffsynth",)}
 
 
@@ -58,6 +67,21 @@ def write(out: str) -> None:
                 {f"transformer.{m}.lora_{ab}.weight": w for m, d in deltas.items()
                  for ab, w in (("A", torch.eye(d.shape[1])), ("B", d))})
         save_file({k: v.contiguous() for k, v in deltas.items()}, f"{out}/{family}-expected.safetensors")
+    write_schedules(out)
+
+
+def write_schedules(out: str) -> None:
+    from raydiff.diffusion.flow_matching import diffsynth_weight
+    from raydiff.registry import get_pipeline_class
+
+    grids = {}
+    for family, template, tokens in SCHEDULES:
+        schedule = get_pipeline_class(family).schedule
+        mu = {} if tokens is None else {"mu": schedule.dynamic.mu(tokens)}
+        grid = schedule.grid(**mu)
+        grids[f"{template}-{tokens}-sigmas"] = grid.float()
+        grids[f"{template}-{tokens}-weights"] = diffsynth_weight(grid, schedule, **mu)
+    save_file(grids, f"{out}/schedules.safetensors")
 
 
 def check(out: str) -> bool:
@@ -86,6 +110,17 @@ def check(out: str) -> bool:
             report[f"{family} {fmt}"] = {"layers": len(layers), "not_in_dit": missing, "same_layers": same,
                                          "max_abs_diff": diff}
             ok = ok and not missing and same and diff < 1e-5
+    from diffsynth.diffusion.flow_match import FlowMatchScheduler
+
+    ours = load_file(f"{out}/schedules.safetensors")
+    for _, template, tokens in SCHEDULES:
+        scheduler = FlowMatchScheduler(template)
+        scheduler.set_timesteps(1000, training=True, **({} if tokens is None else {"dynamic_shift_len": tokens}))
+        key = f"{template}-{tokens}"
+        sigma = (ours[key + "-sigmas"] - scheduler.sigmas.float()).abs().max().item()
+        weight = (ours[key + "-weights"] - scheduler.linear_timesteps_weights.float()).abs().max().item()
+        report[f"schedule {key}"] = {"max_abs_diff_sigma": sigma, "max_abs_diff_weight": weight}
+        ok = ok and sigma < 1e-6 and weight < 1e-5
     print(json.dumps(report, indent=1))
     return ok
 
