@@ -131,16 +131,13 @@ def test_the_control_image_encoded_ahead_gives_the_inline_loss(family, tiny_cont
     # Only a unit of the frozen DiT is left to the step (FLUX's guidance): the encoders never load a DiT.
     assert [u.name for u in worker.units_to_run(encoded)] == (["guidance"] if family == "flux" else [])
     full = PipelineTrainingModule(inline)
-    with torch.no_grad():  # the test can fail: other control images give another loss
-        want = full(collate(decoded_batch(), "cpu", inline.data.data_file_keys),
-                    generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():  # the test can fail: other control images give another loss (same seed as step 0)
         other = full(collate(decoded_batch(control_seed=9), "cpu",
-                             inline.data.data_file_keys), generator=torch.Generator().manual_seed(5))
-    assert torch.isfinite(want) and abs(other - want) > 1e-4
+                             inline.data.data_file_keys), generator=torch.Generator().manual_seed(5)).item()
     # Per optimizer step, so the trained ControlNets agree too.
     got = train_losses(worker, ahead, encoded, steps=3)
     want = train_losses(full, inline, collate(decoded_batch(), "cpu", inline.data.data_file_keys), steps=3)
-    assert want[0] != want[-1]
+    assert np.isfinite(want).all() and abs(other - want[0]) > 1e-4 and want[0] != want[-1]
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 

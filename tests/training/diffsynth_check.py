@@ -32,11 +32,11 @@ import sys
 import torch
 from safetensors.torch import load_file, save_file
 
-# family -> the export formats DiffSynth-Studio loads (README: Adapter files for other tools)
 # family, DiffSynth's scheduler template, image tokens for a dynamic shift (None: the default)
 SCHEDULES = [("flux", "FLUX.1", None), ("wan", "Wan", None), ("qwen_image", "Qwen-Image", None),
              ("qwen_image", "Qwen-Image", 1024), ("qwen_image", "Qwen-Image", 4096), ("flux2_klein", "FLUX.2", None),
              ("z_image", "Z-Image", None)]
+# family -> the export formats DiffSynth-Studio loads (README: Adapter files for other tools)
 FORMATS = {"flux": ("diffsynth", "diffusers"), "qwen_image": ("diffsynth", "comfyui"), "wan": ("diffsynth",)}
 
 
@@ -85,6 +85,14 @@ def write_schedules(out: str) -> None:
 
 
 def check(out: str) -> bool:
+    """Both checks against the installed diffsynth; prints the report, returns whether everything agreed."""
+    report: dict = {}
+    ok = check_loras(out, report) & check_schedules(out, report)
+    print(json.dumps(report, indent=1))
+    return ok
+
+
+def check_loras(out: str, report: dict) -> bool:
     from diffsynth.models.flux_dit import FluxDiT
     from diffsynth.models.qwen_image_dit import QwenImageDiT
     from diffsynth.models.wan_video_dit import WanModel
@@ -93,13 +101,12 @@ def check(out: str) -> bool:
 
     wan_1_3b = {"dim": 1536, "in_dim": 16, "ffn_dim": 8960, "out_dim": 16, "text_dim": 4096, "freq_dim": 256,
                 "eps": 1e-6, "patch_size": (1, 2, 2), "num_heads": 12, "num_layers": 30, "has_image_input": False}
-    DITS = {"flux": FluxDiT, "qwen_image": QwenImageDiT, "wan": lambda: WanModel(**wan_1_3b)}
-
-    report, ok = {}, True
+    dits = {"flux": FluxDiT, "qwen_image": QwenImageDiT, "wan": lambda: WanModel(**wan_1_3b)}
+    ok = True
     for family, formats in FORMATS.items():
         loader = FluxLoRALoader if family == "flux" else GeneralLoRALoader
         with torch.device("meta"):
-            modules = {name for name, _ in DITS[family]().named_modules()}
+            modules = {name for name, _ in dits[family]().named_modules()}
         expected = load_file(f"{out}/{family}-expected.safetensors")
         for fmt in formats:
             converted = loader().convert_state_dict(load_file(f"{out}/{family}-{fmt}.safetensors"))
@@ -110,9 +117,13 @@ def check(out: str) -> bool:
             report[f"{family} {fmt}"] = {"layers": len(layers), "not_in_dit": missing, "same_layers": same,
                                          "max_abs_diff": diff}
             ok = ok and not missing and same and diff < 1e-5
+    return ok
+
+
+def check_schedules(out: str, report: dict) -> bool:
     from diffsynth.diffusion.flow_match import FlowMatchScheduler
 
-    ours = load_file(f"{out}/schedules.safetensors")
+    ours, ok = load_file(f"{out}/schedules.safetensors"), True
     for _, template, tokens in SCHEDULES:
         scheduler = FlowMatchScheduler(template)
         scheduler.set_timesteps(1000, training=True, **({} if tokens is None else {"dynamic_shift_len": tokens}))
@@ -121,7 +132,6 @@ def check(out: str) -> bool:
         weight = (ours[key + "-weights"] - scheduler.linear_timesteps_weights.float()).abs().max().item()
         report[f"schedule {key}"] = {"max_abs_diff_sigma": sigma, "max_abs_diff_weight": weight}
         ok = ok and sigma < 1e-6 and weight < 1e-5
-    print(json.dumps(report, indent=1))
     return ok
 
 
