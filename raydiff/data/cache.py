@@ -167,8 +167,11 @@ def preprocess(cfg: RaydiffConfig, rows: list[dict] | None = None, *, shard_rows
     missing = [k for k in range(len(shards)) if not layout.exists(layout.shard(k))]
     if missing:
         ray.data.DataContext.get_current().enable_progress_bars = False
+        # The first shard's writer also encodes the empty prompt: no second process loads the encoders.
+        empty = not layout.exists(layout.empty_prompt())
         items = [{"shard": k, "rows": json.dumps([{**r, "_size": list(sizes[r["_row"]]) if sizes else None}
-                                                  for r in shards[k]])} for k in missing]
+                                                  for r in shards[k]]), "empty_prompt": empty and k == missing[0]}
+                 for k in missing]
         say(f"[raydiff] encoding {sum(len(shards[k]) for k in missing)} samples into {len(missing)} cache shards")
         ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             ShardWriter, fn_constructor_args=(to_remote(cfg),), batch_size=1,
@@ -187,7 +190,7 @@ def preprocess(cfg: RaydiffConfig, rows: list[dict] | None = None, *, shard_rows
 class ShardWriter:
     """Ray Data `map_batches` class for `preprocess`: each input row is one shard (its metadata rows
     as JSON); the actor decodes them (threads), encodes them in batches of `data.encoder_batch_size`
-    and writes the shard. Returns one small status row per shard."""
+    and writes the shard (and the empty prompt, when its row says so). Returns one small status row per shard."""
 
     def __init__(self, config: dict):
         quiet_libraries()
@@ -211,6 +214,8 @@ class ShardWriter:
         # The bucket each sample was decoded to, for the cache index: (h, w), or (frames, h, w) of a clip
         # with data.frame_buckets.
         dims = 3 if self.cfg.data.frame_buckets else 2
+        if batch["empty_prompt"].any():
+            write_empty_prompt(self.layout, self.encoder.empty_prompt())
         for k, rows in zip(batch["shard"], batch["rows"]):
             samples, skipped = [], []
             for result in self.threads.map(self._decode, json.loads(rows)):

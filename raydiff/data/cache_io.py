@@ -21,6 +21,7 @@ from raydiff.data.metadata import is_url
 from raydiff.data.plan import order_key
 
 SKIPPED_KEY = b"raydiff.skipped"  # parquet metadata: the rows a shard's writer skipped
+READ_ROWS = 64  # samples per block read back from a shard
 
 
 class CacheLayout:
@@ -150,9 +151,20 @@ def row_to_sample(row: dict) -> dict:
     return out
 
 
-def decode_shard_batch(batch: pa.Table) -> dict[str, np.ndarray]:
-    """Ray Data `map_batches` over `read_parquet(cache shards)`: back to encoded numpy columns."""
-    return table_to_columns(batch)
+@dataclass
+class ReadShards:
+    """Ray Data `map_batches` over `{"shard": name}` rows: each cache shard's samples as encoded numpy
+    columns, `READ_ROWS` at a time. raydiff knows its files, so it reads them directly: `read_parquet`'s
+    listing and footer-reading stage costs seconds before the first row (docs/performance.md)."""
+
+    cache_dir: str
+
+    def __call__(self, batch: dict):
+        layout = CacheLayout(self.cache_dir)
+        for name in batch["shard"]:
+            with layout.fs.open_input_file(layout.uri(str(name))) as f:
+                for part in pq.ParquetFile(f).iter_batches(batch_size=READ_ROWS):
+                    yield table_to_columns(pa.Table.from_batches([part]))
 
 
 def write_empty_prompt(layout: CacheLayout, cols: dict) -> None:

@@ -20,7 +20,7 @@ import ray
 from raydiff.config import DataConfig, RaydiffConfig, UserError, to_remote
 from raydiff.data.buckets import bucket_batches, row_buckets
 from raydiff.data.cache import preprocess
-from raydiff.data.cache_io import CacheLayout, RepeatCached, decode_shard_batch, read_empty_prompt
+from raydiff.data.cache_io import CacheLayout, ReadShards, RepeatCached, read_empty_prompt
 from raydiff.data.cache_shards import preprocess_sharded
 from raydiff.data.decode import DecodeRow, count_skipped_rows
 from raydiff.data.encode import EncodeBatch, remote_empty_prompt
@@ -152,8 +152,8 @@ def _cached_data(cfg: RaydiffConfig, rows: list[dict], seed: int, counter_name: 
     copies = _regularization_copies(rows or [])
     repeated = [{"_row": r} for r, _ in cached for _ in range(copies.get(r, d.repeat))]
     ordered = order_rows(sorted(repeated, key=lambda r: r["_row"]), seed, d.shuffle)
-    ds = ray.data.read_parquet([layout.uri(f) for f in files], filesystem=layout.fs)
-    ds = ds.map_batches(decode_shard_batch, batch_format="pyarrow", zero_copy_batch=True)
+    ds = ray.data.from_items([{"shard": f} for f in files], override_num_blocks=len(files))
+    ds = ds.map_batches(ReadShards(d.cache_dir), batch_size=1)
     empty = read_empty_prompt(layout) if d.caption_dropout > 0 else None
     if not d.buckets:
         # Sort into the order inline mode trains in. The driver knows every key, so it hands the sort

@@ -103,6 +103,10 @@ class Encoder:
     def prompt_units(self):
         return [u for u in self.units if set(u.input_params) <= {"prompt"}]
 
+    def empty_prompt(self) -> dict[str, np.ndarray]:
+        """The empty prompt's encoded columns (batch of one), for caption dropout."""
+        return to_columns(self.run({"prompt": [""]}, self.prompt_units()), 1, self.pipe.shared_outputs)
+
 
 class EncodeBatch:
     """Ray Data `map_batches` class for stream mode: each actor holds one `Encoder`.
@@ -120,8 +124,7 @@ def encode_empty_prompt(config: dict) -> dict[str, np.ndarray]:
     """The empty prompt's encoded columns (batch of one), for caption dropout in stream/cache mode.
     Runs in a Ray task with the encoder's resources; loads the encoders once."""
     quiet_libraries()
-    encoder = Encoder(from_remote(config))
-    return to_columns(encoder.run({"prompt": [""]}, encoder.prompt_units()), 1, encoder.pipe.shared_outputs)
+    return Encoder(from_remote(config)).empty_prompt()
 
 
 def remote_empty_prompt(cfg: RaydiffConfig) -> dict[str, np.ndarray]:
