@@ -100,6 +100,13 @@ class RunLock:
                                         name="raydiff-run-lock")
         self._thread.start()
 
+    def refuse_if_held(self) -> None:
+        """Raise RunLockedError if a live run holds the lock now: a quick look before the slow start-up,
+        so a second run ends in seconds. `acquire` still decides."""
+        holder = self._read()
+        if holder is not None and is_alive(holder):
+            raise RunLockedError(describe_holder(holder, self.display))
+
     def _settled_holder(self, tries: int = 10) -> dict | None:
         """The lock's record; a file another run has created but not yet written reads as None for a moment."""
         for _ in range(tries):

@@ -154,10 +154,11 @@ def launch_training_task(cfg: RaydiffConfig, module_factory: Callable | None = N
     """Train `cfg` on Ray (starting a local Ray if none is running) and return Ray's Result.
 
     Before Ray starts: relative paths are resolved against the working directory, and the model, the metadata,
-    the batch sizes and that `lora.init_from` is a safetensors file are checked; the adapter setup
-    (`lora.target_modules`, `lora.init_from`) is checked while Ray starts; then the storage is checked, the run
-    takes its lock, the cluster's resources are checked, and the run resumes from its newest complete checkpoint,
-    if any. Ctrl-C stops it within seconds; the checkpoint a re-run continues from is printed at the end either way.
+    the batch sizes, that `lora.init_from` is a safetensors file and that no other run holds a local run
+    directory are checked; the adapter setup (`lora.target_modules`, `lora.init_from`) is checked while Ray
+    starts; then the storage is checked, the run takes its lock, the cluster's resources are checked, and the
+    run resumes from its newest complete checkpoint, if any. Ctrl-C stops it within seconds; the checkpoint a
+    re-run continues from is printed at the end either way.
     """
     cfg = cfg.resolved_paths()
     r = cfg.ray
@@ -171,10 +172,11 @@ def launch_training_task(cfg: RaydiffConfig, module_factory: Callable | None = N
         check_batch_sizes(cfg, rows[0])
     if not ray.is_initialized() and not (r.address or os.environ.get("RAY_ADDRESS")):
         check_resources(cfg, autoscaling=False, nodes=lambda: [local_ray_resources(cfg)])  # before Ray starts
+    if "://" not in r.storage_path:  # a local lock is read before Ray starts (remote storage is checked first)
+        run_lock(cfg).refuse_if_held()
     started = start_ray_checking_lora(cfg)
     check_storage(r.storage_path, r.storage_endpoint, r.storage_region)  # after: it makes the storage folder
-    fs, run_path = run_directory(r.storage_path, r.name, r.storage_endpoint, r.storage_region)
-    with RunLock(fs, f"{run_path}/{LOCK_FILE}", f"{r.storage_path}/{r.name}"):
+    with run_lock(cfg):
         try:
             return _train(cfg, module_factory, rows, started)
         finally:
@@ -184,6 +186,12 @@ def launch_training_task(cfg: RaydiffConfig, module_factory: Callable | None = N
             if cfg.data.skip_bad_samples and ray.is_initialized():
                 with contextlib.suppress(Exception):
                     ray.kill(skip_counter(r.name))
+
+
+def run_lock(cfg: RaydiffConfig) -> RunLock:
+    r = cfg.ray
+    fs, run_path = run_directory(r.storage_path, r.name, r.storage_endpoint, r.storage_region)
+    return RunLock(fs, f"{run_path}/{LOCK_FILE}", f"{r.storage_path}/{r.name}")
 
 
 # Ray Train's controller polls its workers every 2 s by default, and each report or finish waits for
