@@ -150,7 +150,19 @@ def shuffled_batches(blocks, batch_size: int, chunk: int, rng: np.random.Generat
             rows = []
         while len(ready) >= batch_size:
             picked, ready = ready[:batch_size], ready[batch_size:]
-            yield {k: np.concatenate([b[k][i:i + 1] for b, i in picked]) for k in picked[0][0]}
+            yield {k: _rows_column([b[k][i:i + 1] for b, i in picked]) for k in picked[0][0]}
+
+
+def _rows_column(parts: list[np.ndarray]) -> np.ndarray:
+    """One column of a batch from its rows' 1-row slices. Blocks agree on a column's layout unless its
+    tensors vary in shape (edit sources): Ray gives a block whose rows share a shape a (n, ...) array and
+    another an object array, so such a mix becomes an object array of the rows' tensors."""
+    if len({(p.dtype == object, p.shape[1:]) for p in parts}) == 1:
+        return np.concatenate(parts)
+    out = np.empty(len(parts), dtype=object)
+    for j, p in enumerate(parts):
+        out[j] = p[0]
+    return out
 
 
 def close(it) -> None:

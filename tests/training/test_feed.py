@@ -36,8 +36,11 @@ def blocks(n_blocks: int, rows: int = 2):
     """Blocks as Ray Data's numpy format gives them: a fixed-shape tensor, prompts and ragged arrays."""
     for b in range(n_blocks):
         ids = np.arange(b * rows, (b + 1) * rows)
-        ragged = np.empty(rows, dtype=object)
-        ragged[:] = [np.zeros((1 + int(i) % 2, 3)) for i in ids]
+        ragged = np.empty(rows, dtype=object)  # tensors of different shapes in one block: an object array
+        for j, i in enumerate(ids):
+            ragged[j] = np.zeros((1 + int(i) % 2, 3))
+        if b % 2:  # a block whose rows happen to share a shape: one (n, ...) array
+            ragged = np.zeros((rows, 2, 3))
         yield {"_row": ids, "latents": ids[:, None] * np.ones((rows, 4)),
                "prompt": np.array([f"p{i}" for i in ids], dtype=object), "source": ragged}
 
@@ -51,7 +54,7 @@ def test_the_shuffle_permutes_each_chunk_into_whole_batches_and_repeats_with_its
     for b in batches:  # each row's columns travel together and keep their types
         assert b["latents"].shape == (3, 4) and list(b["latents"][:, 0]) == list(b["_row"])
         assert list(b["prompt"]) == [f"p{r}" for r in b["_row"]] and b["prompt"].dtype == object
-        assert [s.shape[0] for s in b["source"]] == [1 + int(r) % 2 for r in b["_row"]]
+        assert [s.shape[0] for s in b["source"]] == [2 if (r // 2) % 2 else 1 + r % 2 for r in b["_row"]]
     again = list(shuffled_batches(blocks(5), batch_size=3, chunk=4, rng=np.random.default_rng(7)))
     other = list(shuffled_batches(blocks(5), batch_size=3, chunk=4, rng=np.random.default_rng(8)))
     assert [list(b["_row"]) for b in again] == [list(b["_row"]) for b in batches]
