@@ -208,8 +208,8 @@ def main(argv: list[str] | None = None) -> None:
         quiet_libraries()
     try:
         args.func(args)
-    except KeyboardInterrupt:
-        sys.exit(130)  # what was stopped, and where a re-run continues, is already printed
+    except KeyboardInterrupt as stopped:  # what was stopped, and where a re-run continues, is already printed
+        sys.exit(getattr(stopped, "exit_code", 130))  # 130 for Ctrl-C, 143 for SIGTERM (trainer.Terminated)
     except Exception as err:  # noqa: BLE001 - re-raised unless it is a user error
         message = user_error(err)
         if message is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import threading
 from collections.abc import Callable
@@ -246,9 +247,27 @@ def _train(cfg: RaydiffConfig, module_factory: Callable | None, rows, started: b
     return result
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during a run (a scheduler's stop, `timeout`, `ray job stop`): the run stops as on Ctrl-C."""
+
+    exit_code = 143  # 128 + SIGTERM, as a shell reports it
+
+
+def _raise_on_sigterm():
+    """Make SIGTERM raise `Terminated` in this thread; returns the handler to restore (None off the main
+    thread, where Python cannot set handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise Terminated
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
 def fit_interruptibly(trainer: TorchTrainer, stop: Callable[[], None] = stop_ray) -> ray.train.Result:
-    """`trainer.fit()` in a thread, so that Ctrl-C reaches this one at once: it calls `stop` (Ray's bounded
-    shutdown) and raises KeyboardInterrupt, even while Ray waits for resources."""
+    """`trainer.fit()` in a thread, so that Ctrl-C (or SIGTERM, as `Terminated`) reaches this one at once: it
+    calls `stop` (Ray's bounded shutdown) and raises KeyboardInterrupt, even while Ray waits for resources."""
     outcome: dict = {}
 
     def fit():
@@ -259,6 +278,7 @@ def fit_interruptibly(trainer: TorchTrainer, stop: Callable[[], None] = stop_ray
 
     thread = threading.Thread(target=fit, daemon=True, name="raydiff-fit")
     thread.start()
+    previous = _raise_on_sigterm()
     try:
         while thread.is_alive():
             thread.join(0.2)
@@ -266,6 +286,9 @@ def fit_interruptibly(trainer: TorchTrainer, stop: Callable[[], None] = stop_ray
         say("[raydiff] interrupted: stopping the run")
         stop()
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]

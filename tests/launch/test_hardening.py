@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raydiff.launch.trainer import fit_interruptibly, launch_training_task
+from raydiff.launch.trainer import Terminated, fit_interruptibly, launch_training_task
 
 pytestmark = pytest.mark.slow
 
@@ -54,17 +54,33 @@ def test_resume_takes_the_newest_complete_checkpoint_whatever_rays_own_list_says
     assert again.checkpoint.path == resumed.checkpoint.path and steps_of(again.checkpoint.path) == list(range(1, 7))
 
 
-def test_fit_stops_at_once_on_ctrl_c_even_while_the_trainer_waits():
+@pytest.mark.parametrize("sig, raised", [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, Terminated)])
+def test_fit_stops_at_once_on_ctrl_c_or_sigterm_even_while_the_trainer_waits(sig, raised):
     class Waiting:  # a trainer stuck waiting for resources (for a minute: a failing test must not hang)
         def fit(self):
             threading.Event().wait(60)
 
     stopped = []
-    threading.Timer(0.5, os.kill, args=(os.getpid(), signal.SIGINT)).start()  # as a terminal's Ctrl-C
+    before = signal.getsignal(signal.SIGTERM)
+    threading.Timer(0.5, os.kill, args=(os.getpid(), sig)).start()  # a terminal's Ctrl-C, a scheduler's stop
     start = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(raised):
         fit_interruptibly(Waiting(), stop=lambda: stopped.append(True))
     assert stopped == [True] and time.monotonic() - start < 5
+    assert signal.getsignal(signal.SIGTERM) is before  # the process's own SIGTERM handling is back
+
+
+def test_the_cli_exits_130_on_ctrl_c_and_143_on_sigterm(monkeypatch):
+    from raydiff.launch import cli
+
+    for stop, code in [(KeyboardInterrupt(), 130), (Terminated(), 143)]:
+        def train(args, stop=stop):  # the run, stopped (fit_interruptibly has printed the resume point)
+            raise stop
+
+        monkeypatch.setattr(cli, "cmd_train", train)  # build_parser binds `train` to cmd_train when main runs
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["train", "config.yaml"])
+        assert exit_.value.code == code
 
 
 def cli(*args, cwd, **kwargs):
