@@ -19,6 +19,7 @@ import pyarrow as pa
 import ray
 
 from raydiff.config import RaydiffConfig, from_remote, to_remote
+from raydiff.config.libraries import hide_unused_libraries
 from raydiff.console import quiet_libraries, say
 from raydiff.data.buckets import row_buckets
 from raydiff.data.cache_io import SKIPPED_KEY, CacheLayout, columns_to_table, write_empty_prompt
@@ -193,8 +194,9 @@ class ShardWriter:
     and writes the shard (and the empty prompt, when its row says so). Returns one small status row per shard."""
 
     def __init__(self, config: dict):
-        quiet_libraries()
         cfg = from_remote(config)
+        hide_unused_libraries(cfg)  # an actor serves one run
+        quiet_libraries()
         self.cfg, self.encoder = cfg, Encoder(cfg)
         strict = cfg.data.model_copy(update={"skip_bad_samples": False})  # we record the reason ourselves
         self.decode = DecodeRow(strict, cfg.train.seed)

@@ -13,6 +13,7 @@ import ray
 import torch
 
 from raydiff.config import RaydiffConfig, from_remote, to_remote
+from raydiff.config.libraries import hide_unused_libraries
 from raydiff.console import quiet_libraries
 from raydiff.data.collate import collate
 from raydiff.data.columns import to_columns
@@ -113,8 +114,10 @@ class EncodeBatch:
     Packed rows (bucket batches) are encoded batch by batch and stay packed."""
 
     def __init__(self, config: dict):
+        cfg = from_remote(config)
+        hide_unused_libraries(cfg)  # an actor serves one run
         quiet_libraries()
-        self.encoder = Encoder(from_remote(config))
+        self.encoder = Encoder(cfg)
 
     def __call__(self, batch: dict) -> dict:
         return map_packed(self.encoder.encode, batch) if is_packed(batch) else self.encoder.encode(batch)

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from raydiff.config import GPU_ONLY_QUANTIZE, ConfigError, RaydiffConfig
+from raydiff.config.libraries import libraries_used
 from raydiff.console import quiet_imports, quiet_libraries, say
 from raydiff.registry import family_for_pipeline, holds_family, pipeline_class_names
 
@@ -260,14 +261,6 @@ def check_resources(cfg: RaydiffConfig, *, autoscaling: bool, nodes: Callable[[]
         time.sleep(poll_s)
 
 
-# What each setting imports in the workers, and the pip package that provides it.
-_LIBRARIES = {("quantize", "int8"): ("torchao", "torchao"), ("quantize", "fp8"): ("torchao", "torchao"),
-              ("quantize", "nf4"): ("bitsandbytes", "bitsandbytes"),
-              ("optimizer", "adamw8bit"): ("bitsandbytes", "bitsandbytes"),
-              ("optimizer", "adafactor"): ("transformers", "transformers"),
-              ("optimizer", "prodigy"): ("prodigyopt", "prodigyopt")}
-
-
 def check_devices(cfg: RaydiffConfig, cuda_available: Callable[[], bool] | None = None) -> None:
     """model.quantize fp8 and nf4 are for CUDA GPUs (torchao's float8 and bitsandbytes' 4-bit kernels):
     refused unless the workers get GPUs (`ray.use_gpu`, and for stream/cache encoders with quantized text
@@ -276,11 +269,10 @@ def check_devices(cfg: RaydiffConfig, cuda_available: Callable[[], bool] | None 
     import importlib.util
 
     m, d = cfg.model, cfg.data
-    for key, value in (("quantize", m.quantize), ("optimizer", cfg.train.optimizer)):
-        module, package = _LIBRARIES.get((key, value), (None, None))
-        if module and importlib.util.find_spec(module) is None:
-            section = "model" if key == "quantize" else "train"
-            raise ConfigError(f"{section}.{key} {value} needs the {package} package: pip install {package}")
+    for setting, (module, package) in libraries_used(cfg).items():
+        if importlib.util.find_spec(module) is None:
+            value = m.quantize if setting == "model.quantize" else cfg.train.optimizer
+            raise ConfigError(f"{setting} {value} needs the {package} package: pip install {package}")
     if m.quantize not in GPU_ONLY_QUANTIZE:
         return
     need = f"model.quantize {m.quantize} runs on CUDA GPUs only"

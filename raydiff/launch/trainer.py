@@ -17,6 +17,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig
 from ray.train.torch import TorchTrainer
 
 from raydiff.config import RaydiffConfig, to_remote
+from raydiff.config.libraries import hide_unused_libraries
 from raydiff.console import say
 from raydiff.data.dataset import build_eval_dataset, build_train_data
 from raydiff.data.decode import skip_counter, skip_counter_name
@@ -56,7 +57,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from raydiff.training.feed import EpochFeed
 
     args: LoopArgs = loop_config["args"]
-    feed = EpochFeed(args.parse_config(), args, ray.train.torch.get_device(), fresh=not has_checkpoint())
+    cfg = args.parse_config()
+    hide_unused_libraries(cfg)  # this process serves this run only
+    feed = EpochFeed(cfg, args, ray.train.torch.get_device(), fresh=not has_checkpoint())
     from raydiff.training.loop import train_loop_per_worker as loop
 
     loop(loop_config, feed)

@@ -349,3 +349,28 @@ def test_the_driver_and_ray_trains_controller_import_no_model_library():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]"
 
+
+
+@pytest.mark.parametrize("settings, kept", [
+    ({}, []),
+    ({"train": {"optimizer": "adamw8bit"}}, ["bitsandbytes"]),
+    ({"model": {"quantize": "int8"}}, ["torchao"]),
+])
+def test_a_worker_imports_only_the_optional_libraries_its_settings_use(settings, kept):
+    """peft and transformers import bitsandbytes and torchao whenever they are installed (~1 s of each worker's
+    start); a worker hides those its config does not use, and what it uses still imports. In a fresh process,
+    as in a Ray worker: the hiding lasts for the process."""
+    import subprocess
+    import sys
+
+    raw = {"model": {"path": "m", **settings.get("model", {})}, "data": {"metadata_path": "d.csv"},
+           "train": settings.get("train", {})}
+    code = (f"import json, sys; from raydiff.config import parse_config; "
+            f"from raydiff.config.libraries import hide_unused_libraries; "
+            f"hidden = hide_unused_libraries(parse_config({raw!r})); import peft, transformers, diffusers; "
+            f"print(json.dumps([hidden, [m for m in ('bitsandbytes', 'torchao') if sys.modules.get(m)]]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    hidden, imported = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert hidden == [m for m in ("bitsandbytes", "torchao") if m not in kept]
+    assert imported == kept  # peft/transformers imported what the settings use, and only that

@@ -1,0 +1,41 @@
+"""The optional libraries that settings import in Ray's processes, and hiding the unused ones.
+
+peft and transformers import bitsandbytes and torchao at import time whenever they are installed (the
+`recipes` extra installs both): about 1 s of every training worker's and encoder actor's start, which
+a run that quantizes nothing and trains with plain AdamW never uses (docs/performance.md section 9).
+"""
+
+from __future__ import annotations
+
+import sys
+
+# (setting, value) -> (the module it imports, the pip package that provides it)
+LIBRARIES = {("quantize", "int8"): ("torchao", "torchao"), ("quantize", "fp8"): ("torchao", "torchao"),
+             ("quantize", "nf4"): ("bitsandbytes", "bitsandbytes"),
+             ("optimizer", "adamw8bit"): ("bitsandbytes", "bitsandbytes"),
+             ("optimizer", "adafactor"): ("transformers", "transformers"),
+             ("optimizer", "prodigy"): ("prodigyopt", "prodigyopt")}
+# Imported eagerly by peft and transformers, used by raydiff only for the settings above.
+EAGER_OPTIONAL = ("bitsandbytes", "torchao")
+
+
+def libraries_used(cfg) -> dict[str, tuple[str, str]]:
+    """{"model.quantize" or "train.optimizer": (module, package)} for the settings of `cfg` that need one."""
+    used = {}
+    for key, section, value in (("quantize", "model", cfg.model.quantize), ("optimizer", "train", cfg.train.optimizer)):
+        if (key, value) in LIBRARIES:
+            used[f"{section}.{key}"] = LIBRARIES[key, value]
+    return used
+
+
+def hide_unused_libraries(cfg) -> list[str]:
+    """Make bitsandbytes and torchao look absent to later imports in this process when `cfg` uses neither:
+    `sys.modules[name] = None` makes `importlib.util.find_spec` answer None, which is how peft and
+    transformers decide. Only for a process that serves this one run (a training worker, an encoder
+    actor), before peft, transformers or diffusers are imported; a module already imported stays.
+    Returns the names hidden."""
+    used = {module for module, _ in libraries_used(cfg).values()}
+    hidden = [name for name in EAGER_OPTIONAL if name not in used and name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None
+    return hidden
