@@ -26,10 +26,16 @@ def test_demo_trains_and_prints_the_final_checkpoint(tmp_path):
     assert os.path.isfile(os.path.join(last, "pytorch_lora_weights.safetensors"))
 
 
-def test_edit_demo_trains_kontext_and_shows_the_sources_above_its_samples(tmp_path):
+def test_edit_demo_trains_kontext_and_shows_the_sources_above_its_samples(ray_session, tmp_path, capsys):
+    """The same command in this process, on the session's Ray (the test above covers a demo's own Ray)."""
     from PIL import Image
 
-    last = run_demo(tmp_path, "--task", "edit")[-1]
+    from raydiff.launch.cli import main
+
+    main(["demo", "--dir", str(tmp_path), "--steps", "4", "--task", "edit"])
+    out = capsys.readouterr().out
+    assert "[raydiff] step 4/4" in out and "loss" in out
+    last = out.strip().splitlines()[-1]
     assert os.path.basename(last) == "checkpoint-000004"
     assert os.path.isfile(os.path.join(last, "pytorch_lora_weights.safetensors"))
     grid = Image.open(os.path.join(last, "samples", "grid.png"))
