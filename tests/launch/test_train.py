@@ -132,9 +132,13 @@ def test_cli_rejects_a_config_typo_before_starting_ray(tmp_path):
     assert "Started a local Ray" not in proc.stderr + proc.stdout
 
 
-def test_cli_train_with_overrides_and_a_corrupt_image_fails_clearly(tiny_model, tmp_path):
-    """`raydiff train` on its own local Ray: a truncated image stops the run with row and file named."""
+def test_cli_train_with_overrides_and_a_corrupt_image_fails_clearly(ray_session, tiny_model, tmp_path, monkeypatch,
+                                                                   capsys):
+    """`raydiff train` with relative paths and overrides (in this process, on the session's Ray; the demo and
+    Ctrl-C tests run the command on its own local Ray): a truncated image stops the run with row and file
+    named."""
     from raydiff.data.shapes import write_shapes_dataset
+    from raydiff.launch.cli import main
 
     write_shapes_dataset(str(tmp_path / "data"), n=4)
     (tmp_path / "data" / "0002.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
@@ -143,9 +147,12 @@ def test_cli_train_with_overrides_and_a_corrupt_image_fails_clearly(tiny_model, 
                        "shuffle": False},
               "ray": {"num_workers": 1, "storage_path": "runs", "name": "cli"}}
     Path(tmp_path, "run.yaml").write_text(yaml.safe_dump(config))
-    proc = run_cli("train", "run.yaml", "--set", "train.max_steps=2", "--set", "ray.num_cpus=2", cwd=tmp_path)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "raydiff: error: row 2, file '" in proc.stderr and "0002.png'" in proc.stderr
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "run.yaml", "--set", "train.max_steps=2"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err[-3000:]
+    assert "raydiff: error: row 2, file '" in err and "0002.png'" in err
 
 
 def test_simple_python_example_trains_with_its_own_training_module(ray_session, tiny_model, shapes, tmp_path,

@@ -96,7 +96,8 @@ def far_off_lora(cfg, directory: Path) -> str:
 @pytest.mark.slow
 def test_asha_search_writes_trials_table_and_stops_a_bad_trial(ray_session, make_config, tmp_path):
     # 2 concurrent trials x (1 worker x 0.5 CPU + a 0.01-CPU driver) fit the session's 4 logical CPUs
-    # next to the Ray Data decode tasks (a trial's workers are Ray Train's, tested with 2 elsewhere). Reports at steps 1-4 (eval every step, checkpoints at 2 and 4).
+    # next to the Ray Data decode tasks (Ray Train's multi-worker path is tested elsewhere). Reports at steps
+    # 1-4 (eval every step, checkpoints at 2 and 4).
     # Which learning rate wins after 4 tiny steps is noise, so the search also starts half of the trials
     # from a far-off LoRA: the grid runs [fresh, far-off, fresh, far-off], and the last far-off trial reaches
     # ASHA's first rung after a fresh one has recorded a much lower eval loss there, so ASHA stops it.
