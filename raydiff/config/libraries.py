@@ -7,6 +7,9 @@ a run that quantizes nothing and trains with plain AdamW never uses (docs/perfor
 
 from __future__ import annotations
 
+import glob
+import json
+import os
 import sys
 
 # (setting, value) -> (the module it imports, the pip package that provides it)
@@ -28,12 +31,36 @@ def libraries_used(cfg) -> dict[str, tuple[str, str]]:
     return used
 
 
+def prequantized(model_path: str, revision: str | None = None) -> bool | None:
+    """Whether a component of the pipeline at `model_path` (a directory, or a hub id in the local cache) ships
+    a `quantization_config`: diffusers and transformers load such a checkpoint through bitsandbytes or torchao
+    whatever raydiff's settings say. None when the pipeline is not on this machine."""
+    root = model_path
+    if not os.path.isdir(model_path):
+        from huggingface_hub import try_to_load_from_cache
+
+        index = try_to_load_from_cache(model_path, "model_index.json", revision=revision)
+        if not isinstance(index, str):
+            return None
+        root = os.path.dirname(index)
+    for config in glob.glob(os.path.join(root, "*", "config.json")):
+        try:
+            with open(config) as f:
+                if "quantization_config" in json.load(f):
+                    return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
 def hide_unused_libraries(cfg) -> list[str]:
-    """Make bitsandbytes and torchao look absent to later imports in this process when `cfg` uses neither:
-    `sys.modules[name] = None` makes `importlib.util.find_spec` answer None, which is how peft and
-    transformers decide. Only for a process that serves this one run (a training worker, an encoder
-    actor), before peft, transformers or diffusers are imported; a module already imported stays.
-    Returns the names hidden."""
+    """Make bitsandbytes and torchao look absent to later imports in this process when `cfg` uses neither
+    and its model is not pre-quantized (or not yet on this machine): `sys.modules[name] = None` makes
+    `importlib.util.find_spec` answer None, which is how peft and transformers decide. Only for a process
+    that serves this one run (a training worker, an encoder actor), before peft, transformers or diffusers
+    are imported; a module already imported stays. Returns the names hidden."""
+    if prequantized(cfg.model.path, cfg.model.revision) is not False:
+        return []
     used = {module for module, _ in libraries_used(cfg).values()}
     hidden = [name for name in EAGER_OPTIONAL if name not in used and name not in sys.modules]
     for name in hidden:

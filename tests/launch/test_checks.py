@@ -355,15 +355,21 @@ def test_the_driver_and_ray_trains_controller_import_no_model_library():
     ({}, []),
     ({"train": {"optimizer": "adamw8bit"}}, ["bitsandbytes"]),
     ({"model": {"quantize": "int8"}}, ["torchao"]),
+    ({"prequantized": True}, ["bitsandbytes", "torchao"]),
 ])
-def test_a_worker_imports_only_the_optional_libraries_its_settings_use(settings, kept):
+def test_a_worker_imports_only_the_optional_libraries_its_settings_use(settings, kept, tmp_path):
     """peft and transformers import bitsandbytes and torchao whenever they are installed (~1 s of each worker's
-    start); a worker hides those its config does not use, and what it uses still imports. In a fresh process,
-    as in a Ray worker: the hiding lasts for the process."""
+    start); a worker hides those its config does not use, and what it uses still imports. A pipeline with a
+    pre-quantized component (a `quantization_config` in its config.json) loads through them, so nothing is
+    hidden. In a fresh process, as in a Ray worker: the hiding lasts for the process."""
     import subprocess
     import sys
 
-    raw = {"model": {"path": "m", **settings.get("model", {})}, "data": {"metadata_path": "d.csv"},
+    (tmp_path / "transformer").mkdir()
+    quantized = {"quantization_config": {"quant_method": "bitsandbytes"}} if settings.get("prequantized") else {}
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel",
+                                                                       **quantized}))
+    raw = {"model": {"path": str(tmp_path), **settings.get("model", {})}, "data": {"metadata_path": "d.csv"},
            "train": settings.get("train", {})}
     code = (f"import json, sys; from raydiff.config import parse_config; "
             f"from raydiff.config.libraries import hide_unused_libraries; "
@@ -374,3 +380,10 @@ def test_a_worker_imports_only_the_optional_libraries_its_settings_use(settings,
     hidden, imported = json.loads(proc.stdout.strip().splitlines()[-1])
     assert hidden == [m for m in ("bitsandbytes", "torchao") if m not in kept]
     assert imported == kept  # peft/transformers imported what the settings use, and only that
+
+
+def test_a_pipeline_not_on_this_machine_hides_nothing(monkeypatch):
+    from raydiff.config.libraries import prequantized
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert prequantized("nobody/not-a-cached-model") is None  # a worker will download it: it may be quantized
