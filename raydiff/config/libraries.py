@@ -39,7 +39,10 @@ def prequantized(model_path: str, revision: str | None = None) -> bool | None:
     if not os.path.isdir(model_path):
         from huggingface_hub import try_to_load_from_cache
 
-        index = try_to_load_from_cache(model_path, "model_index.json", revision=revision)
+        try:
+            index = try_to_load_from_cache(model_path, "model_index.json", revision=revision)
+        except ValueError:  # not a hub id either: the driver's model check names the mistake
+            return None
         if not isinstance(index, str):
             return None
         root = os.path.dirname(index)

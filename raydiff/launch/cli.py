@@ -21,9 +21,12 @@ def config_of(args):
 
 
 def cmd_train(args) -> None:
+    from raydiff.config.libraries import hide_unused_libraries
     from raydiff.launch.trainer import launch_training_task
 
-    launch_training_task(config_of(args))
+    cfg = config_of(args)
+    hide_unused_libraries(cfg)  # this process serves one run; its adapter check imports peft
+    launch_training_task(cfg)
 
 
 def cmd_preprocess(args) -> None:

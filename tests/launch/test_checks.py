@@ -387,3 +387,4 @@ def test_a_pipeline_not_on_this_machine_hides_nothing(monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert prequantized("nobody/not-a-cached-model") is None  # a worker will download it: it may be quantized
+    assert prequantized("./models/no-such-dir") is None  # neither: the model check names the mistake
