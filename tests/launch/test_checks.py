@@ -373,13 +373,13 @@ def test_a_worker_imports_only_the_optional_libraries_its_settings_use(settings,
            "train": settings.get("train", {})}
     code = (f"import json, sys; from raydiff.config import parse_config; "
             f"from raydiff.config.libraries import hide_unused_libraries; "
-            f"hidden = hide_unused_libraries(parse_config({raw!r})); import peft, transformers, diffusers; "
+            f"hidden = hide_unused_libraries(parse_config({raw!r})); import peft; "
             f"print(json.dumps([hidden, [m for m in ('bitsandbytes', 'torchao') if sys.modules.get(m)]]))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     hidden, imported = json.loads(proc.stdout.strip().splitlines()[-1])
     assert hidden == [m for m in ("bitsandbytes", "torchao") if m not in kept]
-    assert imported == kept  # peft/transformers imported what the settings use, and only that
+    assert imported == kept  # peft (and the transformers it imports) imported what the settings use, only that
 
 
 def test_a_pipeline_not_on_this_machine_hides_nothing(monkeypatch):
