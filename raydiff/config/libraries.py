@@ -2,7 +2,8 @@
 
 peft and transformers import bitsandbytes and torchao at import time whenever they are installed (the
 `recipes` extra installs both): about 1 s of every training worker's and encoder actor's start, which
-a run that quantizes nothing and trains with plain AdamW never uses (docs/performance.md section 9).
+a run that quantizes nothing and trains with plain AdamW never uses (docs/performance.md section 1,
+"Time to the first optimizer step").
 """
 
 from __future__ import annotations

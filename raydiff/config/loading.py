@@ -40,6 +40,8 @@ def _format_errors(err: ValidationError) -> str:
             got = e.get("input")
             got = "" if isinstance(got, dict) else f" (got {got!r})"
             lines.append(f"  {key}: {e['msg'].removeprefix('Value error, ')}{got}")
+    if len(lines) == 1:  # the usual typo: one line, as the CLI prints every mistake
+        return f"invalid config: {lines[0].strip()}"
     return "invalid config:\n" + "\n".join(lines)
 
 

@@ -57,15 +57,19 @@ def test_stop_and_resume_gives_bitwise_the_same_lora(ray_session, make_config, t
 
 
 def kill_a_worker_after(checkpoint_dir: Path, killed: list):
-    """Wait for `checkpoint_dir`, then SIGKILL one training worker process (as a node loss would)."""
+    """Wait for `checkpoint_dir`, then SIGKILL one training worker process (as a node loss would). Only this
+    session's: the local Ray that `ray.init` started runs below this process, another raydiff run beside it not."""
     deadline = time.time() + 120
     while time.time() < deadline and not (checkpoint_dir / "trainer_state.json").exists():
         time.sleep(0.02)
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
-            os.kill(proc.info["pid"], signal.SIGKILL)
-            killed.append(proc.info["pid"])
-            return
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                proc.send_signal(signal.SIGKILL)
+                killed.append(proc.pid)
+                return
+        except psutil.NoSuchProcess:
+            continue
 
 
 def test_a_killed_worker_restarts_and_the_run_finishes_as_if_uninterrupted(ray_session, make_config, tmp_path):

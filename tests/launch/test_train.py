@@ -128,7 +128,9 @@ def test_cli_rejects_a_config_typo_before_starting_ray(tmp_path):
     Path(tmp_path, "bad.yaml").write_text("model: {path: m}\ndata: {metadata_path: d.csv}\ntrain: {learning_rat: 1}\n")
     proc = run_cli("train", "bad.yaml", cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
-    assert "train.learning_rat: unknown key; did you mean 'learning_rate'?" in proc.stderr
+    lines = proc.stderr.strip().splitlines()  # one line, as for every mistake the CLI reports
+    assert len(lines) == 1 and lines[0].startswith(
+        "raydiff: error: invalid config: train.learning_rat: unknown key; did you mean 'learning_rate'?"), lines
     assert "Started a local Ray" not in proc.stderr + proc.stdout
 
 
