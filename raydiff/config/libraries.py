@@ -14,22 +14,21 @@ import os
 import sys
 
 # (setting, value) -> (the module it imports, the pip package that provides it)
-LIBRARIES = {("quantize", "int8"): ("torchao", "torchao"), ("quantize", "fp8"): ("torchao", "torchao"),
-             ("quantize", "nf4"): ("bitsandbytes", "bitsandbytes"),
-             ("optimizer", "adamw8bit"): ("bitsandbytes", "bitsandbytes"),
-             ("optimizer", "adafactor"): ("transformers", "transformers"),
-             ("optimizer", "prodigy"): ("prodigyopt", "prodigyopt")}
+LIBRARIES = {("model.quantize", "int8"): ("torchao", "torchao"), ("model.quantize", "fp8"): ("torchao", "torchao"),
+             ("model.quantize", "nf4"): ("bitsandbytes", "bitsandbytes"),
+             ("train.optimizer", "adamw8bit"): ("bitsandbytes", "bitsandbytes"),
+             ("train.optimizer", "adafactor"): ("transformers", "transformers"),
+             ("train.optimizer", "prodigy"): ("prodigyopt", "prodigyopt")}
 # Imported eagerly by peft and transformers, used by raydiff only for the settings above.
 EAGER_OPTIONAL = ("bitsandbytes", "torchao")
 
 
-def libraries_used(cfg) -> dict[str, tuple[str, str]]:
-    """{"model.quantize" or "train.optimizer": (module, package)} for the settings of `cfg` that need one."""
-    used = {}
-    for key, section, value in (("quantize", "model", cfg.model.quantize), ("optimizer", "train", cfg.train.optimizer)):
-        if (key, value) in LIBRARIES:
-            used[f"{section}.{key}"] = LIBRARIES[key, value]
-    return used
+def libraries_used(cfg) -> list[tuple[str, str, str, str]]:
+    """(setting, its value, the module it imports, the pip package) for each setting of `cfg` that needs one,
+    e.g. ("train.optimizer", "adamw8bit", "bitsandbytes", "bitsandbytes")."""
+    settings = (("model.quantize", cfg.model.quantize), ("train.optimizer", cfg.train.optimizer))
+    return [(setting, value, *LIBRARIES[setting, value]) for setting, value in settings
+            if (setting, value) in LIBRARIES]
 
 
 def prequantized(model_path: str, revision: str | None = None) -> bool | None:
@@ -65,7 +64,7 @@ def hide_unused_libraries(cfg) -> list[str]:
     are imported; a module already imported stays. Returns the names hidden."""
     if prequantized(cfg.model.path, cfg.model.revision) is not False:
         return []
-    used = {module for module, _ in libraries_used(cfg).values()}
+    used = {module for _, _, module, _ in libraries_used(cfg)}
     hidden = [name for name in EAGER_OPTIONAL if name not in used and name not in sys.modules]
     for name in hidden:
         sys.modules[name] = None

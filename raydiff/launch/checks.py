@@ -269,9 +269,8 @@ def check_devices(cfg: RaydiffConfig, cuda_available: Callable[[], bool] | None 
     import importlib.util
 
     m, d = cfg.model, cfg.data
-    for setting, (module, package) in libraries_used(cfg).items():
+    for setting, value, module, package in libraries_used(cfg):
         if importlib.util.find_spec(module) is None:
-            value = m.quantize if setting == "model.quantize" else cfg.train.optimizer
             raise ConfigError(f"{setting} {value} needs the {package} package: pip install {package}")
     if m.quantize not in GPU_ONLY_QUANTIZE:
         return
