@@ -14,12 +14,13 @@ import logging
 import os
 import socket
 import threading
+import uuid
 import warnings
 
 import ray
 
 from raydiff.config import RaydiffConfig
-from raydiff.training.reporting import ConsoleView, relay_actor
+from raydiff.training.reporting import ConsoleView, RelayChannel, relay_actor
 
 # Ray Train's PreemptionWatcher, an actor polling for nodes being drained (spot instances), is for clusters: a
 # local Ray that raydiff starts is one node that is never drained, so its runs go without one (one process and
@@ -160,13 +161,26 @@ def stop_ray(timeout_s: float = 8.0) -> None:
     done.wait(timeout_s)
 
 
+_RELAYS: dict[tuple[str, str], object] = {}
+
+
+def _driver_relay():
+    """This driver's `ConsoleRelay`, started with its first run in the connected Ray and shared by the
+    runs after it (a Python session or a test suite runs many). Owned by the driver, it ends with it."""
+    context = ray.get_runtime_context()
+    key = (context.gcs_address, context.get_job_id())
+    if key not in _RELAYS:
+        _RELAYS[key] = relay_actor().remote()
+    return _RELAYS[key]
+
+
 class DriverConsole:
     """Draws rank 0's console events in the driver: a `ConsoleRelay` actor collects them, a thread here
     drains it a few times a second into a `ConsoleView` (log lines, or a bar redrawn in place)."""
 
     def __init__(self, progress_bar: str, is_tty: bool | None = None, poll_s: float = 0.25):
         self.progress_bar, self.is_tty, self.poll_s = progress_bar, is_tty, poll_s
-        self.relay = relay_actor().remote()
+        self.relay = RelayChannel(_driver_relay(), uuid.uuid4().hex)
         self.view: ConsoleView | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._pump, daemon=True, name="raydiff-console")
@@ -182,7 +196,7 @@ class DriverConsole:
 
     def _drain(self) -> list:
         try:
-            return ray.get(self.relay.drain.remote(), timeout=5)
+            return ray.get(self.relay.actor.drain.remote(self.relay.channel), timeout=5)
         except Exception:  # noqa: BLE001 - a stopped Ray: nothing more will come
             return []
 
@@ -203,6 +217,3 @@ class DriverConsole:
         self._thread.join(timeout=15)
         if self.view is not None:
             self.view.close()
-        if ray.is_initialized():
-            with contextlib.suppress(Exception):
-                ray.kill(self.relay)

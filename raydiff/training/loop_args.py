@@ -16,7 +16,7 @@ class LoopArgs:
     `packed`: dataset rows are whole bucket batches. `empty_prompt`: the encoded empty prompt (caption
     dropout in stream/cache mode). `skip_counter`: the actor counting skipped samples. `run_dir`: where
     rank 0 writes TensorBoard events. `module_factory(device)`: builds the training module instead of
-    the config-driven one. `relay`: a `ConsoleRelay` actor that carries rank 0's console output to the
+    the config-driven one. `relay`: a `RelayChannel` that carries rank 0's console output to the
     driver (None: rank 0 prints itself). `dataset`: what the final checkpoint's model card says about the
     training data (`model_card.dataset_summary`: size, trigger words)."""
 

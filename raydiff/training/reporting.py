@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 import os
 import sys
+from dataclasses import dataclass
+from typing import Any
 
 from raydiff.console import say
 
@@ -89,21 +91,33 @@ class ConsoleView:
 
 class ConsoleRelay:
     """A Ray actor (see `relay_actor`) that carries rank 0's console events to the driver: `put` from the
-    worker, `drain` from the driver. Events: ("start", {total, start}), ("line", text), ("log", metrics)."""
+    worker, `drain` from the driver. Events: ("start", {total, start}), ("line", text), ("log", metrics).
+    One serves all of a driver's runs (each a new process is a second of CPU), each run on its own
+    channel."""
 
     def __init__(self):
-        self.events: list[tuple[str, object]] = []
+        self.events: dict[str, list[tuple[str, object]]] = {}
+
+    def put(self, channel: str, kind: str, payload) -> None:
+        self.events.setdefault(channel, []).append((kind, payload))
+
+    def drain(self, channel: str) -> list[tuple[str, object]]:
+        return self.events.pop(channel, [])
+
+
+@dataclass(frozen=True)
+class RelayChannel:
+    """What rank 0 holds: the driver's `ConsoleRelay` and the channel of this run."""
+
+    actor: Any
+    channel: str
 
     def put(self, kind: str, payload) -> None:
-        self.events.append((kind, payload))
-
-    def drain(self) -> list[tuple[str, object]]:
-        events, self.events = self.events, []
-        return events
+        self.actor.put.remote(self.channel, kind, payload)
 
 
 def relay_actor():
-    """`ConsoleRelay` as a Ray actor class (no CPU: it only holds a list)."""
+    """`ConsoleRelay` as a Ray actor class (no CPU: it only holds lists)."""
     import ray
 
     return ray.remote(num_cpus=0)(ConsoleRelay)
@@ -111,7 +125,7 @@ def relay_actor():
 
 class RunLogger:
     """Rank 0's reporter. The loop creates it once (after resume, so the bar and TensorBoard start
-    at the resumed step) and calls `log` at every log step. With `relay` (an actor handle) the console
+    at the resumed step) and calls `log` at every log step. With `relay` (a `RelayChannel`) the console
     events go to the driver, which draws them; otherwise they print here."""
 
     def __init__(self, cfg_logging, run_dir: str, total_steps: int, start_step: int = 0,
@@ -119,7 +133,7 @@ class RunLogger:
         self.total_steps, self.relay, self.writer = total_steps, relay, None
         self.view = None if relay else ConsoleView(cfg_logging.progress_bar, total_steps, start_step, is_tty)
         if relay is not None:
-            relay.put.remote("start", {"total": total_steps, "start": start_step})
+            relay.put("start", {"total": total_steps, "start": start_step})
         if cfg_logging.tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -135,7 +149,7 @@ class RunLogger:
     def write(self, line: str) -> None:
         """Print a line (use this for every rank-0 message while the logger is open)."""
         if self.relay is not None:
-            self.relay.put.remote("line", line)
+            self.relay.put("line", line)
         else:
             self.view.write(line)
 
@@ -143,7 +157,7 @@ class RunLogger:
         """metrics: step, epoch, loss, lr, grad_norm, samples_per_second, and maybe eval_loss,
         skipped_samples (the dict the loop appends to TrainerState.log_history)."""
         if self.relay is not None:
-            self.relay.put.remote("log", metrics)
+            self.relay.put("log", metrics)
         else:
             self.view.log(metrics)
         if self.writer is not None:

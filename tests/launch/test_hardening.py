@@ -203,12 +203,20 @@ def test_the_driver_draws_rank_0s_progress_bar_in_place_with_lines_above_it(ray_
     from raydiff.launch.cluster import DriverConsole
 
     console = DriverConsole("auto", is_tty=True, poll_s=0.05)
-    console.relay.put.remote("start", {"total": 4, "start": 0})
+    other = DriverConsole("off", is_tty=False, poll_s=0.05)  # a second run of this driver, at the same time
+    assert other.relay.actor == console.relay.actor  # one relay actor (one process) serves the driver's runs
+    other.relay.put("start", {"total": 9, "start": 0})
+    other.relay.put("line", "[raydiff] the other run's line")
+    console.relay.put("start", {"total": 4, "start": 0})
     for step in range(1, 5):
-        console.relay.put.remote("log", {"step": step, "loss": 0.5, "lr": 1e-3, "samples_per_second": 2.0})
-    console.relay.put.remote("line", "[raydiff] a message")
+        console.relay.put("log", {"step": step, "loss": 0.5, "lr": 1e-3, "samples_per_second": 2.0})
+    console.relay.put("line", "[raydiff] a message")
     time.sleep(1)
+    # Each run's console drew its own events only: its own total, and the other's line printed once.
+    assert (console.view.total_steps, other.view.total_steps) == (4, 9)
+    other.close()
     console.close()
     out = capsys.readouterr().out
+    assert out.count("[raydiff] the other run's line") == 1
     assert "[raydiff] step" not in out  # a bar, redrawn with carriage returns, not a line per step
     assert "4/4" in out.split("\r")[-1] and "[raydiff] a message\n" in out
