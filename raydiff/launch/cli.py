@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
-from raydiff.console import quiet_libraries
+from raydiff.console import quiet_libraries, say
+from raydiff.launch.interrupts import Terminated, raise_on_sigterm
 
 
 def config_of(args):
@@ -209,16 +211,23 @@ def main(argv: list[str] | None = None) -> None:
         # These load models in this process. train/tune/preprocess load them only in Ray workers, which
         # quiet themselves: importing diffusers and transformers here would only delay their start.
         quiet_libraries()
+    previous = raise_on_sigterm()  # SIGTERM at any point, not only during training, ends as Ctrl-C does
     try:
         args.func(args)
-    except KeyboardInterrupt as stopped:  # what was stopped, and where a re-run continues, is already printed
-        sys.exit(getattr(stopped, "exit_code", 130))  # 130 for Ctrl-C, 143 for SIGTERM (trainer.Terminated)
+    except KeyboardInterrupt as stopped:  # where a re-run continues is already printed, if anything was written
+        if not getattr(stopped, "announced", False):  # stopped outside the run itself
+            say(f"[raydiff] interrupted{' (SIGTERM)' if isinstance(stopped, Terminated) else ''}: raydiff "
+                f"{args.command} stopped")
+        sys.exit(getattr(stopped, "exit_code", 130))  # 130 for Ctrl-C, 143 for SIGTERM
     except Exception as err:  # noqa: BLE001 - re-raised unless it is a user error
         message = user_error(err)
         if message is None:
             raise
         print(f"raydiff: error: {message}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

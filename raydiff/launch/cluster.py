@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import uuid
@@ -20,6 +21,7 @@ import warnings
 import ray
 
 from raydiff.config import RaydiffConfig
+from raydiff.launch.interrupts import Terminated
 from raydiff.training.reporting import ConsoleView, RelayChannel, relay_actor
 
 # Ray Train's PreemptionWatcher, an actor polling for nodes being drained (spot instances), is for clusters: a
@@ -49,7 +51,8 @@ def init_ray(cfg: RaydiffConfig, dashboard: bool = False) -> bool:
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     level = logging.INFO if verbose else logging.ERROR
     if address:
-        ray.init(address=address, log_to_driver=verbose, logging_level=level)
+        with _sigterm_handler_kept():
+            ray.init(address=address, log_to_driver=verbose, logging_level=level)
         return False
     # A new local Ray puts its own address in every worker's RAY_ADDRESS: Ray Train's placement-group
     # cleaner (which frees the workers of a trial ASHA stopped) otherwise looks for "the" local Ray and,
@@ -61,12 +64,32 @@ def init_ray(cfg: RaydiffConfig, dashboard: bool = False) -> bool:
     for key, value in LOCAL_TRAIN_ENV.items():
         os.environ.setdefault(key, value)
     try:
-        ray.init(num_cpus=cfg.ray.num_cpus or max(4, os.cpu_count() or 1), log_to_driver=verbose,
-                 logging_level=level, include_dashboard=dashboard or cfg.ray.dashboard,
-                 runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{port}"}})
+        with _sigterm_handler_kept():
+            ray.init(num_cpus=cfg.ray.num_cpus or max(4, os.cpu_count() or 1), log_to_driver=verbose,
+                     logging_level=level, include_dashboard=dashboard or cfg.ray.dashboard,
+                     runtime_env={"env_vars": {"RAY_ADDRESS": f"127.0.0.1:{port}"}})
     finally:
         del os.environ["RAY_GCS_SERVER_PORT"]
     return True
+
+
+@contextlib.contextmanager
+def _sigterm_handler_kept():
+    """`ray.init` replaces the main thread's SIGTERM handler with one that exits with code 15 and no word.
+    Keep a handler that was set before it (the CLI's: a stop while a run is starting ends as Ctrl-C does,
+    with a message and exit 143), also for a SIGTERM that arrives while Ray starts; a process that set none
+    gets Ray's."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    except SystemExit as exit_:  # Ray's handler, while ray.init ran
+        if callable(previous) and exit_.code == signal.SIGTERM:
+            raise Terminated from None
+        raise
+    finally:
+        if callable(previous):
+            signal.signal(signal.SIGTERM, previous)
 
 
 def local_ray_resources(cfg: RaydiffConfig) -> dict:

@@ -40,6 +40,7 @@ from raydiff.launch.cluster import (
     quiet_ray_driver,
     stop_ray,
 )
+from raydiff.launch.interrupts import Terminated, raise_on_sigterm  # noqa: F401 - Terminated: part of this API
 from raydiff.launch.run_lock import LOCK_FILE, RunLock
 from raydiff.launch.runs import describe_plan, finished_result
 from raydiff.launch.storage import check_storage, latest_checkpoint, resume_point, run_directory, storage_filesystem
@@ -250,24 +251,6 @@ def _train(cfg: RaydiffConfig, module_factory: Callable | None, rows, started: b
     return result
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM during a run (a scheduler's stop, `timeout`, `ray job stop`): the run stops as on Ctrl-C."""
-
-    exit_code = 143  # 128 + SIGTERM, as a shell reports it
-
-
-def _raise_on_sigterm():
-    """Make SIGTERM raise `Terminated` in this thread; returns the handler to restore (None off the main
-    thread, where Python cannot set handlers)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def handler(signum, frame):
-        raise Terminated
-
-    return signal.signal(signal.SIGTERM, handler)
-
-
 def fit_interruptibly(trainer: TorchTrainer, stop: Callable[[], None] = stop_ray) -> ray.train.Result:
     """`trainer.fit()` in a thread, so that Ctrl-C (or SIGTERM, as `Terminated`) reaches this one at once: it
     calls `stop` (Ray's bounded shutdown) and raises KeyboardInterrupt, even while Ray waits for resources."""
@@ -281,12 +264,13 @@ def fit_interruptibly(trainer: TorchTrainer, stop: Callable[[], None] = stop_ray
 
     thread = threading.Thread(target=fit, daemon=True, name="raydiff-fit")
     thread.start()
-    previous = _raise_on_sigterm()
+    previous = raise_on_sigterm()
     try:
         while thread.is_alive():
             thread.join(0.2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stopped:
         say("[raydiff] interrupted: stopping the run")
+        stopped.announced = True
         stop()
         raise
     finally:

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raydiff.launch.trainer import Terminated, fit_interruptibly, launch_training_task
+from raydiff.launch.interrupts import Terminated
+from raydiff.launch.trainer import fit_interruptibly, launch_training_task
 
 pytestmark = pytest.mark.slow
 
@@ -81,6 +82,48 @@ def test_the_cli_exits_130_on_ctrl_c_and_143_on_sigterm(monkeypatch):
         with pytest.raises(SystemExit) as exit_:
             cli.main(["train", "config.yaml"])
         assert exit_.value.code == code
+
+
+def test_sigterm_before_training_starts_ends_the_command_as_ctrl_c_does(monkeypatch, capsys):
+    from raydiff.launch import cli
+
+    def train(args):  # still checking the config or starting Ray when a scheduler's stop arrives
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)
+        raise AssertionError("SIGTERM did not stop the command")
+
+    monkeypatch.setattr(cli, "cmd_train", train)
+    before = signal.getsignal(signal.SIGTERM)
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "config.yaml"])
+    assert exit_.value.code == 143 and time.monotonic() - start < 5
+    assert capsys.readouterr().out == "[raydiff] interrupted (SIGTERM): raydiff train stopped\n"
+    assert signal.getsignal(signal.SIGTERM) is before  # the caller's handling is back
+
+
+SIGTERM_DURING_RAY_INIT = """
+import os, signal, sys, threading
+from raydiff.config import parse_config
+from raydiff.launch.cluster import init_ray
+from raydiff.launch.interrupts import Terminated, raise_on_sigterm
+cfg = parse_config({"model": {"path": "m"}, "data": {"metadata_path": "d.csv"}, "ray": {"num_cpus": 1}})
+raise_on_sigterm()  # as the CLI does
+threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()  # Ray is still starting
+try:
+    init_ray(cfg)
+except Terminated:
+    print("Terminated while Ray started")
+    sys.exit(143)
+"""
+
+
+def test_a_sigterm_while_ray_starts_ends_as_ctrl_c_does(tmp_path):
+    """ray.init installs a SIGTERM handler that exits 15 without a word; raydiff keeps its own (Terminated)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", SIGTERM_DURING_RAY_INIT], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout) == (143, "Terminated while Ray started\n"), proc.stderr[-2000:]
 
 
 def cli(*args, cwd, **kwargs):
