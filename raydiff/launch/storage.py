@@ -46,6 +46,13 @@ def _s3(endpoint: str | None, region: str | None, timeout_s: float | None = None
     return pafs.S3FileSystem(**kwargs)
 
 
+def local_path(storage_path: str) -> str | None:
+    """The directory a local storage path names (a plain path or a `file://` URI); None for remote storage."""
+    if storage_path.startswith("file://"):
+        return storage_path[len("file://"):]
+    return None if "://" in storage_path else storage_path
+
+
 def _resolve(storage_path: str, endpoint: str | None, region: str | None,
              timeout_s: float | None = None) -> tuple[pafs.FileSystem | None, str]:
     if storage_path.startswith("s3://"):
@@ -53,9 +60,8 @@ def _resolve(storage_path: str, endpoint: str | None, region: str | None,
         if not path:
             raise StorageError(f"checkpoint storage {storage_path!r} names no bucket")
         return _s3(endpoint, region, timeout_s), path
-    if "://" in storage_path and not storage_path.startswith("file://"):
-        return None, storage_path  # gs://, hdfs://, ...: Ray resolves these itself
-    return None, storage_path[len("file://"):] if storage_path.startswith("file://") else storage_path
+    local = local_path(storage_path)
+    return None, storage_path if local is None else local  # gs://, hdfs://, ...: Ray resolves these itself
 
 
 def storage_filesystem(storage_path: str, endpoint: str | None = None,

@@ -43,7 +43,14 @@ from raydiff.launch.cluster import (
 from raydiff.launch.interrupts import Terminated, raise_on_sigterm  # noqa: F401 - Terminated: part of this API
 from raydiff.launch.run_lock import LOCK_FILE, RunLock
 from raydiff.launch.runs import describe_plan, finished_result
-from raydiff.launch.storage import check_storage, latest_checkpoint, resume_point, run_directory, storage_filesystem
+from raydiff.launch.storage import (
+    check_storage,
+    latest_checkpoint,
+    local_path,
+    resume_point,
+    run_directory,
+    storage_filesystem,
+)
 from raydiff.training.loop_args import LoopArgs
 from raydiff.training.model_card import dataset_summary
 
@@ -69,9 +76,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
 def run_dir(cfg: RaydiffConfig) -> str:
     """Where rank 0 writes TensorBoard events: the run's storage directory when it is local, else a
     local directory of the same name (remote storage holds checkpoints only)."""
-    if "://" in cfg.ray.storage_path:
+    local = local_path(cfg.ray.storage_path)
+    if local is None:
         return os.path.join(os.path.expanduser("~"), ".raydiff", "runs", cfg.ray.name)
-    return os.path.join(cfg.ray.storage_path, cfg.ray.name)
+    return os.path.join(local, cfg.ray.name)
 
 
 def steps_per_epoch(num_rows: int, cfg: RaydiffConfig) -> int:
@@ -177,7 +185,7 @@ def launch_training_task(cfg: RaydiffConfig, module_factory: Callable | None = N
         check_batch_sizes(cfg, rows[0])
     if not ray.is_initialized() and not (r.address or os.environ.get("RAY_ADDRESS")):
         check_resources(cfg, autoscaling=False, nodes=lambda: [local_ray_resources(cfg)])  # before Ray starts
-    if "://" not in r.storage_path:  # a local lock is read before Ray starts (remote storage is checked first)
+    if local_path(r.storage_path) is not None:  # a local lock is read before Ray starts (remote storage: later)
         run_lock(cfg).refuse_if_held()
     started = start_ray_checking_lora(cfg)
     check_storage(r.storage_path, r.storage_endpoint, r.storage_region)  # after: it makes the storage folder

@@ -201,14 +201,16 @@ def test_a_lora_target_mistake_ends_in_the_driver_with_one_line(tiny_model, tmp_
     assert not (cwd / "runs").exists()
 
 
-def test_a_second_cli_run_of_a_held_name_is_refused_naming_the_holder(tiny_model, tmp_path):
+@pytest.mark.parametrize("storage", ["runs", "file://{cwd}/runs"])
+def test_a_second_cli_run_of_a_held_name_is_refused_naming_the_holder(tiny_model, tmp_path, storage):
     cwd = project(tmp_path, tiny_model)
     (cwd / "runs" / "tiny-flux").mkdir(parents=True)
     holder = {"host": os.uname().nodename, "pid": os.getpid(), "started": time.time(), "heartbeat": time.time(),
               "token": "other"}
     (cwd / "runs" / "tiny-flux" / ".raydiff-lock.json").write_text(json.dumps(holder))
     # Refused before Ray starts: the address of a Ray that does not exist is never tried.
-    proc = cli("train", "tiny.yaml", "--set", "ray.address=127.0.0.1:9", cwd=cwd)
+    proc = cli("train", "tiny.yaml", "--set", "ray.address=127.0.0.1:9", "--set",
+               f"ray.storage_path={storage.format(cwd=cwd)}", cwd=cwd)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2, out
     assert f"is in use by another run (pid {os.getpid()} on host {os.uname().nodename}" in out
