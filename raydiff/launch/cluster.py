@@ -51,8 +51,12 @@ def init_ray(cfg: RaydiffConfig, dashboard: bool = False) -> bool:
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     level = logging.INFO if verbose else logging.ERROR
     if address:
-        with _sigterm_handler_kept():
-            ray.init(address=address, log_to_driver=verbose, logging_level=level)
+        source = check_ray_address(cfg)
+        try:
+            with _sigterm_handler_kept():
+                ray.init(address=address, log_to_driver=verbose, logging_level=level)
+        except ConnectionError as err:  # something answers there, but not a Ray head
+            raise _no_ray(source, address, str(err).splitlines()[0]) from None
         return False
     # A new local Ray puts its own address in every worker's RAY_ADDRESS: Ray Train's placement-group
     # cleaner (which frees the workers of a trial ASHA stopped) otherwise looks for "the" local Ray and,
@@ -71,6 +75,30 @@ def init_ray(cfg: RaydiffConfig, dashboard: bool = False) -> bool:
     finally:
         del os.environ["RAY_GCS_SERVER_PORT"]
     return True
+
+
+def check_ray_address(cfg: RaydiffConfig, timeout_s: float = 5.0) -> str:
+    """Refuse, in seconds, a Ray address (`ray.address`, else RAY_ADDRESS) `host:port` or `ray://host:port`
+    where nothing answers: `ray.init` would retry it for minutes, printing Ray's connection warnings. `auto`
+    and other forms are left to Ray. Returns where the address came from."""
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or ""
+    source = "ray.address" if cfg.ray.address else "RAY_ADDRESS"
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return source
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        reason = "no answer" if isinstance(err, TimeoutError) else (err.strerror or str(err)).lower()
+        raise _no_ray(source, address, reason) from None
+    return source
+
+
+def _no_ray(source: str, address: str, reason: str) -> Exception:
+    from raydiff.config import UserError
+
+    return UserError(f"{source} {address}: no Ray there ({reason}); start its head with `ray start --head` or "
+                     "leave ray.address unset to start a local Ray")
 
 
 @contextlib.contextmanager

@@ -34,6 +34,7 @@ from raydiff.launch.checks import (
 )
 from raydiff.launch.cluster import (
     DriverConsole,
+    check_ray_address,
     init_ray,
     is_autoscaling,
     local_ray_resources,
@@ -187,6 +188,8 @@ def launch_training_task(cfg: RaydiffConfig, module_factory: Callable | None = N
         check_resources(cfg, autoscaling=False, nodes=lambda: [local_ray_resources(cfg)])  # before Ray starts
     if local_path(r.storage_path) is not None:  # a local lock is read before Ray starts (remote storage: later)
         run_lock(cfg).refuse_if_held()
+    if not ray.is_initialized() and (r.address or os.environ.get("RAY_ADDRESS")):
+        check_ray_address(cfg)  # before the LoRA check starts beside ray.init
     started = start_ray_checking_lora(cfg)
     check_storage(r.storage_path, r.storage_endpoint, r.storage_region)  # after: it makes the storage folder
     with run_lock(cfg):

@@ -172,6 +172,8 @@ def test_ctrl_c_ends_a_cli_run_in_seconds_and_says_where_a_rerun_continues(tiny_
     ("model.family=sd3", "holds a FluxPipeline; set model.family: flux"),
     ("ray.num_workers=8", "ray.num_workers 8 x (ray.cpus_per_worker 1) plus data.num_cpus for decoding needs 8.5 "
                           "CPUs"),
+    ("ray.address=127.0.0.1:9", "ray.address 127.0.0.1:9: no Ray there (connection refused); start its head with "
+                                "`ray start --head`"),
     ("lora.init_from=loras/nope.safetensors", "loras/nope.safetensors: no such file or checkpoint directory"),
     ("lora.init_from=data/shapes/metadata.csv", "data/shapes/metadata.csv is not a safetensors file"),
 ])
