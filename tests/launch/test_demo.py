@@ -1,9 +1,13 @@
 """`raydiff demo` as a user runs it: its own local Ray, 2 workers, no network; the last line is the checkpoint."""
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
+import diffusers
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -20,10 +24,18 @@ def run_demo(directory, *args: str) -> list[str]:
     return proc.stdout.strip().splitlines()
 
 
-def test_demo_trains_and_prints_the_final_checkpoint(tmp_path):
+def test_demo_trains_and_prints_the_final_checkpoint(tmp_path, lora_key_warnings):
     last = run_demo(tmp_path)[-1]
     assert os.path.basename(last) == "checkpoint-000004"
-    assert os.path.isfile(os.path.join(last, "pytorch_lora_weights.safetensors"))
+    assert sorted(os.listdir(last)) == [".raydiff-complete", "README.md", "config.yaml", "loss.png",
+                                        "pytorch_lora_weights.safetensors", "samples", "trainer_state.json",
+                                        "training_state.pt"]
+    state = json.loads(Path(last, "trainer_state.json").read_text())
+    assert state["global_step"] == 4 and all(np.isfinite(h["loss"]) for h in state["log_history"] if "loss" in h)
+    # The LoRA trained on the demo's own Ray loads into diffusers' FluxPipeline without key warnings.
+    pipe = diffusers.FluxPipeline.from_pretrained(str(tmp_path / "models" / "tiny-flux"))
+    assert lora_key_warnings(lambda: pipe.load_lora_weights(last)) == []
+    assert pipe.transformer.peft_config
 
 
 def test_edit_demo_trains_kontext_and_shows_the_sources_above_its_samples(ray_session, tmp_path, capsys):

@@ -9,7 +9,13 @@ import pytest
 from safetensors import safe_open
 
 from raydiff.config import load_config
-from raydiff.data.shapes import write_clips_dataset, write_control_dataset, write_shapes_dataset, write_vace_dataset
+from raydiff.data.shapes import (
+    write_clips_dataset,
+    write_control_dataset,
+    write_edit_dataset,
+    write_shapes_dataset,
+    write_vace_dataset,
+)
 from raydiff.launch.trainer import launch_training_task
 from raydiff.registry import get_pipeline_class
 
@@ -18,8 +24,10 @@ pytestmark = pytest.mark.slow
 
 
 # (example, its model variant, its data): every family's tiny.yaml, and the Wan 2.2 and still-image variants.
+# FLUX.1's examples/flux/tiny.yaml is trained by the Ctrl-C test (test_hardening.py) and `raydiff demo`'s FLUX.1
+# config by test_demo.py, which checks its checkpoint as below; FLUX.1 Kontext's by the edit demo.
 CASES = {
-    "flux": ("flux/tiny.yaml", None, "shapes"),
+    "qwen_image_edit_plus": ("qwen_image_edit/tiny.yaml", None, "edits"),
     "qwen_image": ("qwen_image/tiny.yaml", None, "shapes"),
     "sd3": ("sd3/tiny.yaml", None, "shapes"),
     "wan": ("wan/tiny.yaml", None, "clips"),
@@ -33,7 +41,7 @@ CASES = {
     "flux_controlnet": ("flux/tiny_controlnet.yaml", None, "control"),
 }
 WRITERS = {"shapes": lambda d: write_shapes_dataset(d, n=8), "clips": write_clips_dataset, "vace": write_vace_dataset,
-           "control": lambda d: write_control_dataset(d, n=8)}
+           "control": lambda d: write_control_dataset(d, n=8), "edits": lambda d: write_edit_dataset(d, n=8)}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -65,7 +73,7 @@ def test_family_trains_from_its_tiny_example(case, ray_session, tiny_model, tmp_
     if cfg.eval.every_steps:
         assert any("eval_loss" in h for h in state["log_history"])
     # The LoRA trained on Ray loads into the family's diffusers pipeline without key warnings.
-    pipe = get_pipeline_class(family).diffusers_class.from_pretrained(cfg.model.path)
+    pipe = get_pipeline_class(family).load_diffusers(cfg.model.path)
     into = {"load_into_transformer_2": True} if cfg.model.expert == "low" else {}
     assert lora_key_warnings(lambda: pipe.load_lora_weights(ckpt, **into)) == []
     assert getattr(pipe, cfg.model.denoiser or "transformer").peft_config
