@@ -24,7 +24,7 @@ from raydiff.console import quiet_libraries, say
 from raydiff.data.buckets import row_buckets
 from raydiff.data.cache_io import SKIPPED_KEY, CacheLayout, columns_to_table, write_empty_prompt
 from raydiff.data.decode import VIDEO_KEYS, DecodeRow
-from raydiff.data.encode import Encoder, remote_empty_prompt, trainable_names, worker_models
+from raydiff.data.encode import Encoder, start_empty_prompt, trainable_names, worker_models
 from raydiff.data.metadata import SampleError, family_max_paths, is_url, train_and_eval_rows
 
 FORMAT = 1
@@ -179,7 +179,7 @@ def preprocess(cfg: RaydiffConfig, rows: list[dict] | None = None, *, shard_rows
             compute=ray.data.ActorPoolStrategy(size=min(d.encoder_actors, len(missing))),
             num_gpus=d.encoder_num_gpus, num_cpus=d.encoder_num_cpus).materialize()
     if not layout.exists(layout.empty_prompt()):
-        write_empty_prompt(layout, remote_empty_prompt(cfg))
+        write_empty_prompt(layout, ray.get(start_empty_prompt(cfg)))
     counts, skipped = layout.shard_stats(len(shards))
     skipped = [{"row": b.row, "file": b.file, "reason": b.reason} for b in unread] + skipped
     layout.write_manifest({**identity, "complete": True, "shards": counts, "num_samples": sum(counts),

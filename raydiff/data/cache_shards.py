@@ -24,7 +24,7 @@ from raydiff.console import quiet_libraries, say
 from raydiff.data.cache import cache_settings, describe_changes, model_identity
 from raydiff.data.cache_io import SKIPPED_KEY, CacheLayout, columns_to_table, write_empty_prompt
 from raydiff.data.decode import DecodeRow
-from raydiff.data.encode import Encoder, remote_empty_prompt
+from raydiff.data.encode import Encoder, start_empty_prompt
 from raydiff.data.metadata import BadSample, SampleError
 from raydiff.data.records import filesystem, iter_records
 from raydiff.data.shards import ShardPlan, plan_shards, shard_id
@@ -66,7 +66,7 @@ def preprocess_sharded(cfg: RaydiffConfig) -> ShardPlan:
             compute=ray.data.ActorPoolStrategy(size=min(d.encoder_actors, len(todo))),
             num_gpus=d.encoder_num_gpus, num_cpus=d.encoder_num_cpus).materialize()
     if not layout.exists(layout.empty_prompt()):
-        write_empty_prompt(layout, remote_empty_prompt(cfg))
+        write_empty_prompt(layout, ray.get(start_empty_prompt(cfg)))
     entries = {s: {"file": cache_file(s), "stamp": stamps[s], "samples": _rows(layout, cache_file(s))}
                for s in sources}
     layout.write_manifest({**identity, "sources": entries, "num_samples": sum(e["samples"] for e in entries.values())})

@@ -23,7 +23,7 @@ from raydiff.data.cache import preprocess
 from raydiff.data.cache_io import CacheLayout, ReadShards, RepeatCached, read_empty_prompt
 from raydiff.data.cache_shards import preprocess_sharded
 from raydiff.data.decode import DecodeRow, count_skipped_rows
-from raydiff.data.encode import EncodeBatch, remote_empty_prompt
+from raydiff.data.encode import EncodeBatch, start_empty_prompt
 from raydiff.data.metadata import BadSample, is_regularization
 from raydiff.data.packing import pack_group
 from raydiff.data.plan import order_rows
@@ -36,7 +36,8 @@ class TrainData:
 
     `packed`: rows are whole bucket batches (iterate with batch_size=1). `num_samples`: samples per
     epoch before the split; `num_batches`: bucket batches per epoch (None unless packed).
-    `empty_prompt`: encoded empty prompt for caption dropout in stream/cache mode. `shards`: the shard
+    `empty_prompt`: encoded empty prompt for caption dropout in stream/cache mode (stream mode: the ObjectRef of
+    its encoding task, `ray.get` by the workers). `shards`: the shard
     plan of sharded data, whose workers build their own pipelines (then `dataset` is None).
     """
 
@@ -44,7 +45,7 @@ class TrainData:
     num_samples: int
     packed: bool = False
     num_batches: int | None = None
-    empty_prompt: dict[str, np.ndarray] | None = None
+    empty_prompt: dict[str, np.ndarray] | ray.ObjectRef | None = None
     shards: ShardPlan | None = None  # sharded data: each worker streams its share (raydiff.data.stream)
 
 
@@ -130,7 +131,7 @@ def _decoded_data(cfg: RaydiffConfig, rows: list[dict], seed: int, counter_name:
     empty = None
     if d.preprocess == "stream":
         ds = _encoded(ds, cfg, 1 if batches else d.encoder_batch_size, actors=d.encoder_actors)
-        empty = remote_empty_prompt(cfg) if d.caption_dropout > 0 else None
+        empty = start_empty_prompt(cfg) if d.caption_dropout > 0 else None  # encodes while the run starts
     if batches is None:
         return TrainData(ds, len(items), empty_prompt=empty)
     return TrainData(ds, len(batches) * t.batch_size, True, len(batches), empty)

@@ -130,8 +130,9 @@ def encode_empty_prompt(config: dict) -> dict[str, np.ndarray]:
     return Encoder(from_remote(config)).empty_prompt()
 
 
-def remote_empty_prompt(cfg: RaydiffConfig) -> dict[str, np.ndarray]:
-    """`encode_empty_prompt` in a Ray task with an encoder actor's resources (the driver loads no model)."""
+def start_empty_prompt(cfg: RaydiffConfig) -> ray.ObjectRef:
+    """`encode_empty_prompt` started in a Ray task with an encoder actor's resources (the driver loads no model);
+    `ray.get` the answer where it is needed, so the encoding overlaps whatever comes first (a run's start)."""
     d = cfg.data
     task = ray.remote(encode_empty_prompt).options(num_cpus=d.encoder_num_cpus, num_gpus=d.encoder_num_gpus)
-    return ray.get(task.remote(to_remote(cfg)))
+    return task.remote(to_remote(cfg))

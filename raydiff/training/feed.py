@@ -46,8 +46,10 @@ class EpochFeed:
         self.rows_per_batch = 1 if args.packed else t.batch_size
         # Decoded samples (or bucket batches) held for the local shuffle; capped: they sit in host memory.
         self.shuffle_buffer = min(self.micro_per_epoch * self.rows_per_batch, 256) if cfg.data.shuffle else None
-        self.dropout = (CaptionDropout(cfg.data.caption_dropout, t.seed, args.empty_prompt)
-                        if cfg.data.caption_dropout > 0 else None)
+        empty = args.empty_prompt
+        if isinstance(empty, ray.ObjectRef):  # stream mode: encoded by a task the driver started
+            empty = ray.get(empty)
+        self.dropout = CaptionDropout(cfg.data.caption_dropout, t.seed, empty) if cfg.data.caption_dropout > 0 else None
         self.wait_s = 0.0
         self.data, self.plan, self.counter = cfg.data, args.shards, args.skip_counter
         self.position: tuple[int, ...] | None = None if self.plan is None else (0, 0, 0, 0)

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 
 from raydiff.config import to_remote
@@ -191,10 +192,10 @@ def test_stream_mode_with_caption_dropout_fetches_the_empty_prompt(ray_session, 
     cfg = mode_config(make_config, tmp_path, "stream", caption_dropout=0.5)
     rows, _ = read_rows(cfg.data)
     data = build_train_data(cfg, rows, seed=0)
-    assert data.empty_prompt is not None and data.empty_prompt["prompt_embeds"].shape == (1, 16, 32)
+    empty = ray.get(data.empty_prompt)  # a task, started by the build, that encodes while the run starts
+    assert empty["prompt_embeds"].shape == (1, 16, 32)
     batch = batches_of(data.dataset, 16)[0]
-    out = collate(batch, "cpu", cfg.data.data_file_keys,
-                  caption_dropout=CaptionDropout(0.5, 0, data.empty_prompt), epoch=0)
+    out = collate(batch, "cpu", cfg.data.data_file_keys, caption_dropout=CaptionDropout(0.5, 0, empty), epoch=0)
     assert out["prompt_embeds"].shape == (16, 16, 32) and "" in out["prompt"]
 
 
