@@ -70,22 +70,6 @@ def test_ddp_run_writes_complete_checkpoints_then_resumes_for_more_epochs(ray_se
     assert kept == ["checkpoint-000006", "checkpoint-000008"]  # num_to_keep: 2
 
 
-def test_a_lokr_run_samples_validation_images_and_loads_into_diffusers(ray_session, make_config, tiny_model):
-    """The whole loop with another adapter type: LoKr trains, its validation grid and model card land in the
-    final checkpoint, and diffusers loads the checkpoint with the transformer's load_lora_adapter."""
-    cfg = make_config("lokr", lora={"type": "lokr", "lokr_factor": 4}, train={"max_steps": 2},
-                      validation={"prompts": ["a red circle"], "steps": 2, "height": 32, "width": 32})
-    ckpt = launch_training_task(cfg).checkpoint.path
-    assert {"README.md", "samples", "pytorch_lora_weights.safetensors"} <= set(os.listdir(ckpt))
-    card = Path(ckpt, "README.md").read_text()
-    front = yaml.safe_load(card.split("---\n")[1])
-    assert front["widget"] == [{"text": "a red circle", "output": {"url": "samples/0.png"}}]
-    assert "![validation grid" in card and "pipe.transformer.load_lora_adapter" in card
-    _, changed = prediction_change(tiny_model, lambda pipe: pipe.transformer.load_lora_adapter(
-        ckpt, weight_name="pytorch_lora_weights.safetensors", prefix="transformer"))
-    assert changed
-
-
 def prediction_change(tiny_model, load) -> tuple:
     """(what `load(pipe)` returned, whether loading changed the tiny FLUX pipeline's DiT prediction on a fixed
     input: the adapter took effect)."""
