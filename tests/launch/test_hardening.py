@@ -218,10 +218,21 @@ def test_a_second_cli_run_of_a_held_name_is_refused_naming_the_holder(tiny_model
     assert f"is in use by another run (pid {os.getpid()} on host {os.uname().nodename}" in out
 
 
-def test_export_and_sample_mistakes_are_one_line(tiny_model, tmp_path):
+def test_export_and_sample_mistakes_are_one_line(tiny_model, tmp_path, monkeypatch, capsys):
+    """The commands run in this process (`main`, as the console script calls it): neither starts Ray."""
     from raydiff.config import dump_config, parse_config
+    from raydiff.launch.cli import main
     from raydiff.training import lora as lora_lib
     from raydiff.training.module import PipelineTrainingModule
+
+    def command(*args) -> tuple[int, str]:
+        code = 0
+        try:
+            main(list(args))
+        except SystemExit as exit_:
+            code = exit_.code
+        out = capsys.readouterr()
+        return code, out.out + out.err
 
     cfg = parse_config({"model": {"path": tiny_model("flux"), "max_sequence_length": 16},
                         "data": {"metadata_path": "unused.csv"}, "lora": {"rank": 4}})
@@ -229,20 +240,18 @@ def test_export_and_sample_mistakes_are_one_line(tiny_model, tmp_path):
     checkpoint = tmp_path / "checkpoint"
     lora_lib.save_lora(str(checkpoint), module.trainable_state_dict(), module.lora_config)
     (checkpoint / "config.yaml").write_text(dump_config(cfg))
+    monkeypatch.chdir(tmp_path)
 
-    export = cli("export", str(checkpoint), "--format", "comfyui", "--family", "sd3", "--out", "x.safetensors",
-                 cwd=tmp_path)
-    out, _ = export.communicate(timeout=60)
-    assert export.returncode == 2 and out.startswith("raydiff: error: comfyui LoRA names are known for families")
+    code, out = command("export", str(checkpoint), "--format", "comfyui", "--family", "sd3", "--out", "x.safetensors")
+    assert code == 2 and out.startswith("raydiff: error: comfyui LoRA names are known for families"), out
+    assert len(out.strip().splitlines()) == 1
     # Without --model and --family, sample reads both from the checkpoint's config.yaml.
-    sample = cli("sample", "--lora", str(checkpoint), "--prompt", "a red circle", "--out", "s.png", "--steps", "1",
-                 "--height", "32", "--width", "32", cwd=tmp_path)
-    out, _ = sample.communicate(timeout=120)
-    assert sample.returncode == 0, out
+    code, out = command("sample", "--lora", str(checkpoint), "--prompt", "a red circle", "--out", "s.png", "--steps",
+                        "1", "--height", "32", "--width", "32")
+    assert code == 0, out
     assert (tmp_path / "s.png").is_file()
-    alone = cli("sample", "--lora", str(tmp_path / "s.png"), "--prompt", "x", "--out", "t.png", cwd=tmp_path)
-    out, _ = alone.communicate(timeout=60)
-    assert alone.returncode == 2 and "pass --model and --family" in out
+    code, out = command("sample", "--lora", str(tmp_path / "s.png"), "--prompt", "x", "--out", "t.png")
+    assert code == 2 and "pass --model and --family" in out and len(out.strip().splitlines()) == 1
     assert yaml.safe_load((checkpoint / "config.yaml").read_text())["model"]["family"] == "flux"
 
 
