@@ -41,7 +41,7 @@ from raydiff.launch.cluster import (
     quiet_ray_driver,
     stop_ray,
 )
-from raydiff.launch.interrupts import Terminated, raise_on_sigterm  # noqa: F401 - Terminated: part of this API
+from raydiff.launch.interrupts import raise_on_sigterm
 from raydiff.launch.run_lock import LOCK_FILE, RunLock
 from raydiff.launch.runs import describe_plan, finished_result
 from raydiff.launch.storage import (
