@@ -38,8 +38,9 @@ CASES = {
     "wan_vace": ("wan_vace/tiny.yaml", None, "vace"),
     "z_image": ("z_image/tiny.yaml", None, "shapes"),
     "flux2_klein": ("flux2/tiny.yaml", None, "shapes"),
-    "flux_controlnet": ("flux/tiny_controlnet.yaml", None, "control"),
+    "flux_controlnet": ("flux/tiny_controlnet.yaml", None, "control"),  # on 2 workers: DDP around a ControlNet
 }
+WORKERS = {"flux_controlnet": 2}
 WRITERS = {"shapes": lambda d: write_shapes_dataset(d, n=8), "clips": write_clips_dataset, "vace": write_vace_dataset,
            "control": lambda d: write_control_dataset(d, n=8), "edits": lambda d: write_edit_dataset(d, n=8)}
 
@@ -54,7 +55,7 @@ def test_family_trains_from_its_tiny_example(case, ray_session, tiny_model, tmp_
                       [f"model.path={tiny_model(family, variant)}", f"data.base_path={data}",
                        f"data.metadata_path={meta}", f"ray.storage_path={tmp_path / 'runs'}",
                        f"data.cache_dir={tmp_path / 'cache'}",  # the examples that train from a cache
-                       "train.max_steps=2", "ray.num_workers=1"])
+                       "train.max_steps=2", f"ray.num_workers={WORKERS.get(case, 1)}"])
     result = launch_training_task(cfg)
     ckpt = result.checkpoint.path
     if cfg.model.controlnet is not None:
@@ -86,7 +87,8 @@ def check_controlnet_checkpoint(cfg, ckpt: str) -> None:
                                         "trainer_state.json", "training_state.pt"]
     state = json.loads(Path(ckpt, "trainer_state.json").read_text())
     assert state["global_step"] == 2 and all(np.isfinite(h["loss"]) for h in state["log_history"] if "loss" in h)
-    assert sorted(state["workers"][0]["models"]) == ["controlnet", "transformer"]
+    assert sorted(w["rank"] for w in state["workers"]) == list(range(cfg.ray.num_workers))
+    assert all(sorted(w["models"]) == ["controlnet", "transformer"] for w in state["workers"])
     family = get_pipeline_class(cfg.model.family)
     controlnet = family.controlnet_class.from_pretrained(str(Path(ckpt, "controlnet")))
     assert controlnet.config.num_layers == cfg.model.controlnet.num_layers
