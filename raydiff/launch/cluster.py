@@ -247,7 +247,7 @@ class DriverConsole:
 
     def _drain(self) -> list:
         try:
-            return ray.get(self.relay.actor.drain.remote(self.relay.channel), timeout=5)
+            return ray.get(self.relay.drain(), timeout=5)
         except Exception:  # noqa: BLE001 - a stopped Ray: nothing more will come
             return []
 

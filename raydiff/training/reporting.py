@@ -115,6 +115,10 @@ class RelayChannel:
     def put(self, kind: str, payload) -> None:
         self.actor.put.remote(self.channel, kind, payload)
 
+    def drain(self):
+        """The ObjectRef of this run's events queued so far (the driver's side)."""
+        return self.actor.drain.remote(self.channel)
+
 
 def relay_actor():
     """`ConsoleRelay` as a Ray actor class (no CPU: it only holds lists)."""
