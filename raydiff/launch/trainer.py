@@ -131,11 +131,25 @@ def plan_run(cfg: RaydiffConfig, module_factory: Callable | None = None, rows=No
     return RunPlan(datasets, args)
 
 
+class RunTrainer(TorchTrainer):
+    """A TorchTrainer without Ray Train's placement-group cleaner. The cleaner is a detached actor (a new
+    process: 1.2 CPU-s and about 1.2 s of every run on 2 cores, docs/performance.md section 1) that polls
+    the State API each second to remove the run's placement group should its controller die while the
+    driver lives on. Ray itself removes a job's placement groups when its driver exits or disconnects,
+    which covers `raydiff train` and a Ctrl-C'd run (raydiff shuts Ray down). Tune's stopped trials are
+    the case the cleaner exists for, so `raydiff tune` keeps it."""
+
+    def _create_default_callbacks(self):  # Ray's private hook: the only place the callbacks are chosen
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+        return [c for c in super()._create_default_callbacks() if not isinstance(c, PlacementGroupCleanerCallback)]
+
+
 def build_trainer(cfg: RaydiffConfig, module_factory: Callable | None = None, *, plan: RunPlan | None = None,
-                  **run_config_kwargs) -> TorchTrainer:
+                  trial: bool = False, **run_config_kwargs) -> TorchTrainer:
     """A TorchTrainer whose workers build the training module themselves (`module_factory(device)`,
     or the config-driven module) and stream samples from the Ray Data pipeline of `plan` (made here
-    when not given)."""
+    when not given). `trial`: a Tune trial's, which keeps Ray Train's placement-group cleaner."""
     plan = plan or plan_run(cfg, module_factory)
     # preserve_order: the split gives rank r the same samples in the same order on every run, whatever
     # the node layout (else Ray splits by decode-task completion order and block locality), so runs
@@ -147,7 +161,7 @@ def build_trainer(cfg: RaydiffConfig, module_factory: Callable | None = None, *,
     resources = {"CPU": cfg.ray.cpus_per_worker}
     if cfg.ray.use_gpu:
         resources["GPU"] = cfg.ray.gpus_per_worker
-    return TorchTrainer(
+    return (TorchTrainer if trial else RunTrainer)(
         train_loop_per_worker,
         train_loop_config={"args": plan.args},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,

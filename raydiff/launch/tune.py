@@ -151,7 +151,7 @@ def tune(config: RaydiffConfig, param_space: dict | None = None,
 
     def train_driver(sampled: dict) -> None:
         cfg = trial_config(config, sampled, ray.tune.get_context().get_trial_id())
-        build_trainer(cfg, module_factory, callbacks=[TuneReportCallback()]).fit()
+        build_trainer(cfg, module_factory, trial=True, callbacks=[TuneReportCallback()]).fit()
 
     if settings.scheduler == "asha":
         scheduler = ASHAScheduler(max_t=settings.max_t, grace_period=settings.grace_period,

@@ -154,54 +154,57 @@ def http_status(url: str, headers: dict | None = None) -> int:
         return err.code
 
 
-def test_ray_job_submit_trains_and_checkpoints_to_storage(cluster, tiny_model, shapes, tmp_path):
-    storage = tmp_path / "runs"
-    job_dir = tmp_path / "job"  # what --working-dir uploads: only the config; the job runs in it
-    job_dir.mkdir()
-    (job_dir / "config.yaml").write_text(tiny_yaml(tiny_model("flux"), shapes, str(storage), "jobrun"))
-
-    ray = cluster
-    # Token mode is really on: the Jobs API refuses a request without the token.
-    assert http_status(f"{ray.dashboard}/api/jobs/") == 401
-    assert http_status(f"{ray.dashboard}/api/jobs/", {"Authorization": f"Bearer {ray.token}"}) == 200
-
-    job_id = f"raydiff-test-{uuid.uuid4().hex[:8]}"
-    submit = ray.run(tool("ray"), "job", "submit", "--address", ray.dashboard, "--submission-id", job_id,
-                     "--working-dir", str(job_dir), "--", "raydiff", "train", "config.yaml", timeout=240)
-    if submit.returncode != 0 or f"Job '{job_id}' succeeded" not in submit.stdout + submit.stderr:
-        logs = ray.run(tool("ray"), "job", "logs", "--address", ray.dashboard, job_id, timeout=60)
-        pytest.fail(f"ray job submit: rc={submit.returncode}\n{(submit.stdout + submit.stderr)[-4000:]}\n"
-                    f"--- ray job logs ---\n{(logs.stdout + logs.stderr)[-8000:]}")
-
-    checkpoint = storage / "jobrun" / "checkpoint-000002"
-    assert sorted(p.name for p in (storage / "jobrun").glob("checkpoint-*")) == ["checkpoint-000002"]
-    assert (checkpoint / "pytorch_lora_weights.safetensors").is_file()
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
-    assert state["global_step"] == 2 and [w["rank"] for w in state["workers"]] == [0]
-
-
 def train(ray: LocalRay, workdir: Path, name: str, *overrides: str) -> dict:
     """`raydiff train` joining `ray` through RAY_ADDRESS; returns the final checkpoint's state and LoRA."""
     proc = ray.run(tool("raydiff"), "train", "config.yaml", "--set", f"ray.name={name}",
                    *[a for o in overrides for a in ("--set", o)], cwd=workdir, timeout=240)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-8000:]
-    checkpoint = workdir / "runs" / name / "checkpoint-000002"
+    return stored_run(workdir / "runs", name)
+
+
+def stored_run(storage: Path, name: str) -> dict:
+    """The state and LoRA of run `name`'s checkpoint at step 2."""
+    checkpoint = storage / name / "checkpoint-000002"
     return {"state": json.loads((checkpoint / "trainer_state.json").read_text()),
             "lora": load_file(str(checkpoint / "pytorch_lora_weights.safetensors"))}
 
 
-def test_two_node_ddp_matches_single_node_ddp(cluster, tiny_model, shapes, tmp_path):
-    # Both "nodes" run on this machine, so a local storage_path is reachable from both; on a
-    # real cluster it must be shared storage (S3, NFS): docs/cluster.md.
-    (tmp_path / "config.yaml").write_text(
-        tiny_yaml(tiny_model("flux"), shapes, str(tmp_path / "runs"), "unused", num_workers=2))
+def submit(ray: LocalRay, job_dir: Path) -> None:
+    """`ray job submit --working-dir job_dir -- raydiff train config.yaml`, which must succeed."""
+    job_id = f"raydiff-test-{uuid.uuid4().hex[:8]}"
+    proc = ray.run(tool("ray"), "job", "submit", "--address", ray.dashboard, "--submission-id", job_id,
+                   "--working-dir", str(job_dir), "--", "raydiff", "train", "config.yaml", timeout=240)
+    if proc.returncode != 0 or f"Job '{job_id}' succeeded" not in proc.stdout + proc.stderr:
+        logs = ray.run(tool("ray"), "job", "logs", "--address", ray.dashboard, job_id, timeout=60)
+        pytest.fail(f"ray job submit: rc={proc.returncode}\n{(proc.stdout + proc.stderr)[-4000:]}\n"
+                    f"--- ray job logs ---\n{(logs.stdout + logs.stderr)[-8000:]}")
+
+
+def test_a_submitted_job_trains_and_the_same_run_across_two_nodes_matches_it(cluster, tiny_model, shapes,
+                                                                             tmp_path):
+    """`ray job submit` of a 2-worker run onto a one-node cluster (token auth on), then the same run by
+    `raydiff train` joining the cluster after a second node joined, one rank on each node."""
     ray = cluster
     assert len(ray.nodes) == 1
+    # Token mode is really on: the Jobs API refuses a request without the token.
+    assert http_status(f"{ray.dashboard}/api/jobs/") == 401
+    assert http_status(f"{ray.dashboard}/api/jobs/", {"Authorization": f"Bearer {ray.token}"}) == 200
 
-    # 1-node cluster: both ranks on the head.
-    single = train(ray, tmp_path, "one-node", "ray.placement_strategy=PACK")
+    # Both "nodes" run on this machine, so a local storage_path is reachable from both; on a
+    # real cluster it must be shared storage (S3, NFS): docs/cluster.md.
+    storage = tmp_path / "runs"
+    job_dir = tmp_path / "job"  # what --working-dir uploads: only the config; the job runs in it
+    job_dir.mkdir()
+    (job_dir / "config.yaml").write_text(
+        tiny_yaml(tiny_model("flux"), shapes, str(storage), "one-node", num_workers=2, placement_strategy="PACK"))
+    submit(ray, job_dir)
+    assert sorted(p.name for p in (storage / "one-node").glob("checkpoint-*")) == ["checkpoint-000002"]
+    single = stored_run(storage, "one-node")
+    assert single["state"]["global_step"] == 2
+
     # Add a second node; STRICT_SPREAD puts one rank on each, DDP (gloo) goes across them.
     ray.add_node(num_cpus=2)
+    (tmp_path / "config.yaml").write_text((job_dir / "config.yaml").read_text())
     spread = train(ray, tmp_path, "two-nodes", "ray.placement_strategy=STRICT_SPREAD")
 
     ranks = {w["rank"]: w["node_id"] for w in single["state"]["workers"]}
@@ -222,3 +225,34 @@ def test_two_node_ddp_matches_single_node_ddp(cluster, tiny_model, shapes, tmp_p
     # for a different reduction order, not for different data.
     for key in single["lora"]:
         torch.testing.assert_close(single["lora"][key], spread["lora"][key], rtol=1e-5, atol=1e-7, msg=key)
+
+
+def placement_groups(ray: LocalRay) -> list[str]:
+    """The states of every placement group the cluster has had, from the State API."""
+    request = urllib.request.Request(f"{ray.dashboard}/api/v0/placement_groups?limit=1000",
+                                     headers={"Authorization": f"Bearer {ray.token}"})
+    with urllib.request.urlopen(request, timeout=30) as r:
+        return [pg["state"] for pg in json.load(r)["data"]["result"]["result"]]
+
+
+def test_a_killed_driver_leaves_no_placement_group_behind(cluster, tiny_model, shapes, tmp_path):
+    """raydiff runs without Ray Train's placement-group cleaner (RunTrainer in raydiff/launch/trainer.py):
+    Ray frees a job's placement groups when its driver dies, even by SIGKILL in the middle of a run."""
+    (tmp_path / "config.yaml").write_text(tiny_yaml(tiny_model("flux"), shapes, str(tmp_path / "runs"), "killed"))
+    driver = subprocess.Popen([tool("raydiff"), "train", "config.yaml", "--set", "train.max_steps=10000",
+                               "--set", "train.num_epochs=1000"], cwd=tmp_path, env=cluster.env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        seen = []
+        for line in driver.stdout:  # until the run trains
+            seen.append(line)
+            if "step 2/" in line:
+                break
+        assert "CREATED" in placement_groups(cluster), "".join(seen)[-4000:]
+    finally:
+        driver.kill()
+        driver.wait()
+    deadline = time.monotonic() + 60
+    while "CREATED" in (states := placement_groups(cluster)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert "CREATED" not in states, states
