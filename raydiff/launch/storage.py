@@ -119,14 +119,14 @@ def check_storage(storage_path: str, endpoint: str | None = None, region: str | 
 
 def run_directory(storage_path: str, name: str, endpoint: str | None = None,
                   region: str | None = None) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) of `<storage_path>/<name>`, local or remote."""
+    """(filesystem, path) of `<storage_path>/<name>`, local or remote (pyarrow resolves gs:// and the like)."""
     fs, path = _resolve(storage_path, endpoint, region)
     if fs is None:
         fs, path = (pafs.LocalFileSystem(), path) if "://" not in path else pafs.FileSystem.from_uri(path)
     return fs, f"{path.rstrip('/')}/{name}"
 
 
-def _display(storage_path: str, path: str) -> str:
+def display_path(storage_path: str, path: str) -> str:
     """A filesystem path in the form of `storage_path` (s3://... or local)."""
     return storage_path[: storage_path.index("://") + 3] + path if "://" in storage_path else path
 
@@ -142,7 +142,7 @@ def latest_checkpoint(storage_path: str, name: str, endpoint: str | None = None,
         legacy = [(step, path) for step, path, _ in stored_checkpoints(fs, run_dir)
                   if fs.get_file_info(f"{path}/trainer_state.json").type == pafs.FileType.File]
         found = legacy[-1] if legacy else None
-    return _display(storage_path, found[1]) if found else None
+    return display_path(storage_path, found[1]) if found else None
 
 
 @dataclass

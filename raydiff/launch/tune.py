@@ -37,7 +37,7 @@ from raydiff.data.decode import skip_counter_name
 from raydiff.data.metadata import family_max_paths, train_and_eval_rows
 from raydiff.data.shards import plan_shards
 from raydiff.launch.cluster import init_ray
-from raydiff.launch.storage import storage_filesystem
+from raydiff.launch.storage import display_path, run_directory, storage_filesystem
 from raydiff.launch.trainer import HEALTH_CHECK_INTERVAL, build_trainer, steps_per_epoch, total_steps
 
 
@@ -266,8 +266,8 @@ def planned_steps(cfg: RaydiffConfig) -> int:
 
 def report_trials(config: RaydiffConfig, rows: list[dict], settings: TuneSettings) -> None:
     """Print the table, write trials.csv and copy the best trial's final checkpoint to best/."""
-    fs, root = _filesystem(config)
-    experiment = f"{root.rstrip('/')}/{config.ray.name}"
+    r = config.ray
+    fs, experiment = run_directory(r.storage_path, r.name, r.storage_endpoint, r.storage_region)
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else ["trial_id"])
     writer.writeheader()
@@ -276,7 +276,7 @@ def report_trials(config: RaydiffConfig, rows: list[dict], settings: TuneSetting
     with fs.open_output_stream(f"{experiment}/trials.csv") as f:
         f.write(text.getvalue().encode())
     say(format_table(rows))
-    say(f"[raydiff] trials table: {_display(config, experiment)}/trials.csv")
+    say(f"[raydiff] trials table: {display_path(config.ray.storage_path, experiment)}/trials.csv")
 
     key = f"best_{settings.metric}"
     ranked = [r for r in rows if not math.isnan(r[key]) and r["checkpoint"]]
@@ -288,8 +288,9 @@ def report_trials(config: RaydiffConfig, rows: list[dict], settings: TuneSetting
     fs.delete_dir_contents(target, missing_dir_ok=True)
     fs.create_dir(target, recursive=True)
     pafs.copy_files(best["checkpoint"], target, source_filesystem=fs, destination_filesystem=fs)
+    shown = [display_path(config.ray.storage_path, p) for p in (best["checkpoint"], target)]
     say(f"[raydiff] best trial {best['trial_id']}: {settings.metric} {best[key]:.6g}; final checkpoint "
-        f"{_display(config, best['checkpoint'])} copied to {_display(config, target)}")
+        f"{shown[0]} copied to {shown[1]}")
 
 
 def format_table(rows: list[dict]) -> str:
@@ -303,19 +304,6 @@ def format_table(rows: list[dict]) -> str:
 
 def _cell(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _filesystem(config: RaydiffConfig) -> tuple[pafs.FileSystem, str]:
-    fs, path = storage_filesystem(config.ray.storage_path, config.ray.storage_endpoint, config.ray.storage_region)
-    if fs is None:
-        return pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
-    return fs, path
-
-
-def _display(config: RaydiffConfig, path: str) -> str:
-    """A filesystem path in the form of `ray.storage_path` (s3://... or local)."""
-    storage = config.ray.storage_path
-    return storage[: storage.index("://") + 3] + path if "://" in storage else path
 
 
 def _kill_skip_counters(config: RaydiffConfig, grid: ray.tune.ResultGrid) -> None:

@@ -12,6 +12,7 @@ import psutil
 import pytest
 import ray
 import torch
+from conftest import tiny_config  # noqa: E402  (pytest puts tests/ on sys.path)
 from safetensors.torch import load_file
 
 from raydiff.data.shapes import write_shapes_dataset
@@ -35,20 +36,32 @@ def assert_same_weights(a: dict, b: dict):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_stop_and_resume_gives_bitwise_the_same_lora(ray_session, make_config, tmp_path):
+@pytest.fixture(scope="module")
+def resume_case(ray_session, tiny_model, shapes, tmp_path_factory):
+    """(config maker, the uninterrupted run's final state and LoRA) for the stop/resume and killed-worker tests,
+    which must both reproduce it: 2 workers, batch 1, 16 samples + 4 regularization samples (10 steps per epoch),
+    11 steps (into the second epoch), checkpoints every 2 steps, 64x64 images so that steps are slow enough to
+    kill a worker between checkpoints. Trained once, uninterrupted."""
+    root = tmp_path_factory.mktemp("reliability")
+    write_shapes_dataset(str(root / "reg"), n=4, seed=3)
+    reg = {"metadata_path": str(root / "reg" / "metadata.csv"), "base_path": str(root / "reg"), "ratio": 0.2}
+
+    def cfg(name, steps=11):
+        return tiny_config(tiny_model("flux"), shapes, str(root / "runs"), name,
+                           data={"height": 64, "width": 64, "regularization": reg},
+                           train={"max_steps": steps, "save_steps": 2, "num_epochs": 3},
+                           ray={"num_workers": 2, "max_failures": 1})
+
+    return cfg, final(launch_training_task(cfg("whole")))
+
+
+def test_stop_and_resume_gives_bitwise_the_same_lora(resume_case):
     """A run stopped after a checkpoint mid-epoch and resumed equals the uninterrupted run, bitwise
     (CPU, deterministic kernels): data position (regularization samples mixed in), optimizer state and
     per-step noise all continue."""
-    write_shapes_dataset(str(tmp_path / "reg"), n=4, seed=3)
-    reg = {"metadata_path": str(tmp_path / "reg" / "metadata.csv"), "base_path": str(tmp_path / "reg"), "ratio": 0.2}
-
-    def cfg(name, steps):  # 2 workers, batch 1, 16 + 4 regularization samples: 10 steps per epoch
-        return make_config(name, train={"max_steps": steps, "save_steps": 3, "num_epochs": 3},
-                           data={"regularization": reg}, ray={"num_workers": 2})
-
-    whole_state, whole = final(launch_training_task(cfg("whole", 11)))
+    cfg, (whole_state, whole) = resume_case
     launch_training_task(cfg("split", 3))  # stops after step 3: mid-epoch, checkpoint at 3
-    split_state, split = final(launch_training_task(cfg("split", 11)))
+    split_state, split = final(launch_training_task(cfg("split")))
     assert [h["step"] for h in split_state["log_history"]] == list(range(1, 12))
     for key in ("loss", "reg_loss"):
         assert [h.get(key) for h in split_state["log_history"]] == [h.get(key) for h in whole_state["log_history"]]
@@ -72,12 +85,8 @@ def kill_a_worker_after(checkpoint_dir: Path, killed: list):
             continue
 
 
-def test_a_killed_worker_restarts_and_the_run_finishes_as_if_uninterrupted(ray_session, make_config, tmp_path):
-    def cfg(name):  # 64x64 images make steps slow enough to kill a worker between checkpoints
-        return make_config(name, data={"height": 64, "width": 64, "repeat": 2},
-                           train={"max_steps": 14, "save_steps": 2}, ray={"num_workers": 2, "max_failures": 1})
-
-    _, whole = final(launch_training_task(cfg("nokill")))
+def test_a_killed_worker_restarts_and_the_run_finishes_as_if_uninterrupted(resume_case):
+    cfg, (_, whole) = resume_case
     run = cfg("kill")
     killed = []
     killer = threading.Thread(target=kill_a_worker_after,
@@ -86,8 +95,8 @@ def test_a_killed_worker_restarts_and_the_run_finishes_as_if_uninterrupted(ray_s
     state, weights = final(launch_training_task(run))
     killer.join()
     assert killed, "no training worker was found to kill"
-    assert state["global_step"] == 14
-    assert [h["step"] for h in state["log_history"]] == list(range(1, 15))  # no gap, no duplicate
+    assert state["global_step"] == 11
+    assert [h["step"] for h in state["log_history"]] == list(range(1, 12))  # no gap, no duplicate
     assert_same_weights(whole, weights)
 
 
