@@ -123,12 +123,21 @@ def add_config_arguments(p: argparse.ArgumentParser, config_help: str) -> None:
     p.add_argument("--verbose", action="store_true", help="also show Ray's own log lines (logging.verbose)")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with its mistakes said as every other raydiff mistake is: one `raydiff: error:` line, exit 2
+    (argparse prints the usage block first). Subcommand parsers inherit the class."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"raydiff: error: {message}; see `{self.prog} --help`\n")
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from raydiff.registry import family_names
     from raydiff.training.lora_formats import FORMATS
 
-    parser = argparse.ArgumentParser(prog="raydiff",
-                                     description="Fine-tune diffusion transformers (LoRA or full) on Ray.")
+    parser = OneLineParser(prog="raydiff",
+                           description="Fine-tune diffusion transformers (LoRA or full) on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train from a YAML config (joins RAY_ADDRESS if set, else starts a local Ray)")

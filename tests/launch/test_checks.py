@@ -388,3 +388,21 @@ def test_a_pipeline_not_on_this_machine_hides_nothing(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert prequantized("nobody/not-a-cached-model") is None  # a worker will download it: it may be quantized
     assert prequantized("./models/no-such-dir") is None  # neither: the model check names the mistake
+
+
+@pytest.mark.parametrize("args, message", [
+    (["trian", "tiny.yaml"], "argument command: invalid choice: 'trian' (choose from 'train', 'preprocess'"),
+    (["train"], "the following arguments are required: config; see `raydiff train --help`"),
+    (["train", "tiny.yaml", "--sett", "x=1"], "unrecognized arguments: --sett x=1; see `raydiff --help`"),
+])
+def test_command_line_mistakes_are_one_line(args, message, capsys):
+    """What argparse refuses (a mistyped command, a missing or unknown argument): the same one line and exit 2
+    as every other mistake, not argparse's usage block."""
+    from raydiff.launch.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert err.splitlines() == [f"raydiff: error: {err.split('raydiff: error: ', 1)[1].strip()}"], err
+    assert message in err
