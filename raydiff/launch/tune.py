@@ -266,8 +266,8 @@ def planned_steps(cfg: RaydiffConfig) -> int:
 
 def report_trials(config: RaydiffConfig, rows: list[dict], settings: TuneSettings) -> None:
     """Print the table, write trials.csv and copy the best trial's final checkpoint to best/."""
-    r = config.ray
-    fs, experiment = run_directory(r.storage_path, r.name, r.storage_endpoint, r.storage_region)
+    fs, experiment = run_directory(config.ray.storage_path, config.ray.name, config.ray.storage_endpoint,
+                                   config.ray.storage_region)
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else ["trial_id"])
     writer.writeheader()
