@@ -174,6 +174,15 @@ class RaydiffConfig(_Section):
                                  + ("one path, not a list" if most == 1 else f"1 to {most} paths"))
 
     @model_validator(mode="after")
+    def _local_mode_has_no_workers(self):
+        r, local = self.ray, "ray.num_workers 0 trains in this process (local mode), without workers"
+        if r.local and r.strategy == "fsdp":
+            raise ValueError(f"ray.strategy fsdp shards across workers; {local}")
+        if r.local and r.max_failures != 0:
+            raise ValueError(f"ray.max_failures restarts failed workers; {local}")
+        return self
+
+    @model_validator(mode="after")
     def _fsdp_is_for_full_fine_tuning(self):
         if self.ray.strategy == "fsdp":
             if self.lora is not None or not self.train.trainable_models:

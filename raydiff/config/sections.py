@@ -313,7 +313,8 @@ class ValidationConfig(_Section):
 
 
 class RayConfig(_Section):
-    num_workers: int = Field(2, ge=1)
+    num_workers: int = Field(2, ge=0, description="training workers; 0 = train in this process (Ray Train's local "
+                                                  "mode: one rank, no restarts, for pdb and quick tries)")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, ge=0)
@@ -336,6 +337,16 @@ class RayConfig(_Section):
     # AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (/ AWS_SESSION_TOKEN) on the driver, else the AWS SDK chain.
     storage_endpoint: str | None = Field(None, description="S3-compatible endpoint URL; null = AWS S3")
     storage_region: str | None = Field(None, description="S3 region; null = AWS_REGION / AWS_DEFAULT_REGION / SDK")
+
+    @property
+    def local(self) -> bool:
+        """Train in the driver's process (num_workers 0)."""
+        return self.num_workers == 0
+
+    @property
+    def ranks(self) -> int:
+        """Ranks the data is split across: the workers, or the driver alone in local mode."""
+        return max(1, self.num_workers)
 
 
 class LogConfig(_Section):

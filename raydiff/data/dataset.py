@@ -82,7 +82,7 @@ def _sharded_data(cfg: RaydiffConfig, seed: int) -> TrainData:
     d = cfg.data
     plan = preprocess_sharded(cfg) if d.preprocess == "cache" else plan_shards(d, seed)
     empty = read_empty_prompt(CacheLayout(d.cache_dir)) if d.preprocess == "cache" and d.caption_dropout else None
-    workers = cfg.ray.num_workers
+    workers = cfg.ray.ranks
     if len(plan.shards) < workers:
         raise UserError(f"{len(plan.shards)} shards cannot give each of ray.num_workers {workers} workers a "
                         f"share; split the data into at least {workers} shards")
@@ -123,7 +123,7 @@ def _decoded_data(cfg: RaydiffConfig, rows: list[dict], seed: int, counter_name:
         sizes, unread = row_buckets(d, ordered)
         count_skipped_rows(counter_name, unread)
         batches = bucket_batches([r for r in ordered if r["_row"] in sizes], sizes, batch_size=t.batch_size,
-                                 num_workers=cfg.ray.num_workers)
+                                 num_workers=cfg.ray.ranks)
         items = [{"_batch": i, "_rows": json.dumps(b)} for i, b in enumerate(batches)]
     else:
         items = ordered
@@ -164,7 +164,7 @@ def _cached_data(cfg: RaydiffConfig, rows: list[dict], seed: int, counter_name: 
         ds = ds.flat_map(RepeatCached(d.repeat, seed, d.shuffle, copies=copies)).sort("_key", boundaries=bounds)
         return TrainData(ds, len(ordered), empty_prompt=empty)
     sizes = {r: tuple(size) for r, size in cached}
-    batches = bucket_batches(ordered, sizes, batch_size=t.batch_size, num_workers=cfg.ray.num_workers)
+    batches = bucket_batches(ordered, sizes, batch_size=t.batch_size, num_workers=cfg.ray.ranks)
     slots = {(r["_row"], r["_rep"]): (b, i) for b, batch in enumerate(batches) for i, r in enumerate(batch)}
     # Two shuffles (group, then order the batches), each with about one partition per 64 batches.
     parts = max(2, min(200, len(batches) // 64))

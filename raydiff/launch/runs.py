@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import os
 
-import pyarrow.fs as pafs
 import ray.train
 
 from raydiff.config import RaydiffConfig, to_dict
-from raydiff.launch.storage import ResumePoint, config_changes, run_directory
+from raydiff.launch.storage import ResumePoint, config_changes, display_path, run_directory
 from raydiff.training.loop_args import LoopArgs
 
 # Differences that say nothing about training: where the run is stored and how it is shown.
@@ -38,8 +37,10 @@ def step_limit(cfg: RaydiffConfig, args: LoopArgs) -> str:
 def describe_plan(cfg: RaydiffConfig, args: LoopArgs, resumed: ResumePoint | None) -> str:
     """One or two lines: the run's steps and their limit, and where it resumes with what changed."""
     r = cfg.ray
-    line = (f"[raydiff] run {r.name}: {args.total_steps} steps ({step_limit(cfg, args)}) on {r.num_workers} "
-            f"worker{'s' if r.num_workers > 1 else ''}")
+    where = f"on {r.num_workers} worker{'s' if r.num_workers > 1 else ''}"
+    if r.local:
+        where = "in this process (local mode)"
+    line = f"[raydiff] run {r.name}: {args.total_steps} steps ({step_limit(cfg, args)}) {where}"
     if resumed is None:
         return line
     changes = [c for c in config_changes(resumed.config, to_dict(cfg)) if not c.startswith(_NOT_SETTINGS)]
@@ -55,11 +56,15 @@ def describe_plan(cfg: RaydiffConfig, args: LoopArgs, resumed: ResumePoint | Non
 
 def finished_result(cfg: RaydiffConfig, resumed: ResumePoint) -> ray.train.Result:
     """The Result of a run that has nothing left to train: its newest checkpoint, unchanged."""
+    return stored_result(cfg, os.path.basename(resumed.path), {"step": resumed.step})
+
+
+def stored_result(cfg: RaydiffConfig, checkpoint_dir: str, metrics: dict) -> ray.train.Result:
+    """A Result naming the stored checkpoint `checkpoint_dir` of this run, as Ray Train returns after a run on
+    workers (local mode's Result has no storage path, as Ray Train stores nothing there)."""
     r = cfg.ray
     fs, run_dir = run_directory(r.storage_path, r.name, r.storage_endpoint, r.storage_region)
-    stored = f"{run_dir}/{os.path.basename(resumed.path)}"
-    checkpoint = ray.train.Checkpoint(path=stored, filesystem=fs)
-    local = isinstance(fs, pafs.LocalFileSystem)
-    return ray.train.Result(metrics={"step": resumed.step}, checkpoint=checkpoint, error=None,
-                            path=run_dir if local else resumed.path.rsplit("/", 1)[0], metrics_dataframe=None,
-                            best_checkpoints=[(checkpoint, {"step": resumed.step})], _storage_filesystem=fs)
+    checkpoint = ray.train.Checkpoint(path=f"{run_dir}/{checkpoint_dir}", filesystem=fs)
+    return ray.train.Result(metrics=metrics, checkpoint=checkpoint, error=None,
+                            path=display_path(r.storage_path, run_dir), metrics_dataframe=None,
+                            best_checkpoints=[(checkpoint, metrics)], _storage_filesystem=fs)

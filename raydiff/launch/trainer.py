@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import signal
 import sys
@@ -43,7 +44,7 @@ from raydiff.launch.cluster import (
 )
 from raydiff.launch.interrupts import raise_on_sigterm
 from raydiff.launch.run_lock import LOCK_FILE, RunLock
-from raydiff.launch.runs import describe_plan, finished_result
+from raydiff.launch.runs import describe_plan, finished_result, stored_result
 from raydiff.launch.storage import (
     check_storage,
     latest_checkpoint,
@@ -67,11 +68,22 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     args: LoopArgs = loop_config["args"]
     cfg = args.parse_config()
-    hide_unused_libraries(cfg)  # this process serves this run only
-    feed = EpochFeed(cfg, args, ray.train.torch.get_device(), fresh=not has_checkpoint())
+    if not cfg.ray.local:
+        hide_unused_libraries(cfg)  # a worker process serves this run only (the driver may serve more)
+    feed = EpochFeed(cfg, args, ray.train.torch.get_device(), fresh=not has_checkpoint(args.storage))
     from raydiff.training.loop import train_loop_per_worker as loop
 
-    loop(loop_config, feed)
+    if not cfg.ray.local:
+        loop(loop_config, feed)
+        return
+    import torch  # local mode: torch in the caller's process computes as a worker of ray.cpus_per_worker would
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
+    try:
+        loop(loop_config, feed)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run_dir(cfg: RaydiffConfig) -> str:
@@ -85,11 +97,11 @@ def run_dir(cfg: RaydiffConfig) -> str:
 
 def steps_per_epoch(num_rows: int, cfg: RaydiffConfig) -> int:
     """Optimizer steps each worker takes per epoch; Ray's equal split drops the remainder rows."""
-    t, workers = cfg.train, cfg.ray.num_workers
+    t, workers = cfg.train, cfg.ray.ranks
     steps = num_rows // workers // t.batch_size // t.gradient_accumulation_steps
     if steps == 0:
         raise ValueError(
-            f"{num_rows} samples are too few for {workers} workers x batch_size {t.batch_size} x "
+            f"{num_rows} samples are too few for {workers} ranks x batch_size {t.batch_size} x "
             f"gradient_accumulation_steps {t.gradient_accumulation_steps}; add data, data.repeat or fewer workers")
     return steps
 
@@ -127,7 +139,9 @@ def plan_run(cfg: RaydiffConfig, module_factory: Callable | None = None, rows=No
     args = LoopArgs(to_remote(cfg), epoch_steps, total_steps(cfg, epoch_steps), packed=train.packed,
                     empty_prompt=train.empty_prompt, skip_counter=counter, run_dir=run_dir(cfg),
                     is_tty=sys.stdout.isatty(), module_factory=module_factory, relay=relay, shards=train.shards,
-                    dataset=dataset_summary(rows, cfg.data.repeat, train.num_samples))
+                    dataset=dataset_summary(rows, cfg.data.repeat, train.num_samples),
+                    storage=run_directory(cfg.ray.storage_path, cfg.ray.name, cfg.ray.storage_endpoint,
+                                          cfg.ray.storage_region) if cfg.ray.local else None)
     return RunPlan(datasets, args)
 
 
@@ -161,6 +175,9 @@ def build_trainer(cfg: RaydiffConfig, module_factory: Callable | None = None, *,
     resources = {"CPU": cfg.ray.cpus_per_worker}
     if cfg.ray.use_gpu:
         resources["GPU"] = cfg.ray.gpus_per_worker
+    datasets = plan.datasets
+    if cfg.ray.local:  # Ray Train's local mode hands the loop the datasets themselves, without DataConfig
+        datasets = {name: with_options(ds, ingest) for name, ds in datasets.items()}
     return (TorchTrainer if trial else RunTrainer)(
         train_loop_per_worker,
         train_loop_config={"args": plan.args},
@@ -172,10 +189,17 @@ def build_trainer(cfg: RaydiffConfig, module_factory: Callable | None = None, *,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.num_to_keep),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             logging_config=LoggingConfig(log_level="WARNING"), **run_config_kwargs),
-        datasets=plan.datasets,
+        datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"] if "train" in plan.datasets else [],
                                   execution_options=ingest),
     )
+
+
+def with_options(dataset: ray.data.Dataset, options: ExecutionOptions) -> ray.data.Dataset:
+    """A copy of `dataset` that executes with `options`, as Ray Train's DataConfig makes for its workers."""
+    dataset = dataset.copy(dataset)
+    dataset.context.execution_options = copy.deepcopy(options)
+    return dataset
 
 
 def launch_training_task(cfg: RaydiffConfig, module_factory: Callable | None = None) -> ray.train.Result:
@@ -269,6 +293,8 @@ def _train(cfg: RaydiffConfig, module_factory: Callable | None, rows, started: b
         if resumed is not None and resumed.step >= plan.args.total_steps:
             return finished_result(cfg, resumed)
         result = fit_interruptibly(build_trainer(cfg, module_factory, plan=plan))
+        if cfg.ray.local and result.checkpoint is not None:
+            result = stored_result(cfg, os.path.basename(result.checkpoint.path), result.metrics)
     finally:
         console.close()
     if result.checkpoint is not None:

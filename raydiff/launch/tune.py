@@ -141,6 +141,9 @@ def tune(config: RaydiffConfig, param_space: dict | None = None,
     distributions such as `{loguniform: [1e-5, 1e-3]}`, or Tune domains) with one Ray Train run per
     trial. Prints the trials table, writes `<storage>/<name>/trials.csv`, copies the best trial's final
     checkpoint to `<storage>/<name>/best/` and returns Tune's ResultGrid."""
+    if config.ray.local:
+        raise ConfigError("raydiff tune runs every trial on Ray Train workers; set ray.num_workers to 1 or more "
+                          "(0 trains in the calling process, which trials cannot share)")
     if config.tune is None:  # validate the defaults against this config (eval_loss needs an eval section)
         config = parse_config({**to_dict(config), "tune": {}})
     config = config.resolved_paths()  # Tune runs each driver in its trial directory

@@ -5,6 +5,9 @@ whatever Ray's own list of checkpoints says: Ray registers a checkpoint only aft
 run stopped between the two would otherwise resume from an older one and write over the newer ones.
 The marker is written into the stored copy right after the upload, on local disk and on S3 alike.
 
+In local mode (`ray.num_workers: 0`) Ray Train keeps no storage: the driver hands the loop the run
+directory (`LoopArgs.storage`) and `store_checkpoint` does Ray's part, the upload and `num_to_keep`.
+
 Light on imports (pyarrow only): the worker's data feed and the driver use it before the model stack
 loads.
 """
@@ -47,20 +50,22 @@ def newest_complete_checkpoint(fs: pafs.FileSystem, run_dir: str) -> tuple[int, 
     return complete[-1] if complete else None
 
 
-def run_storage() -> tuple[pafs.FileSystem, str]:
-    """(filesystem, run directory) of the Ray Train run this worker belongs to. Ray's `get_storage()` is a
-    DeveloperAPI, but the only way a worker learns where its checkpoints are stored."""
+def run_storage(local: tuple[pafs.FileSystem, str] | None = None) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, run directory) of the Ray Train run this worker belongs to: `local` in local mode, else
+    Ray's `get_storage()`, a DeveloperAPI but the only way a worker learns where its checkpoints are."""
+    if local is not None:
+        return local
     import ray.train
 
     storage = ray.train.get_context().get_storage()
     return storage.storage_filesystem, storage.experiment_fs_path
 
 
-def has_checkpoint() -> bool:
+def has_checkpoint(local: tuple[pafs.FileSystem, str] | None = None) -> bool:
     """Whether this worker's run resumes (a complete checkpoint on storage, or one Ray registered)."""
     import ray.train
 
-    fs, run_dir = run_storage()
+    fs, run_dir = run_storage(local)
     return newest_complete_checkpoint(fs, run_dir) is not None or ray.train.get_checkpoint() is not None
 
 
@@ -71,3 +76,18 @@ def upload_and_mark_complete(checkpoint, dir_name: str):
     persisted = ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, dir_name)
     mark_complete(persisted.filesystem, persisted.path, int(_CHECKPOINT.search(dir_name).group(1)))
     return persisted
+
+
+def store_checkpoint(directory: str, storage: tuple[pafs.FileSystem, str], step: int, keep: int | None) -> str:
+    """Local mode: copy the checkpoint written in `directory` to the run directory, mark it complete, then
+    delete the oldest beyond `keep` (ray.num_to_keep), as Ray Train does for its workers' checkpoints.
+    Returns the stored path."""
+    fs, run_dir = storage
+    stored = f"{run_dir.rstrip('/')}/{checkpoint_name(step)}"
+    fs.create_dir(stored, recursive=True)
+    pafs.copy_files(directory, stored, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    mark_complete(fs, stored, step)
+    if keep is not None:
+        for _, path, _ in stored_checkpoints(fs, run_dir)[:-keep]:
+            fs.delete_dir(path)
+    return stored

@@ -22,7 +22,7 @@ from raydiff.data.decode import skipped_samples
 from raydiff.pipelines.controlnet import CONTROL_IMAGE
 from raydiff.training import fsdp, model_card
 from raydiff.training.checkpoint import FULL_WEIGHTS_FILE, MODEL_WEIGHTS_FILE, TrainerState, save_checkpoint
-from raydiff.training.checkpoint_store import checkpoint_name, upload_and_mark_complete
+from raydiff.training.checkpoint_store import checkpoint_name, store_checkpoint, upload_and_mark_complete
 from raydiff.training.ema import EMA
 from raydiff.training.evaluation import EvalSet
 from raydiff.training.loop_args import LoopArgs
@@ -162,6 +162,10 @@ class StepHooks:
                                 optimizer_state, ema_weights)
                 self._write_samples(tmp, state, final)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            if self.args.storage is not None:  # local mode: Ray Train stores nothing, raydiff does its part
+                fs = self.args.storage[0]
+                stored = store_checkpoint(tmp, self.args.storage, state.global_step, self.cfg.ray.num_to_keep)
+                checkpoint = ray.train.Checkpoint(stored, filesystem=fs)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name(state.global_step),
                              checkpoint_upload_fn=upload_and_mark_complete)
         self.last_saved = state.global_step

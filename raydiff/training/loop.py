@@ -54,10 +54,10 @@ def distribute(module: DiffusionTrainingModule, sharded: list[str], unused: bool
     return ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": unused})
 
 
-def newest_checkpoint(rank: int, world: int) -> ray.train.Checkpoint | None:
+def newest_checkpoint(rank: int, world: int, local_storage=None) -> ray.train.Checkpoint | None:
     """The newest complete checkpoint on storage (rank 0 looks, every rank gets its answer), else Ray's
     own latest (a run written before completeness markers), else None."""
-    fs, run_dir = run_storage()
+    fs, run_dir = run_storage(local_storage)
     found = [newest_complete_checkpoint(fs, run_dir) if rank == 0 else None]
     if world > 1:
         torch.distributed.broadcast_object_list(found, src=0)
@@ -67,10 +67,10 @@ def newest_checkpoint(rank: int, world: int) -> ray.train.Checkpoint | None:
 
 
 def resume(cfg, module, optimizer, scheduler, sharded: list[str], rank: int, world: int,
-           ema: EMA | None = None) -> TrainerState:
+           ema: EMA | None = None, local_storage=None) -> TrainerState:
     """The newest complete checkpoint of this run (weights, optimizer, schedule, EMA, position), or a fresh
     state. The config's optimizer settings apply from the resumed step on."""
-    checkpoint = newest_checkpoint(rank, world)
+    checkpoint = newest_checkpoint(rank, world, local_storage)
     if checkpoint is None:
         return TrainerState()
     with checkpoint.as_directory() as directory:
@@ -115,13 +115,13 @@ def train_loop_per_worker(loop_config: dict, feed: EpochFeed | None = None) -> N
     rank, world, device = ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
 
     # [1] setup
-    feed = feed or EpochFeed(cfg, args, device, fresh=not has_checkpoint())
+    feed = feed or EpochFeed(cfg, args, device, fresh=not has_checkpoint(args.storage))
     module, sharded = build_module(cfg, args, device)
     optimizer, scheduler = build_optimizer(cfg, module.trainable_parameters(), args.total_steps)
     ema = EMA(module.trainable_parameters(), cfg.train.ema) if cfg.train.ema else None
 
     # [2] resume
-    state = resume(cfg, module, optimizer, scheduler, sharded, rank, world, ema)
+    state = resume(cfg, module, optimizer, scheduler, sharded, rank, world, ema, args.storage)
     feed.restore(state.positions)
     state.workers = worker_placement(rank, world, module)
     forward = distribute(module, sharded, unused=cfg.model.controlnet is not None)

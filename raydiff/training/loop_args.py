@@ -19,7 +19,8 @@ class LoopArgs:
     rank 0 writes TensorBoard events. `module_factory(device)`: builds the training module instead of
     the config-driven one. `relay`: a `RelayChannel` that carries rank 0's console output to the
     driver (None: rank 0 prints itself). `dataset`: what the final checkpoint's model card says about the
-    training data (`model_card.dataset_summary`: size, trigger words)."""
+    training data (`model_card.dataset_summary`: size, trigger words). `storage`: in local mode
+    (`ray.num_workers: 0`), the (filesystem, run directory) raydiff stores checkpoints in itself."""
 
     config: dict
     steps_per_epoch: int
@@ -33,6 +34,7 @@ class LoopArgs:
     relay: Any = None
     shards: Any = None  # raydiff.data.shards.ShardPlan of sharded data, which each worker streams itself
     dataset: dict | None = None
+    storage: Any = None
 
     def parse_config(self) -> RaydiffConfig:
         return from_remote(self.config)

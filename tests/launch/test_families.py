@@ -1,4 +1,6 @@
-"""Every family trains end to end through the same `raydiff train` path, from its example tiny config."""
+"""Every family trains end to end through the same `raydiff train` path, from its example tiny config: in the
+test's process (local mode, which trains what one Ray worker trains: tests/launch/test_local_mode.py), and the
+ControlNet on two workers."""
 
 import json
 import os
@@ -40,7 +42,7 @@ CASES = {
     "flux2_klein": ("flux2/tiny.yaml", None, "shapes"),
     "flux_controlnet": ("flux/tiny_controlnet.yaml", None, "control"),  # on 2 workers: DDP around a ControlNet
 }
-WORKERS = {"flux_controlnet": 2}
+WORKERS = {"flux_controlnet": 2}  # the others: 0, local mode
 WRITERS = {"shapes": lambda d: write_shapes_dataset(d, n=8), "clips": write_clips_dataset, "vace": write_vace_dataset,
            "control": lambda d: write_control_dataset(d, n=8), "edits": lambda d: write_edit_dataset(d, n=8)}
 
@@ -55,7 +57,7 @@ def test_family_trains_from_its_tiny_example(case, ray_session, tiny_model, tmp_
                       [f"model.path={tiny_model(family, variant)}", f"data.base_path={data}",
                        f"data.metadata_path={meta}", f"ray.storage_path={tmp_path / 'runs'}",
                        f"data.cache_dir={tmp_path / 'cache'}",  # the examples that train from a cache
-                       "train.max_steps=2", f"ray.num_workers={WORKERS.get(case, 1)}"])
+                       "train.max_steps=2", f"ray.num_workers={WORKERS.get(case, 0)}"])
     result = launch_training_task(cfg)
     ckpt = result.checkpoint.path
     if cfg.model.controlnet is not None:

@@ -114,12 +114,12 @@ class NaNAfter(PipelineTrainingModule):
 
 
 def test_non_finite_steps_are_skipped_and_counted_then_stop_the_run(ray_session, make_config):
-    cfg = make_config("nan", train={"max_steps": 5, "max_bad_steps": 3})
+    cfg = make_config("nan", train={"max_steps": 5, "max_bad_steps": 3}, ray={"num_workers": 0})  # local mode
     state, _ = final(launch_training_task(cfg, module_factory=lambda d: NaNAfter(cfg, d, start=2, count=2)))
     assert state["global_step"] == 5 and state["bad_steps"] == 2
     assert all(h["loss"] == h["loss"] for h in state["log_history"][2:])  # finite after the bad steps
 
-    cfg = make_config("nan-stop", train={"max_steps": 8, "save_steps": 1, "max_bad_steps": 3})
+    cfg = make_config("nan-stop", train={"max_steps": 8, "save_steps": 1, "max_bad_steps": 3}, ray={"num_workers": 0})
     with pytest.raises(Exception) as err:
         launch_training_task(cfg, module_factory=lambda d: NaNAfter(cfg, d, start=3, count=100))
     message = str(err.value) + "".join(str(e) for e in getattr(err.value, "worker_failures", {}).values())

@@ -50,6 +50,6 @@ def test_webdataset_shards_are_counted_in_ray_tasks_and_train(ray_session, make_
     write_webdataset(str(tmp_path / "wds"), [3, 5, 4])
     result = launch_training_task(make_config("wds", data={"metadata_path": str(tmp_path / "wds"),
                                                            "format": "webdataset"},
-                                              train={"max_steps": 2}))
+                                              train={"max_steps": 2}, ray={"num_workers": 0}))  # local mode
     state, _ = final(result)
     assert state["global_step"] == 2 and state["positions"] == [[0, 0, 0, 2]]  # pass 0, chunk at (0, 0), 2 taken

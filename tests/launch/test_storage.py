@@ -10,6 +10,7 @@ import time
 import pytest
 
 from raydiff.launch.storage import StorageError, check_storage, latest_checkpoint, storage_filesystem
+from raydiff.launch.trainer import launch_training_task
 
 boto3 = pytest.importorskip("boto3")
 moto_server = pytest.importorskip("moto.server")
@@ -149,6 +150,18 @@ def test_ray_training_checkpoints_to_s3_and_resumes_from_it(ray_session, make_co
     assert [h["step"] for h in state["log_history"]] == [1, 2, 3, 4]  # no repeat, no gap
     # Steps 1-2 came from the S3 checkpoint, not from retraining: a fresh run would log other timings.
     assert state["log_history"][:2] == first["log_history"]
+
+    # Local mode resumes from the workers' S3 checkpoint and stores its own there as Ray does, the newest
+    # ray.num_to_keep (3) kept, each marked complete.
+    local = make_config("s3run", train={"max_steps": 6, "save_steps": 1},
+                        ray={"num_workers": 0, "storage_path": storage, "storage_endpoint": s3_endpoint})
+    launch_training_task(local)
+    last = read_state(s3_endpoint, "runs/s3run/checkpoint-000006")
+    assert [h["step"] for h in last["log_history"]] == list(range(1, 7))
+    assert last["log_history"][:4] == state["log_history"]
+    stored = set(keys(s3_endpoint, "runs/s3run/"))
+    assert {k.split("/")[2] for k in stored if "/checkpoint-" in k} == {f"checkpoint-00000{s}" for s in (4, 5, 6)}
+    assert {f"runs/s3run/checkpoint-00000{s}/.raydiff-complete" for s in (5, 6)} <= stored
 
 
 def read_state(endpoint: str, checkpoint_key: str) -> dict:

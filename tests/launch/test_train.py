@@ -95,7 +95,7 @@ def test_skip_bad_samples_counts_them_and_finishes(ray_session, make_config, tmp
         f.write("truncated.png,broken\ntext.png,also broken\n")
     cfg = make_config("skip", data={"base_path": str(data), "metadata_path": meta, "skip_bad_samples": True,
                                     "repeat": 2},
-                      train={"max_steps": 3, "batch_size": 2})
+                      train={"max_steps": 3, "batch_size": 2}, ray={"num_workers": 0})  # local mode
     state = read_state(launch_training_task(cfg).checkpoint.path)
     assert state["global_step"] == 3 and state["skipped_samples"] == 2
     assert state["log_history"][-1]["skipped_samples"] == 2

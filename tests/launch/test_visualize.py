@@ -20,7 +20,7 @@ def test_checkpoints_carry_samples_grid_and_loss_plot_and_tensorboard_has_scalar
                       train={"max_steps": 4, "save_steps": 2, "learning_rate": 5e-3},
                       validation={"prompts": ["a red circle", "a blue square"], "steps": 2, "height": 32,
                                   "width": 48, "guidance": 1.0},
-                      logging={"tensorboard": True})
+                      logging={"tensorboard": True}, ray={"num_workers": 0})  # local mode
     ckpt = Path(launch_training_task(cfg).checkpoint.path)
     samples = [Image.open(ckpt / "samples" / f"{i}.png") for i in range(2)]
     assert all(im.size == (48, 32) for im in samples)
