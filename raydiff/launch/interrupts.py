@@ -25,3 +25,4 @@ def raise_on_sigterm():
         raise Terminated
 
     return signal.signal(signal.SIGTERM, handler)
+

@@ -292,7 +292,7 @@ def _train(cfg: RaydiffConfig, module_factory: Callable | None, rows, started: b
         say(describe_plan(cfg, plan.args, resumed))
         if resumed is not None and resumed.step >= plan.args.total_steps:
             return finished_result(cfg, resumed)
-        result = fit_interruptibly(build_trainer(cfg, module_factory, plan=plan))
+        result = fit_interruptibly(build_trainer(cfg, module_factory, plan=plan), local=cfg.ray.local)
         if cfg.ray.local and result.checkpoint is not None:
             result = stored_result(cfg, os.path.basename(result.checkpoint.path), result.metrics)
     finally:
@@ -302,26 +302,39 @@ def _train(cfg: RaydiffConfig, module_factory: Callable | None, rows, started: b
     return result
 
 
-def fit_interruptibly(trainer: TorchTrainer, stop: Callable[[], None] = stop_ray) -> ray.train.Result:
+def fit_interruptibly(trainer: TorchTrainer, stop: Callable[[], None] = stop_ray, *,
+                      local: bool = False) -> ray.train.Result:
     """`trainer.fit()` in a thread, so that Ctrl-C (or SIGTERM, as `Terminated`) reaches this one at once: it
-    calls `stop` (Ray's bounded shutdown) and raises KeyboardInterrupt, even while Ray waits for resources."""
+    calls `stop` (Ray's bounded shutdown) and raises KeyboardInterrupt, even while Ray waits for resources.
+    `local`: the training loop itself runs in that thread (local mode), and is stopped first, at its next batch
+    (up to 10 s): a thread still reading from Ray Data once Ray is shut down makes Ray end the process (exit 1,
+    without the closing lines)."""
     outcome: dict = {}
+    # Set when fit() returns. Not `thread.is_alive()`: in Python 3.11 a join() that Ctrl-C interrupts can leave
+    # the thread marked as stopped while it runs on.
+    done = threading.Event()
 
     def fit():
         try:
             outcome["result"] = trainer.fit()
         except BaseException as err:  # noqa: BLE001 - handed to the calling thread
             outcome["error"] = err
+        finally:
+            done.set()
 
-    thread = threading.Thread(target=fit, daemon=True, name="raydiff-fit")
-    thread.start()
+    threading.Thread(target=fit, daemon=True, name="raydiff-fit").start()
     previous = raise_on_sigterm()
     try:
-        while thread.is_alive():
-            thread.join(0.2)
+        while not done.wait(0.2):
+            pass
     except KeyboardInterrupt as stopped:
         say("[raydiff] interrupted: stopping the run")
         stopped.announced = True
+        if local:
+            from raydiff.training.feed import stop_local_feed
+
+            stop_local_feed()
+            done.wait(10)
         stop()
         raise
     finally:

@@ -28,6 +28,14 @@ from raydiff.data.plan import CaptionDropout
 from raydiff.training.loop_args import LoopArgs
 from raydiff.training.step import step_seed
 
+# Local mode's Ctrl-C (raydiff.launch.trainer.fit_interruptibly): the driver sets it, and the feed, running in
+# the driver's training thread, stops at its next batch, closing its Ray Data readers as it unwinds.
+_STOP_LOCAL = threading.Event()
+
+
+def stop_local_feed() -> None:
+    _STOP_LOCAL.set()
+
 
 class EpochFeed:
     """This rank's batches. A bucket batch (`args.packed`) arrives as one dataset row. A fresh run (no
@@ -51,6 +59,10 @@ class EpochFeed:
             empty = ray.get(empty)
         self.dropout = CaptionDropout(cfg.data.caption_dropout, t.seed, empty) if cfg.data.caption_dropout > 0 else None
         self.wait_s = 0.0
+        # Local mode: Ray shuts down in this process right after the loop, and a thread still reading from Ray
+        # Data then makes Ray end the process (docs/ray_notes.md), so closing waits for the reading threads.
+        self.close_wait_s = 5.0 if cfg.ray.local else 0.0
+        _STOP_LOCAL.clear()  # a new run in this process
         self.data, self.plan, self.counter = cfg.data, args.shards, args.skip_counter
         self.position: tuple[int, ...] | None = None if self.plan is None else (0, 0, 0, 0)
         self.stream = None
@@ -70,6 +82,8 @@ class EpochFeed:
         already moved past them."""
         window = []
         for micro, batch in self._micro_batches(epoch, skip):
+            if _STOP_LOCAL.is_set():
+                raise KeyboardInterrupt("stopped by the driver")
             if skip <= micro < self.micro_per_epoch:
                 window.append(collate(batch, self.device, self.keys, caption_dropout=self.dropout, epoch=epoch))
                 if len(window) == self.accum:
@@ -115,14 +129,14 @@ class EpochFeed:
                 yield batch
         finally:
             close(it)
-            close(batches)  # a Prefetched source: its thread closes the Ray Data iterator
+            close(batches, self.close_wait_s)  # a Prefetched source: its thread closes the Ray Data iterator
 
     def close(self) -> None:
         """Stop this rank's stream (sharded data): an endless Ray Data execution left open would keep its
         reading task, and the CPUs it holds, after the run."""
         stream, self.stream = self.stream, None
         close(stream)
-        close(self.early)
+        close(self.early, self.close_wait_s)
 
     def _batches(self, epoch: int):
         if self.plan is not None:
@@ -167,9 +181,12 @@ def _rows_column(parts: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def close(it) -> None:
-    """Close a generator-like iterator (or a `Prefetched`) if it can be closed."""
-    if it is not None and hasattr(it, "close"):
+def close(it, wait_s: float = 0.0) -> None:
+    """Close a generator-like iterator (or a `Prefetched`, waiting up to `wait_s` for its thread) if it can be
+    closed."""
+    if isinstance(it, Prefetched):
+        it.close(wait_s)
+    elif it is not None and hasattr(it, "close"):
         it.close()
 
 
@@ -181,7 +198,8 @@ class Prefetched:
     def __init__(self, iterable, depth: int = 2):
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.stopped = threading.Event()
-        threading.Thread(target=self._fill, args=(iterable,), daemon=True, name="raydiff-prefetch").start()
+        self.thread = threading.Thread(target=self._fill, args=(iterable,), daemon=True, name="raydiff-prefetch")
+        self.thread.start()
 
     def _fill(self, iterable) -> None:
         it = iter(iterable)
@@ -190,6 +208,8 @@ class Prefetched:
                 while not self._offer(item):
                     if self.stopped.is_set():
                         return
+                if self.stopped.is_set():
+                    return
             self._offer(self._END)
         except BaseException as err:  # noqa: BLE001 - handed to the consumer, which raises it
             self._offer(err)
@@ -203,9 +223,11 @@ class Prefetched:
         except queue.Full:
             return False
 
-    def close(self) -> None:
-        """Stop fetching; the source iterator is closed by the fetching thread."""
+    def close(self, wait_s: float = 0.0) -> None:
+        """Stop fetching; the fetching thread closes the source iterator, within `wait_s` if given."""
         self.stopped.set()
+        if wait_s:
+            self.thread.join(wait_s)
 
     def __iter__(self):
         while (item := self.queue.get()) is not self._END:

@@ -131,18 +131,20 @@ def train_loop_per_worker(loop_config: dict, feed: EpochFeed | None = None) -> N
                       device=device, sharded=sharded, start_step=state.global_step, ema=ema)
 
     # [3] train
-    for epoch in range(state.epoch, cfg.train.num_epochs):
-        if state.global_step >= args.total_steps:
-            break
-        for micro_batches in feed.epoch(epoch, skip=state.batches_in_epoch):
-            result = stepper.step(micro_batches, state.global_step)
-            state.advance(result, len(micro_batches), feed.micro_per_epoch)
-            hooks.after_step(state, result)
+    try:
+        for epoch in range(state.epoch, cfg.train.num_epochs):
             if state.global_step >= args.total_steps:
                 break
-        else:
-            state.end_epoch(epoch)  # the split ran out, even if bad samples left it short of the plan
+            for micro_batches in feed.epoch(epoch, skip=state.batches_in_epoch):
+                result = stepper.step(micro_batches, state.global_step)
+                state.advance(result, len(micro_batches), feed.micro_per_epoch)
+                hooks.after_step(state, result)
+                if state.global_step >= args.total_steps:
+                    break
+            else:
+                state.end_epoch(epoch)  # the split ran out, even if bad samples left it short of the plan
+    finally:
+        feed.close()  # also when stopped (local mode's Ctrl-C: raydiff.launch.trainer.fit_interruptibly)
 
     # [4] finish
-    feed.close()
     hooks.finish(state)

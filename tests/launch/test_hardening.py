@@ -71,6 +71,27 @@ def test_fit_stops_at_once_on_ctrl_c_or_sigterm_even_while_the_trainer_waits(sig
     assert signal.getsignal(signal.SIGTERM) is before  # the process's own SIGTERM handling is back
 
 
+def test_ctrl_c_in_local_mode_unwinds_the_loop_before_ray_shuts_down():
+    """Local mode trains in fit()'s thread: Ray shut down under a loop still reading from Ray Data makes Ray end
+    the process (exit 1, no closing lines), so the loop is told to stop and unwinds first."""
+    from raydiff.training.feed import _STOP_LOCAL
+
+    events = []
+
+    class LocalLoop:  # the loop as the feed runs it: until the driver says stop, then its finally blocks
+        def fit(self):
+            _STOP_LOCAL.clear()
+            while not _STOP_LOCAL.wait(0.05):
+                pass
+            time.sleep(0.3)
+            events.append("loop unwound")
+
+    threading.Timer(0.5, os.kill, args=(os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        fit_interruptibly(LocalLoop(), stop=lambda: events.append("ray stopped"), local=True)
+    assert events == ["loop unwound", "ray stopped"]
+
+
 def test_the_cli_exits_130_on_ctrl_c_and_143_on_sigterm(monkeypatch):
     from raydiff.launch import cli
 
@@ -144,10 +165,12 @@ def project(tmp_path, tiny_model) -> Path:
     return tmp_path
 
 
-def test_ctrl_c_ends_a_cli_run_in_seconds_and_says_where_a_rerun_continues(tiny_model, tmp_path):
+@pytest.mark.parametrize("workers", [2, 0])  # 0: local mode, the loop in the command's own process
+def test_ctrl_c_ends_a_cli_run_in_seconds_and_says_where_a_rerun_continues(tiny_model, tmp_path, workers):
     cwd = project(tmp_path, tiny_model)
     proc = cli("train", "tiny.yaml", "--set", "train.max_steps=null", "--set", "train.num_epochs=50",
-               "--set", "train.save_steps=3", "--set", "ray.num_cpus=4", cwd=cwd)
+               "--set", "train.save_steps=3", "--set", "ray.num_cpus=4", "--set", f"ray.num_workers={workers}",
+               cwd=cwd)
     lines, sent = [], None
     for line in proc.stdout:
         lines.append(line.rstrip("\n"))
