@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "recoloured by instruction")
     p.add_argument("--dir", default="raydiff-demo", help="where the model, data and runs go (default: ./raydiff-demo)")
     p.add_argument("--steps", type=int, default=8, help="optimizer steps (default 8)")
-    p.add_argument("--workers", type=int, default=2, help="training workers (default 2; 0: in this process, local mode)")
+    p.add_argument("--workers", type=int, default=2, help="training workers (default 2; 0: local mode)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("tiny-model", help="write a tiny random diffusers-format pipeline (for tests and demos)")

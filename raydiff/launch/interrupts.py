@@ -25,4 +25,3 @@ def raise_on_sigterm():
         raise Terminated
 
     return signal.signal(signal.SIGTERM, handler)
-
