@@ -73,17 +73,22 @@ def train_loop_per_worker(loop_config: dict) -> None:
     feed = EpochFeed(cfg, args, ray.train.torch.get_device(), fresh=not has_checkpoint(args.storage))
     from raydiff.training.loop import train_loop_per_worker as loop
 
-    if not cfg.ray.local:
+    # Local mode: torch in the caller's process computes as a worker of ray.cpus_per_worker would.
+    with torch_threads(int(cfg.ray.cpus_per_worker)) if cfg.ray.local else contextlib.nullcontext():
         loop(loop_config, feed)
-        return
-    import torch  # local mode: torch in the caller's process computes as a worker of ray.cpus_per_worker would
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """torch's intra-op threads set to `count` (at least 1), restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, count))
     try:
-        loop(loop_config, feed)
+        yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
 
 def run_dir(cfg: RaydiffConfig) -> str:

@@ -80,7 +80,8 @@ def upload_and_mark_complete(checkpoint, dir_name: str):
 
 def store_checkpoint(directory: str, storage: tuple[pafs.FileSystem, str], step: int, keep: int | None) -> str:
     """Local mode: copy the checkpoint written in `directory` to the run directory, mark it complete, then
-    delete the oldest beyond `keep` (ray.num_to_keep), as Ray Train does for its workers' checkpoints.
+    delete the oldest before it beyond `keep` (ray.num_to_keep), as Ray Train does for its workers'
+    checkpoints: never this one, and never a newer leftover (overwritten when the run gets there).
     Returns the stored path."""
     fs, run_dir = storage
     stored = f"{run_dir.rstrip('/')}/{checkpoint_name(step)}"
@@ -88,6 +89,7 @@ def store_checkpoint(directory: str, storage: tuple[pafs.FileSystem, str], step:
     pafs.copy_files(directory, stored, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
     mark_complete(fs, stored, step)
     if keep is not None:
-        for _, path, _ in stored_checkpoints(fs, run_dir)[:-keep]:
+        older = [path for s, path, _ in stored_checkpoints(fs, run_dir) if s < step]
+        for path in older[:max(0, len(older) - (keep - 1))]:
             fs.delete_dir(path)
     return stored

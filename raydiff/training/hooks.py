@@ -163,9 +163,8 @@ class StepHooks:
                 self._write_samples(tmp, state, final)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             if self.args.storage is not None:  # local mode: Ray Train stores nothing, raydiff does its part
-                fs = self.args.storage[0]
                 stored = store_checkpoint(tmp, self.args.storage, state.global_step, self.cfg.ray.num_to_keep)
-                checkpoint = ray.train.Checkpoint(stored, filesystem=fs)
+                checkpoint = ray.train.Checkpoint(stored, filesystem=self.args.storage[0])
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name(state.global_step),
                              checkpoint_upload_fn=upload_and_mark_complete)
         self.last_saved = state.global_step

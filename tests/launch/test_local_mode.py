@@ -12,6 +12,7 @@ from safetensors.numpy import load_file
 from raydiff.config import ConfigError
 from raydiff.launch.trainer import launch_training_task
 from raydiff.launch.tune import tune
+from raydiff.training.checkpoint_store import store_checkpoint
 
 
 def trained(result) -> tuple[dict, dict]:
@@ -57,3 +58,23 @@ def test_what_local_mode_cannot_do_is_refused_before_ray_starts(make_config):
                     ray={"num_workers": 0, "strategy": "fsdp"})
     with pytest.raises(ValueError, match="ray.max_failures restarts failed workers; ray.num_workers 0 trains in"):
         make_config("restarts-local", ray={"num_workers": 0, "max_failures": 2})
+
+
+def test_local_checkpoints_keep_the_new_one_and_leave_a_newer_leftover(tmp_path):
+    """ray.num_to_keep counts the checkpoints before the one just stored, which is never deleted; an unfinished
+    newer directory (a run stopped while uploading) is left to be overwritten when the run reaches it."""
+    import pyarrow.fs as pafs
+
+    run = tmp_path / "run"
+    (run / "checkpoint-000009").mkdir(parents=True)  # a leftover, not marked complete
+    written = tmp_path / "written"
+    written.mkdir()
+    (written / "trainer_state.json").write_text("{}")
+    for step in (3, 4, 5):
+        store_checkpoint(str(written), (pafs.LocalFileSystem(), str(run)), step, keep=2)
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-000004", "checkpoint-000005",
+                                                                 "checkpoint-000009"]
+    store_checkpoint(str(written), (pafs.LocalFileSystem(), str(run)), 6, keep=1)
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-000006", "checkpoint-000009"]
+    assert (run / "checkpoint-000006" / ".raydiff-complete").is_file()
+    assert (run / "checkpoint-000006" / "trainer_state.json").read_text() == "{}"
