@@ -20,7 +20,7 @@ from ray.train.torch import TorchTrainer
 from raydiff.config import RaydiffConfig, to_remote
 from raydiff.config.libraries import hide_unused_libraries
 from raydiff.console import say
-from raydiff.data.dataset import build_eval_dataset, build_train_data
+from raydiff.data.dataset import build_train_data, start_eval_set
 from raydiff.data.decode import skip_counter, skip_counter_name
 from raydiff.data.metadata import family_max_paths, train_and_eval_rows
 from raydiff.launch.checks import (
@@ -138,11 +138,10 @@ def plan_run(cfg: RaydiffConfig, module_factory: Callable | None = None, rows=No
     # parquet cache (built first if missing or stale) does. See raydiff/data/dataset.py.
     train = build_train_data(cfg, rows, seed=cfg.train.seed, counter_name=counter)
     datasets = {} if train.dataset is None else {"train": train.dataset}
-    if eval_rows:  # unsplit: every rank sees the same ordered eval set and scores its share of it
-        datasets["eval"] = build_eval_dataset(cfg, eval_rows, counter_name=counter)
+    eval_set = start_eval_set(cfg, eval_rows, counter_name=counter) if eval_rows else None
     epoch_steps = steps_per_epoch(train.num_samples, cfg)
     args = LoopArgs(to_remote(cfg), epoch_steps, total_steps(cfg, epoch_steps), packed=train.packed,
-                    empty_prompt=train.empty_prompt, skip_counter=counter, run_dir=run_dir(cfg),
+                    empty_prompt=train.empty_prompt, eval_set=eval_set, skip_counter=counter, run_dir=run_dir(cfg),
                     is_tty=sys.stdout.isatty(), module_factory=module_factory, relay=relay, shards=train.shards,
                     dataset=dataset_summary(rows, cfg.data.repeat, train.num_samples),
                     storage=run_directory(cfg.ray.storage_path, cfg.ray.name, cfg.ray.storage_endpoint,
@@ -195,8 +194,7 @@ def build_trainer(cfg: RaydiffConfig, module_factory: Callable | None = None, *,
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             logging_config=LoggingConfig(log_level="WARNING"), **run_config_kwargs),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"] if "train" in plan.datasets else [],
-                                  execution_options=ingest),
+        dataset_config=DataConfig(execution_options=ingest),
     )
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import ray.train
+import ray
 import torch
 
 from raydiff.config import RaydiffConfig
@@ -120,10 +120,11 @@ class EvalSet:
         self.settings = EvalSettings(num_sigmas=cfg.eval.num_sigmas, seed=cfg.eval.seed)
 
     @classmethod
-    def for_rank(cls, cfg: RaydiffConfig, device, rank: int, world: int, whole: bool = False) -> EvalSet:
-        """From Ray Train's unsplit `eval` dataset. `whole`: every rank scores all of it (FSDP, whose
-        forwards are collective)."""
-        rows = ray.train.get_dataset_shard("eval").iter_rows()
+    def for_rank(cls, samples: ray.ObjectRef, cfg: RaydiffConfig, device, rank: int, world: int,
+                 whole: bool = False) -> EvalSet:
+        """From the eval samples the driver started (raydiff.data.dataset.start_eval_set). `whole`: every
+        rank scores all of them (FSDP, whose forwards are collective)."""
+        rows = ray.get(samples)
         return cls(rows, cfg, device, *((0, 1) if whole else (rank, world)))
 
     def loss(self, module) -> float:

@@ -126,7 +126,8 @@ def train_loop_per_worker(loop_config: dict, feed: EpochFeed | None = None) -> N
     state.workers = worker_placement(rank, world, module)
     forward = distribute(module, sharded, unused=cfg.model.controlnet is not None)
     stepper = Stepper(cfg, forward, optimizer, scheduler, device, rank=rank, world=world, sharded=sharded)
-    eval_set = EvalSet.for_rank(cfg, device, rank, world, whole=bool(sharded)) if cfg.eval.enabled else None
+    eval_set = None if args.eval_set is None else EvalSet.for_rank(args.eval_set, cfg, device, rank, world,
+                                                                   whole=bool(sharded))
     hooks = StepHooks(cfg, args, module, optimizer, scheduler, feed, eval_set, rank=rank, world=world,
                       device=device, sharded=sharded, start_step=state.global_step, ema=ema)
 

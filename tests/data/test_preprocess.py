@@ -17,7 +17,7 @@ from raydiff.data.cache import preprocess
 from raydiff.data.cache_io import CacheLayout, columns_to_table, table_to_columns
 from raydiff.data.collate import collate
 from raydiff.data.columns import columns_to_inputs, to_columns
-from raydiff.data.dataset import build_eval_dataset, build_train_data
+from raydiff.data.dataset import build_train_data, start_eval_set
 from raydiff.data.decode import DecodeRow
 from raydiff.data.encode import Encoder, encode_empty_prompt, training_components
 from raydiff.data.metadata import read_rows
@@ -203,9 +203,7 @@ def test_stream_mode_with_caption_dropout_fetches_the_empty_prompt(ray_session, 
 def test_stream_mode_eval_set_arrives_encoded_in_file_order(ray_session, make_config, tmp_path):
     cfg = mode_config(make_config, tmp_path, "stream", random_flip=True)
     rows, _ = read_rows(cfg.data)
-    ds = build_eval_dataset(cfg, rows[:5])
-    ds.context.execution_options.preserve_order = True
-    samples = ds.take_all()
+    samples = ray.get(start_eval_set(cfg, rows[:5]))
     assert [s["_row"] for s in samples] == [0, 1, 2, 3, 4] and "image" not in samples[0]
     # As the loop's EvalSet batches rows: lists per column, media (none here) stacked.
     columns = {k: [s[k] for s in samples[:2]] for k in samples[0]}
