@@ -17,14 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 import ray
 
-from raydiff.config import DataConfig, RaydiffConfig, UserError, from_remote, to_remote
-from raydiff.console import quiet_libraries
+from raydiff.config import DataConfig, RaydiffConfig, UserError, to_remote
 from raydiff.data.buckets import bucket_batches, row_buckets
 from raydiff.data.cache import preprocess
 from raydiff.data.cache_io import CacheLayout, ReadShards, RepeatCached, read_empty_prompt
 from raydiff.data.cache_shards import preprocess_sharded
 from raydiff.data.decode import DecodeRow, count_skipped_rows
-from raydiff.data.encode import EncodeBatch, Encoder, start_empty_prompt
+from raydiff.data.encode import EncodeBatch, start_empty_prompt
 from raydiff.data.metadata import BadSample, is_regularization
 from raydiff.data.packing import pack_group
 from raydiff.data.plan import order_rows
@@ -88,39 +87,6 @@ def _sharded_data(cfg: RaydiffConfig, seed: int) -> TrainData:
         raise UserError(f"{len(plan.shards)} shards cannot give each of ray.num_workers {workers} workers a "
                         f"share; split the data into at least {workers} shards")
     return TrainData(None, plan.num_samples, empty_prompt=empty, shards=plan)
-
-
-def start_eval_set(cfg: RaydiffConfig, rows: list[dict], counter_name: str | None = None) -> ray.ObjectRef:
-    """The eval set (`eval_samples`) made by one Ray task that starts now, so it overlaps the run's start;
-    every rank `ray.get`s the list and scores its share. One task for the run, not a pipeline per rank: in
-    stream/cache mode each rank would otherwise start its own encoder and encode the whole set.
-    Encoders on GPUs finish before this returns, so that the workers' GPUs are not held up."""
-    d = cfg.data
-    if d.preprocess == "inline":
-        resources = {"num_cpus": d.num_cpus}
-    else:
-        resources = {"num_cpus": d.encoder_num_cpus, "num_gpus": d.encoder_num_gpus}
-    ref = ray.remote(eval_samples).options(**resources).remote(to_remote(cfg), rows, counter_name)
-    if d.preprocess != "inline" and d.encoder_num_gpus > 0:
-        ray.wait([ref], fetch_local=False)
-    return ref
-
-
-def eval_samples(config: dict, rows: list[dict], counter_name: str | None = None) -> list[dict]:
-    """The eval samples in file order, decoded without flips; in stream/cache mode also encoded (those
-    workers hold no encoders; eval sets are small and never cached), `data.encoder_batch_size` at a time."""
-    cfg = from_remote(config)
-    d = cfg.data.model_copy(update={"random_flip": False})
-    samples = [sample for row in rows for sample in DecodeRow(d, 0, counter_name)(row)]
-    if d.preprocess == "inline" or not samples:
-        return samples
-    quiet_libraries()
-    encoder, encoded = Encoder(cfg), []
-    for start in range(0, len(samples), d.encoder_batch_size):
-        chunk = samples[start:start + d.encoder_batch_size]
-        columns = encoder.encode({key: [s[key] for s in chunk] for key in chunk[0]})
-        encoded += [{key: column[i] for key, column in columns.items()} for i in range(len(chunk))]
-    return encoded
 
 
 def build_dataset(cfg: DataConfig, rows: list[dict], *, seed: int, counter_name: str | None = None) -> ray.data.Dataset:

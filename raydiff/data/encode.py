@@ -134,5 +134,7 @@ def start_empty_prompt(cfg: RaydiffConfig) -> ray.ObjectRef:
     """`encode_empty_prompt` started in a Ray task with an encoder actor's resources (the driver loads no model);
     `ray.get` the answer where it is needed, so the encoding overlaps whatever comes first (a run's start)."""
     d = cfg.data
-    task = ray.remote(encode_empty_prompt).options(num_cpus=d.encoder_num_cpus, num_gpus=d.encoder_num_gpus)
+    # DEFAULT: outside the caller's placement group (a Tune trial's holds only its driver), as Ray Data's tasks.
+    task = ray.remote(encode_empty_prompt).options(num_cpus=d.encoder_num_cpus, num_gpus=d.encoder_num_gpus,
+                                                   scheduling_strategy="DEFAULT")
     return task.remote(to_remote(cfg))

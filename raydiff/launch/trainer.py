@@ -20,8 +20,9 @@ from ray.train.torch import TorchTrainer
 from raydiff.config import RaydiffConfig, to_remote
 from raydiff.config.libraries import hide_unused_libraries
 from raydiff.console import say
-from raydiff.data.dataset import build_train_data, start_eval_set
+from raydiff.data.dataset import build_train_data
 from raydiff.data.decode import skip_counter, skip_counter_name
+from raydiff.data.eval_set import start_eval_set
 from raydiff.data.metadata import family_max_paths, train_and_eval_rows
 from raydiff.launch.checks import (
     check_batch_sizes,

@@ -222,7 +222,18 @@ class TrialLines(ray.tune.Callback):
         say(f"[raydiff] trial {trial.trial_id} ended")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        say(f"[raydiff] trial {trial.trial_id} failed: {str(trial.error_msg or '').strip().splitlines()[-1:]}")
+        say(f"[raydiff] trial {trial.trial_id} failed: {_last_error_line(trial)}")
+
+
+def _last_error_line(trial) -> str:
+    """The last line of the error text Tune wrote to the trial's local error.txt before calling back."""
+    path = trial.error_file
+    if path and os.path.exists(path):
+        with open(path) as f:
+            lines = f.read().strip().splitlines()
+    else:
+        lines = []
+    return lines[-1] if lines else f"see {path or 'the trial directory'}"
 
 
 def trial_rows(grid: ray.tune.ResultGrid, config: RaydiffConfig, keys: list[str], metric: str,

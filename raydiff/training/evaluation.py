@@ -122,7 +122,7 @@ class EvalSet:
     @classmethod
     def for_rank(cls, samples: ray.ObjectRef, cfg: RaydiffConfig, device, rank: int, world: int,
                  whole: bool = False) -> EvalSet:
-        """From the eval samples the driver started (raydiff.data.dataset.start_eval_set). `whole`: every
+        """From the eval samples the driver started (raydiff.data.eval_set.start_eval_set). `whole`: every
         rank scores all of them (FSDP, whose forwards are collective)."""
         rows = ray.get(samples)
         return cls(rows, cfg, device, *((0, 1) if whole else (rank, world)))

@@ -15,7 +15,7 @@ class LoopArgs:
     takes per epoch; `total_steps`: of the whole run (epochs or `train.max_steps`, whichever ends first).
     `packed`: dataset rows are whole bucket batches. `empty_prompt`: the encoded empty prompt (caption
     dropout in stream/cache mode; in stream mode the ObjectRef of the task encoding it). `eval_set`: the
-    ObjectRef of the eval samples (raydiff.data.dataset.start_eval_set), None without eval. `skip_counter`: the
+    ObjectRef of the eval samples (raydiff.data.eval_set.start_eval_set), None without eval. `skip_counter`: the
     actor counting skipped samples. `run_dir`: where
     rank 0 writes TensorBoard events. `module_factory(device)`: builds the training module instead of
     the config-driven one. `relay`: a `RelayChannel` that carries rank 0's console output to the

@@ -1,5 +1,5 @@
 """`raydiff tune`: the `tune:` section's checks, and on one 2-core machine 4 trials under ASHA with the
-trials table and best/, through the Python API and the CLI."""
+trials table and best/, through the CLI on its own local Ray (which goes through `raydiff.tune`)."""
 
 import csv
 import json
@@ -14,7 +14,7 @@ import ray.tune
 import torch
 
 from raydiff.config import ConfigError, load_config, parse_config
-from raydiff.launch.tune import search_space, trial_config, tune
+from raydiff.launch.tune import search_space, trial_config
 from raydiff.training.lora import save_lora
 from raydiff.training.module import PipelineTrainingModule
 
@@ -94,26 +94,40 @@ def far_off_lora(cfg, directory: Path) -> str:
 
 
 @pytest.mark.slow
-def test_asha_search_writes_trials_table_and_stops_a_bad_trial(ray_session, make_config, tmp_path):
-    # 2 concurrent trials x (1 worker x 0.5 CPU + a 0.01-CPU driver) fit the session's 4 logical CPUs
-    # next to the Ray Data decode tasks (Ray Train's multi-worker path is tested elsewhere). Reports at steps
-    # 1-4 (eval every step, checkpoints at 2 and 4).
-    # Which learning rate wins after 4 tiny steps is noise, so the search also starts half of the trials
-    # from a far-off LoRA: the grid runs [fresh, far-off, fresh, far-off], and the last far-off trial reaches
-    # ASHA's first rung after a fresh one has recorded a much lower eval loss there, so ASHA stops it.
+def test_cli_asha_search_of_the_tiny_example_writes_trials_table_and_stops_a_bad_trial(make_config, tmp_path):
+    """`raydiff tune examples/tune/tiny.yaml` as the README runs it, on its own local Ray (a new one next to the
+    session's), pointed at the session's tiny model and data, 4 trials under ASHA.
+
+    2 concurrent trials x (1 worker x 0.5 CPU + a 0.01-CPU driver) fit a local Ray's 4 logical CPUs next to the
+    Ray Data decode tasks (Ray Train's multi-worker path is tested elsewhere). Reports at steps 1-4 (eval every
+    step, checkpoints at 2 and 4). Which learning rate wins after 4 tiny steps is noise, so the search also starts
+    half of the trials from a far-off LoRA: the grid runs [fresh, far-off, fresh, far-off], and the last far-off
+    trial reaches ASHA's first rung after a fresh one has recorded a much lower eval loss there, so ASHA stops it.
+    """
     cfg = make_config("search", train={"max_steps": 4, "save_steps": 2},
                       eval={"holdout": 2, "every_steps": 1, "num_sigmas": 2},
-                      ray={"num_workers": 1, "cpus_per_worker": 0.5},
-                      tune={"param_space": {"lora.init_from": {"grid_search": [None, "FAR_OFF"]},
-                                            "train.learning_rate": {"loguniform": [1e-5, 1e-3]}},
-                            "num_samples": 2, "max_concurrent_trials": 2, "grace_period": 1, "reduction_factor": 2})
+                      ray={"num_workers": 1, "cpus_per_worker": 0.5})
     far_off = far_off_lora(cfg, tmp_path / "far-off")
-    grid = tune(cfg, {**cfg.tune.param_space, "lora.init_from": {"grid_search": [None, far_off]}})
-    assert len(grid) == 4 and not grid.errors
+    space = {"lora.init_from": {"grid_search": [None, far_off]}, "train.learning_rate": {"loguniform": [1e-5, 1e-3]}}
+    overrides = [f"model.path={cfg.model.path}", f"data.base_path={cfg.data.base_path}",
+                 f"data.metadata_path={cfg.data.metadata_path}", f"ray.storage_path={cfg.ray.storage_path}",
+                 "train.max_steps=4", "train.save_steps=2", "eval.holdout=2", "eval.every_steps=1", "eval.num_sigmas=2",
+                 "lora.rank=4", "ray.num_workers=1", "ray.cpus_per_worker=0.5", "ray.name=search",
+                 f"tune.param_space={json.dumps(space)}", "tune.num_samples=2", "tune.max_concurrent_trials=2",
+                 "tune.grace_period=1", "tune.reduction_factor=2"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
+    env.pop("RAY_ADDRESS", None)
+    example = str(ROOT / "examples" / "tune" / "tiny.yaml")
+    proc = subprocess.run([sys.executable, "-m", "raydiff.launch.cli", "tune", example,
+                           *[a for o in overrides for a in ("--set", o)]],
+                          cwd=tmp_path, env=env, timeout=400, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "best trial" in proc.stdout
 
     experiment = Path(cfg.ray.storage_path, "search")
     rows = list(csv.DictReader((experiment / "trials.csv").open()))
     assert len(rows) == 4 and all(1e-5 <= float(r["train.learning_rate"]) <= 1e-3 for r in rows)
+    assert not [r for r in rows if r["status"] == "error" or r["error"]]
     fresh = [r for r in rows if r["lora.init_from"] == ""]
     assert len(fresh) == 2
     # Two fresh trials differ only by learning rate, so ASHA may stop either; what is certain is that a
@@ -135,22 +149,17 @@ def test_asha_search_writes_trials_table_and_stops_a_bad_trial(ray_session, make
     assert json.loads((experiment / "best" / "trainer_state.json").read_text())["global_step"] == 4
 
 
-@pytest.mark.slow
-def test_cli_tunes_the_tiny_example_on_its_own_local_ray(tiny_model, shapes, tmp_path):
-    """`raydiff tune examples/tune/tiny.yaml` as the README runs it, pointed at the session's tiny model
-    and data, 1 trial (tests/launch/test_tune.py's ASHA test runs several): a new local Ray next to the
-    session's (whose trial cleanup needs RAY_ADDRESS)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
-    env.pop("RAY_ADDRESS", None)
-    overrides = [f"model.path={tiny_model('flux')}", f"data.base_path={shapes}",
-                 f"data.metadata_path={shapes}/metadata.csv", f"ray.storage_path={tmp_path / 'runs'}",
-                 "train.max_steps=2", "tune.num_samples=1", "ray.num_workers=1"]
-    example = str(ROOT / "examples" / "tune" / "tiny.yaml")
-    proc = subprocess.run([sys.executable, "-m", "raydiff.launch.cli", "tune", example,
-                           *[a for o in overrides for a in ("--set", o)]],
-                          cwd=tmp_path, env=env, timeout=400, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    experiment = tmp_path / "runs" / "tune-tiny"
-    rows = list(csv.DictReader((experiment / "trials.csv").open()))
-    assert len(rows) == 1 and rows[0]["status"] == "completed" and rows[0]["last_step"] == "2"
-    assert "best trial" in proc.stdout and "pytorch_lora_weights.safetensors" in os.listdir(experiment / "best")
+def test_a_failed_trial_gets_one_line_with_the_last_line_of_its_error(ray_session, tmp_path, capsys):
+    """Tune's own Trial, its error stored as Tune stores it (Trial has no `error_msg` in Ray 2.5x/2.6x)."""
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.experiment import Trial
+
+    from raydiff.launch.tune import TrialLines
+
+    storage = StorageContext(storage_path=str(tmp_path), experiment_dir_name="search", trial_dir_name="t1")
+    trial = Trial("raydiff", config={"train.learning_rate": 1e-3}, stub=True, storage=storage)
+    trial.init_local_path()
+    trial.handle_error(ValueError("Traceback ...\nValueError: the eval task found no CPU"))
+    TrialLines(["train.learning_rate"]).on_trial_error(0, [trial], trial)
+    out = capsys.readouterr().out
+    assert out == f"[raydiff] trial {trial.trial_id} failed: ValueError: the eval task found no CPU\n"

@@ -1,0 +1,47 @@
+"""The eval set: the eval rows decoded (and in stream/cache mode encoded) once per run by one Ray task, which
+every rank `ray.get`s (raydiff.training.evaluation.EvalSet scores its share)."""
+
+from __future__ import annotations
+
+import ray
+
+from raydiff.config import RaydiffConfig, from_remote, to_remote
+from raydiff.console import quiet_libraries
+from raydiff.data.decode import DecodeRow
+
+
+def start_eval_set(cfg: RaydiffConfig, rows: list[dict], counter_name: str | None = None) -> ray.ObjectRef:
+    """The eval set (`eval_samples`) made by one Ray task that starts now, so it overlaps the run's start;
+    every rank `ray.get`s the list and scores its share. One task for the run, not a pipeline per rank: in
+    stream/cache mode each rank would otherwise start its own encoder and encode the whole set.
+    Encoders on GPUs finish before this returns, so that the workers' GPUs are not held up."""
+    d = cfg.data
+    if d.preprocess == "inline":
+        resources = {"num_cpus": d.num_cpus}
+    else:
+        resources = {"num_cpus": d.encoder_num_cpus, "num_gpus": d.encoder_num_gpus}
+    # DEFAULT: outside the caller's placement group (a Tune trial's holds only its driver), as Ray Data's tasks.
+    task = ray.remote(eval_samples).options(**resources, scheduling_strategy="DEFAULT")
+    ref = task.remote(to_remote(cfg), rows, counter_name)
+    if d.preprocess != "inline" and d.encoder_num_gpus > 0:
+        ray.wait([ref], fetch_local=False)
+    return ref
+
+
+def eval_samples(config: dict, rows: list[dict], counter_name: str | None = None) -> list[dict]:
+    """The eval samples in file order, decoded without flips; in stream/cache mode also encoded (those
+    workers hold no encoders; eval sets are small and never cached), `data.encoder_batch_size` at a time."""
+    cfg = from_remote(config)
+    d = cfg.data.model_copy(update={"random_flip": False})
+    samples = [sample for row in rows for sample in DecodeRow(d, 0, counter_name)(row)]
+    if d.preprocess == "inline" or not samples:
+        return samples
+    from raydiff.data.encode import Encoder  # here: an inline eval task only decodes, and imports no torch
+
+    quiet_libraries()
+    encoder, encoded = Encoder(cfg), []
+    for start in range(0, len(samples), d.encoder_batch_size):
+        chunk = samples[start:start + d.encoder_batch_size]
+        columns = encoder.encode({key: [s[key] for s in chunk] for key in chunk[0]})
+        encoded += [{key: column[i] for key, column in columns.items()} for i in range(len(chunk))]
+    return encoded
