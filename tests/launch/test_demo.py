@@ -39,12 +39,13 @@ def test_demo_trains_and_prints_the_final_checkpoint(tmp_path, lora_key_warnings
 
 
 def test_edit_demo_trains_kontext_and_shows_the_sources_above_its_samples(ray_session, tmp_path, capsys):
-    """The same command in this process, on the session's Ray (the test above covers a demo's own Ray)."""
+    """The same command in this process, on the session's Ray (the test above covers a demo's own Ray and its
+    workers), in local mode (`--workers 0`, which trains what one worker trains: tests/launch/test_local_mode.py)."""
     from PIL import Image
 
     from raydiff.launch.cli import main
 
-    main(["demo", "--dir", str(tmp_path), "--steps", "4", "--task", "edit"])
+    main(["demo", "--dir", str(tmp_path), "--steps", "4", "--task", "edit", "--workers", "0"])
     out = capsys.readouterr().out
     assert "[raydiff] step 4/4" in out and "loss" in out
     last = out.strip().splitlines()[-1]
