@@ -30,9 +30,8 @@ def build_module(cfg: RaydiffConfig, args: LoopArgs, device) -> tuple[DiffusionT
     models FSDP shards (none under DDP). With data.preprocess stream/cache the batches arrive encoded,
     so only the DiT (and what trains) is loaded."""
     torch.manual_seed(cfg.train.seed)  # the LoRA init follows train.seed (DDP then copies rank 0's to every rank)
-    if args.module_factory is not None:
-        module = args.module_factory(device)
-    else:
+    module = args.build_module(device)
+    if module is None:
         module = PipelineTrainingModule(cfg, device, training_components(cfg))
     sharded = list(cfg.train.trainable_models) if cfg.ray.strategy == "fsdp" else []
     if sharded:  # before the optimizer: sharding swaps each parameter for this rank's shard

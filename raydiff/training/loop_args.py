@@ -6,7 +6,26 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import ray
+
 from raydiff.config import RaydiffConfig, from_remote
+
+
+class Sealed:
+    """A value pickled (with Ray's cloudpickle, as Ray would) where it is sealed, and unpickled only where it
+    is opened. Ray Train's controller unpickles the loop's arguments too, and a family class registered in the
+    driver or a `module_factory` would make it import what they import (diffusers, transformers, peft:
+    seconds before every run's first step, docs/performance.md section 1)."""
+
+    def __init__(self, value: Any):
+        self.data = ray.cloudpickle.dumps(value)
+
+    def open(self) -> Any:
+        return ray.cloudpickle.loads(self.data)
+
+
+def seal(value: Any) -> Sealed | None:
+    return value if value is None or isinstance(value, Sealed) else Sealed(value)
 
 
 @dataclass
@@ -23,7 +42,7 @@ class LoopArgs:
     training data (`model_card.dataset_summary`: size, trigger words). `storage`: in local mode
     (`ray.num_workers: 0`), the (filesystem, run directory) raydiff stores checkpoints in itself."""
 
-    config: dict
+    config: dict  # sealed (`Sealed`) once constructed, as is module_factory
     steps_per_epoch: int
     total_steps: int
     packed: bool = False
@@ -38,5 +57,12 @@ class LoopArgs:
     dataset: dict | None = None
     storage: Any = None
 
+    def __post_init__(self):
+        self.config, self.module_factory = seal(self.config), seal(self.module_factory)
+
     def parse_config(self) -> RaydiffConfig:
-        return from_remote(self.config)
+        return from_remote(self.config.open())
+
+    def build_module(self, device):
+        """The training module from `module_factory` (None when the config builds it)."""
+        return None if self.module_factory is None else self.module_factory.open()(device)
