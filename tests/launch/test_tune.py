@@ -163,3 +163,35 @@ def test_a_failed_trial_gets_one_line_with_the_last_line_of_its_error(ray_sessio
     TrialLines(["train.learning_rate"]).on_trial_error(0, [trial], trial)
     out = capsys.readouterr().out
     assert out == f"[raydiff] trial {trial.trial_id} failed: ValueError: the eval task found no CPU\n"
+
+
+def start_in_trial(cfg, rows) -> tuple[dict, list]:
+    """What a Tune trial's driver does before its fit: start the empty prompt's and the eval set's tasks. A trial
+    driver runs inside a placement group that holds only its own 0.01 CPU and captures its child tasks."""
+    from raydiff.data.encode import start_empty_prompt
+    from raydiff.data.eval_set import start_eval_set
+
+    return ray.get(start_empty_prompt(cfg)), ray.get(start_eval_set(cfg, rows))
+
+
+def test_tasks_a_trial_driver_starts_run_outside_its_placement_group(ray_session, make_config):
+    """Stream mode's empty-prompt task and the eval task, started from inside a Tune trial's placement group,
+    which cannot hold them (before, `raydiff tune` with caption dropout in stream mode failed on this)."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from raydiff.data.metadata import read_rows
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import test modules
+    cfg = make_config(data={"preprocess": "stream", "caption_dropout": 0.5, "encoder_num_cpus": 0.5})
+    rows = read_rows(cfg.data)[0][:2]
+    group = placement_group([{"CPU": 0.01}])
+    ray.get(group.ready())
+    try:
+        inside = PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)
+        empty, samples = ray.get(ray.remote(start_in_trial).options(num_cpus=0.01, scheduling_strategy=inside)
+                                 .remote(cfg, rows), timeout=120)
+    finally:
+        remove_placement_group(group)
+    assert empty["prompt_embeds"].shape[0] == 1
+    assert [s["_row"] for s in samples] == [r["_row"] for r in rows] and "latents" in samples[0]
