@@ -212,18 +212,22 @@ def test_everyday_mistakes_end_in_seconds_with_one_line_and_leave_nothing(tiny_m
     assert not (cwd / "runs").exists()  # no half-made run directory (Ray's storage marker included)
 
 
-def test_a_lora_target_mistake_ends_in_the_driver_with_one_line(tiny_model, tmp_path):
+def test_a_lora_target_mistake_ends_in_the_driver_with_one_line(ray_session, tiny_model, tmp_path, monkeypatch,
+                                                                capsys):
     """lora.target_modules is checked on the model's skeleton while Ray starts (this imports diffusers in the
-    driver, so no 10 s bound here); a lora.init_from that is missing or no safetensors file is refused before
-    (above)."""
+    driver, so no 10 s bound here; run in this process, on the session's Ray); a lora.init_from that is missing
+    or no safetensors file is refused before (above)."""
+    from raydiff.launch.cli import main
+
     message = "lora.target_modules: 'proj_out' matches 1 layers in the transformer blocks and also proj_out outside"
-    cwd = project(tmp_path, tiny_model)
-    proc = cli("train", "tiny.yaml", "--set", "lora.target_modules=[proj_out]", "--set", "ray.num_cpus=4", cwd=cwd)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 2, out
-    assert out.strip().splitlines() == [f"raydiff: error: {out.split('raydiff: error: ', 1)[1].strip()}"]
-    assert message in out
-    assert not (cwd / "runs").exists()
+    monkeypatch.chdir(project(tmp_path, tiny_model))
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "tiny.yaml", "--set", "lora.target_modules=[proj_out]"])
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2, err[-3000:]
+    assert out == "" and err.strip().splitlines() == [f"raydiff: error: {err.split('raydiff: error: ', 1)[1].strip()}"]
+    assert message in err
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("storage", ["runs", "file://{cwd}/runs"])

@@ -96,24 +96,26 @@ def far_off_lora(cfg, directory: Path) -> str:
 @pytest.mark.slow
 def test_cli_asha_search_of_the_tiny_example_writes_trials_table_and_stops_a_bad_trial(make_config, tmp_path):
     """`raydiff tune examples/tune/tiny.yaml` as the README runs it, on its own local Ray (a new one next to the
-    session's), pointed at the session's tiny model and data, 4 trials under ASHA.
+    session's), pointed at the session's tiny model and data, 3 trials under ASHA.
 
     2 concurrent trials x (1 worker x 0.5 CPU + a 0.01-CPU driver) fit a local Ray's 4 logical CPUs next to the
     Ray Data decode tasks (Ray Train's multi-worker path is tested elsewhere). Reports at steps 1-4 (eval every
-    step, checkpoints at 2 and 4). Which learning rate wins after 4 tiny steps is noise, so the search also starts
-    half of the trials from a far-off LoRA: the grid runs [fresh, far-off, fresh, far-off], and the last far-off
-    trial reaches ASHA's first rung after a fresh one has recorded a much lower eval loss there, so ASHA stops it.
+    step, checkpoints at 2 and 4). Which learning rate wins after 4 tiny steps is noise, so the last trial starts
+    from a far-off LoRA: the grid runs [fresh, fresh, far-off], the two fresh trials run together, and the far-off
+    one starts only when one of them has finished, so it reaches ASHA's first rung after a much lower eval loss
+    was recorded there, and ASHA stops it.
     """
     cfg = make_config("search", train={"max_steps": 4, "save_steps": 2},
                       eval={"holdout": 2, "every_steps": 1, "num_sigmas": 2},
                       ray={"num_workers": 1, "cpus_per_worker": 0.5})
     far_off = far_off_lora(cfg, tmp_path / "far-off")
-    space = {"lora.init_from": {"grid_search": [None, far_off]}, "train.learning_rate": {"loguniform": [1e-5, 1e-3]}}
+    space = {"lora.init_from": {"grid_search": [None, None, far_off]},
+             "train.learning_rate": {"loguniform": [1e-5, 1e-3]}}
     overrides = [f"model.path={cfg.model.path}", f"data.base_path={cfg.data.base_path}",
                  f"data.metadata_path={cfg.data.metadata_path}", f"ray.storage_path={cfg.ray.storage_path}",
                  "train.max_steps=4", "train.save_steps=2", "eval.holdout=2", "eval.every_steps=1", "eval.num_sigmas=2",
                  "lora.rank=4", "ray.num_workers=1", "ray.cpus_per_worker=0.5", "ray.name=search",
-                 f"tune.param_space={json.dumps(space)}", "tune.num_samples=2", "tune.max_concurrent_trials=2",
+                 f"tune.param_space={json.dumps(space)}", "tune.num_samples=1", "tune.max_concurrent_trials=2",
                  "tune.grace_period=1", "tune.reduction_factor=2"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
     env.pop("RAY_ADDRESS", None)
@@ -126,12 +128,12 @@ def test_cli_asha_search_of_the_tiny_example_writes_trials_table_and_stops_a_bad
 
     experiment = Path(cfg.ray.storage_path, "search")
     rows = list(csv.DictReader((experiment / "trials.csv").open()))
-    assert len(rows) == 4 and all(1e-5 <= float(r["train.learning_rate"]) <= 1e-3 for r in rows)
+    assert len(rows) == 3 and all(1e-5 <= float(r["train.learning_rate"]) <= 1e-3 for r in rows)
     assert not [r for r in rows if r["status"] == "error" or r["error"]]
     fresh = [r for r in rows if r["lora.init_from"] == ""]
     assert len(fresh) == 2
-    # Two fresh trials differ only by learning rate, so ASHA may stop either; what is certain is that a
-    # far-off trial reaching a rung after a fresh one is stopped early, and every finished trial is complete.
+    # Two fresh trials differ only by learning rate, so ASHA may stop either; what is certain is that the
+    # far-off trial, reaching a rung after a fresh one, is stopped early, and every finished trial is complete.
     for row in rows:
         if row["status"] == "completed":
             assert row["last_step"] == "4" and row["reports"] == "4"
