@@ -26,12 +26,13 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """Ray with 4 logical CPUs (logical over-commit, as Ray's own tests do on small boxes) and the
-    dashboard, which Tune's trial cleanup needs.
+    """Ray with 4 logical CPUs (logical over-commit, as Ray's own tests do on small boxes), started as
+    `raydiff train` starts a local Ray: no dashboard (its processes poll all the time, about 3% of this box;
+    no test runs Tune trials here: the Tune search test runs `raydiff tune` on its own Ray, which has one).
 
-    The GCS port is pinned so that every worker gets RAY_ADDRESS: when ASHA stops a trial, Ray Train's
-    placement-group cleaner finds its cluster through the State API, and with another local Ray on the
-    machine (a second test run) it cannot tell which is its own, so the trial's workers are never freed."""
+    The GCS port is pinned so that every worker gets RAY_ADDRESS, as `raydiff train` does for its local Ray
+    (raydiff.launch.cluster.init_ray): with another local Ray on the machine (a second test run, or a test's
+    own), Ray's State API cannot tell which is its own."""
     import socket
 
     import ray
@@ -44,7 +45,7 @@ def ray_session():
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)
     os.environ.update(LOCAL_TRAIN_ENV)  # as `raydiff train` sets for the local Ray it starts
     try:
-        ray.init(num_cpus=4, include_dashboard=True, log_to_driver=True,
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True,
                  runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "HF_HUB_OFFLINE": "1",
                                            "RAY_ADDRESS": f"127.0.0.1:{port}"}})
     finally:
