@@ -16,7 +16,7 @@ step of both, and where the machine's CPU went during raydiff's timed steps, per
 Ray and per thread of the training worker (the attribution table of docs/performance.md). Prints one
 JSON object.
 
-With `--diffusers-script PATH` (diffusers' `examples/dreambooth/train_dreambooth_lora_flux.py` from a
+With `--diffusers-script PATH` (`train_dreambooth_lora_flux.py` from the `examples/dreambooth/` folder of a
 diffusers checkout), cache mode also runs that script before and after raydiff, in a fresh process each
 time, on the same model, images, LoRA and settings with `--cache_latents` and one instance prompt, timed
 per optimizer step, and prints raydiff's ratio to it (goal >= 1.0). The script imports torchvision, so
@@ -128,7 +128,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["inline", "cache"], choices=["inline", "cache"])
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--diffusers-script", default=None,
-                        help="diffusers' examples/dreambooth/train_dreambooth_lora_flux.py, compared in cache mode")
+                        help="diffusers' train_dreambooth_lora_flux.py (examples/dreambooth/), compared in cache mode")
     args = parser.parse_args()
 
     from raydiff.config import parse_config
