@@ -144,8 +144,8 @@ def main() -> None:
         raw["data"].update({"preprocess": mode, "cache_dir": os.path.join(work, "cache")})
         raw["ray"]["cpus_per_worker"] = CORES
         cfg = parse_config(raw)
-        scripts = [diffusers_script(args.diffusers_script, cfg, work, args.steps, args.warmup)
-                   ] if mode == "cache" and args.diffusers_script else []
+        with_script = mode == "cache" and args.diffusers_script is not None
+        scripts = [diffusers_script(args.diffusers_script, cfg, work, args.steps, args.warmup)] if with_script else []
         first = bare(cfg, mode, args.steps, args.warmup)
         wall, cpu_per_step, profile = measure.timed_raydiff_run(cfg, args.warmup, CORES, interval=0.5)
         second = bare(cfg, mode, args.steps, args.warmup)
@@ -156,7 +156,7 @@ def main() -> None:
             "bare": {k: vs_bare[k] for k in ("steps_per_s", "median_step_s", "cpu_s_per_step", "steps_per_s_each_run")},
             "ratio_mean": vs_bare["ratio_mean"], "ratio_median": vs_bare["ratio_median"],
             "attribution_cpu_s": profile, "goal_ratio": 0.97}
-        if scripts:
+        if with_script:
             scripts.append(diffusers_script(args.diffusers_script, cfg, work, args.steps, args.warmup))
             result[mode]["diffusers_script"] = versus(scripts, r, goal=1.0)
     result["loadavg_after"], result["machine"] = measure.loadavg(), measure.machine()
