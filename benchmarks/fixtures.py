@@ -120,7 +120,7 @@ def encoded_batches(cfg, n: int, device="cpu") -> list[dict]:
     """`decoded_batches` run through the frozen encoders once (raydiff's `Encoder`, as stream and cache
     mode do) and collated: what a cache-mode worker trains on."""
     from raydiff.data.collate import collate
-    from raydiff.data.encode import Encoder
+    from raydiff.data.encoder import Encoder
 
     encoder = Encoder(cfg)
     return [collate(encoder.encode(b), device, cfg.data.data_file_keys) for b in decoded_batches(cfg, n)]

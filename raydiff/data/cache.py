@@ -24,7 +24,8 @@ from raydiff.console import quiet_libraries, say
 from raydiff.data.buckets import row_buckets
 from raydiff.data.cache_io import SKIPPED_KEY, CacheLayout, columns_to_table, write_empty_prompt
 from raydiff.data.decode import VIDEO_KEYS, DecodeRow
-from raydiff.data.encode import Encoder, start_empty_prompt, trainable_names, worker_models
+from raydiff.data.encode import start_empty_prompt
+from raydiff.data.encoder import Encoder, trainable_names, worker_models
 from raydiff.data.metadata import SampleError, family_max_paths, is_url, train_and_eval_rows
 
 FORMAT = 1

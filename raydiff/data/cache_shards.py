@@ -24,7 +24,8 @@ from raydiff.console import quiet_libraries, say
 from raydiff.data.cache import cache_settings, describe_changes, model_identity
 from raydiff.data.cache_io import SKIPPED_KEY, CacheLayout, columns_to_table, write_empty_prompt
 from raydiff.data.decode import DecodeRow
-from raydiff.data.encode import Encoder, start_empty_prompt
+from raydiff.data.encode import start_empty_prompt
+from raydiff.data.encoder import Encoder
 from raydiff.data.metadata import BadSample, SampleError
 from raydiff.data.records import filesystem, iter_records
 from raydiff.data.shards import ShardPlan, plan_shards, shard_id

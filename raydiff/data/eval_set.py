@@ -36,7 +36,7 @@ def eval_samples(config: dict, rows: list[dict], counter_name: str | None = None
     samples = [sample for row in rows for sample in DecodeRow(d, 0, counter_name)(row)]
     if d.preprocess == "inline" or not samples:
         return samples
-    from raydiff.data.encode import Encoder  # here: an inline eval task only decodes, and imports no torch
+    from raydiff.data.encoder import Encoder  # here: an inline eval task only decodes, and imports no torch
 
     quiet_libraries()
     encoder, encoded = Encoder(cfg), []

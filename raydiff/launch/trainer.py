@@ -10,15 +10,14 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import ray
 import ray.train
 from ray.data import ExecutionOptions
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 
 from raydiff.config import RaydiffConfig, to_remote
-from raydiff.config.libraries import hide_unused_libraries
 from raydiff.console import say
 from raydiff.data.dataset import build_train_data
 from raydiff.data.decode import skip_counter, skip_counter_name
@@ -43,7 +42,9 @@ from raydiff.launch.cluster import (
     quiet_ray_driver,
     stop_ray,
 )
+from raydiff.launch.entry import train_loop_per_worker
 from raydiff.launch.interrupts import raise_on_sigterm
+from raydiff.launch.process_group import ProcessGroupConfig, torch_trainer
 from raydiff.launch.run_lock import LOCK_FILE, RunLock
 from raydiff.launch.runs import describe_plan, finished_result, stored_result
 from raydiff.launch.storage import (
@@ -57,39 +58,8 @@ from raydiff.launch.storage import (
 from raydiff.training.loop_args import LoopArgs
 from raydiff.training.model_card import dataset_summary
 
-
-def train_loop_per_worker(loop_config: dict) -> None:
-    """raydiff.training.loop.train_loop_per_worker, imported in the worker (the driver never imports
-    diffusers, transformers or peft) once the worker's data feed has started, so the pipeline's
-    start-up overlaps those imports and the model load."""
-    import ray.train.torch
-
-    from raydiff.training.checkpoint_store import has_checkpoint
-    from raydiff.training.feed import EpochFeed
-
-    args: LoopArgs = loop_config["args"]
-    cfg = args.parse_config()
-    if not cfg.ray.local:
-        hide_unused_libraries(cfg)  # a worker process serves this run only (the driver may serve more)
-    feed = EpochFeed(cfg, args, ray.train.torch.get_device(), fresh=not has_checkpoint(args.storage))
-    from raydiff.training.loop import train_loop_per_worker as loop
-
-    # Local mode: torch in the caller's process computes as a worker of ray.cpus_per_worker would.
-    with torch_threads(int(cfg.ray.cpus_per_worker)) if cfg.ray.local else contextlib.nullcontext():
-        loop(loop_config, feed)
-
-
-@contextlib.contextmanager
-def torch_threads(count: int):
-    """torch's intra-op threads set to `count` (at least 1), restored afterwards."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, count))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+if TYPE_CHECKING:
+    from ray.train.torch import TorchTrainer
 
 
 def run_dir(cfg: RaydiffConfig) -> str:
@@ -150,20 +120,6 @@ def plan_run(cfg: RaydiffConfig, module_factory: Callable | None = None, rows=No
     return RunPlan(datasets, args)
 
 
-class RunTrainer(TorchTrainer):
-    """A TorchTrainer without Ray Train's placement-group cleaner. The cleaner is a detached actor (a new
-    process: 1.2 CPU-s and about 1.2 s of every run on 2 cores, docs/performance.md section 1) that polls
-    the State API each second to remove the run's placement group should its controller die while the
-    driver lives on. Ray itself removes a job's placement groups when its driver exits or disconnects,
-    which covers `raydiff train` and a Ctrl-C'd run (raydiff shuts Ray down). Tune's stopped trials are
-    the case the cleaner exists for, so `raydiff tune` keeps it."""
-
-    def _create_default_callbacks(self):  # Ray's private hook: the only place the callbacks are chosen
-        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-
-        return [c for c in super()._create_default_callbacks() if not isinstance(c, PlacementGroupCleanerCallback)]
-
-
 def build_trainer(cfg: RaydiffConfig, module_factory: Callable | None = None, *, plan: RunPlan | None = None,
                   trial: bool = False, **run_config_kwargs) -> TorchTrainer:
     """A TorchTrainer whose workers build the training module themselves (`module_factory(device)`,
@@ -183,9 +139,10 @@ def build_trainer(cfg: RaydiffConfig, module_factory: Callable | None = None, *,
     datasets = plan.datasets
     if cfg.ray.local:  # Ray Train's local mode hands the loop the datasets themselves, without DataConfig
         datasets = {name: with_options(ds, ingest) for name, ds in datasets.items()}
-    return (TorchTrainer if trial else RunTrainer)(
+    return torch_trainer(trial)(
         train_loop_per_worker,
         train_loop_config={"args": plan.args},
+        torch_config=ProcessGroupConfig(),
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                      resources_per_worker=resources,
                                      placement_strategy=cfg.ray.placement_strategy),

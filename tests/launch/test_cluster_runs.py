@@ -236,7 +236,7 @@ def placement_groups(ray: LocalRay) -> list[str]:
 
 
 def test_a_killed_driver_leaves_no_placement_group_behind(cluster, tiny_model, shapes, tmp_path):
-    """raydiff runs without Ray Train's placement-group cleaner (RunTrainer in raydiff/launch/trainer.py):
+    """raydiff runs without Ray Train's placement-group cleaner (RunTrainer in raydiff/launch/process_group.py):
     Ray frees a job's placement groups when its driver dies, even by SIGKILL in the middle of a run."""
     (tmp_path / "config.yaml").write_text(tiny_yaml(tiny_model("flux"), shapes, str(tmp_path / "runs"), "killed"))
     driver = subprocess.Popen([tool("raydiff"), "train", "config.yaml", "--set", "train.max_steps=10000",

@@ -8,7 +8,7 @@ import torch
 
 from raydiff.config import parse_config
 from raydiff.data.collate import collate
-from raydiff.data.encode import Encoder, training_components
+from raydiff.data.encoder import Encoder, training_components
 from raydiff.training.module import PipelineTrainingModule
 
 PROMPTS = ["a red fox jumps", "waves at night"]
