@@ -42,7 +42,7 @@ CORES = os.cpu_count() or 1
 def bare(cfg, mode: str, steps: int, warmup: int) -> dict:
     import torch
 
-    from raydiff.data.encoder import training_components
+    from raydiff.data.components import training_components
 
     torch.set_num_threads(CORES)
     n = min(steps + warmup, 16)

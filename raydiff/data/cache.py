@@ -23,9 +23,9 @@ from raydiff.config.libraries import hide_unused_libraries
 from raydiff.console import quiet_libraries, say
 from raydiff.data.buckets import row_buckets
 from raydiff.data.cache_io import SKIPPED_KEY, CacheLayout, columns_to_table, write_empty_prompt
+from raydiff.data.components import trainable_names, worker_models
 from raydiff.data.decode import VIDEO_KEYS, DecodeRow
 from raydiff.data.encode import start_empty_prompt
-from raydiff.data.encoder import Encoder, trainable_names, worker_models
 from raydiff.data.metadata import SampleError, family_max_paths, is_url, train_and_eval_rows
 
 FORMAT = 1
@@ -198,6 +198,8 @@ class ShardWriter:
         cfg = from_remote(config)
         hide_unused_libraries(cfg)  # an actor serves one run
         quiet_libraries()
+        from raydiff.data.encoder import Encoder  # here: the driver imports this module, and no torch
+
         self.cfg, self.encoder = cfg, Encoder(cfg)
         strict = cfg.data.model_copy(update={"skip_bad_samples": False})  # we record the reason ourselves
         self.decode = DecodeRow(strict, cfg.train.seed)

@@ -20,12 +20,12 @@ import pyarrow.parquet as pq
 import ray
 
 from raydiff.config import RaydiffConfig, from_remote, to_remote
+from raydiff.config.libraries import hide_unused_libraries
 from raydiff.console import quiet_libraries, say
 from raydiff.data.cache import cache_settings, describe_changes, model_identity
 from raydiff.data.cache_io import SKIPPED_KEY, CacheLayout, columns_to_table, write_empty_prompt
 from raydiff.data.decode import DecodeRow
 from raydiff.data.encode import start_empty_prompt
-from raydiff.data.encoder import Encoder
 from raydiff.data.metadata import BadSample, SampleError
 from raydiff.data.records import filesystem, iter_records
 from raydiff.data.shards import ShardPlan, plan_shards, shard_id
@@ -88,6 +88,9 @@ class SourceWriter:
     def __init__(self, config: dict):
         quiet_libraries()
         cfg = from_remote(config)
+        hide_unused_libraries(cfg)  # an actor serves one run
+        from raydiff.data.encoder import Encoder  # here: the driver imports this module, and no torch
+
         self.cfg, self.encoder, self.layout = cfg, Encoder(cfg), CacheLayout(cfg.data.cache_dir)
         self.decode = DecodeRow(cfg.data.model_copy(update={"skip_bad_samples": False}), cfg.train.seed)
 

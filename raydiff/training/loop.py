@@ -12,7 +12,7 @@ import torch
 
 from raydiff.config import RaydiffConfig
 from raydiff.console import quiet_libraries, quiet_ray_train_reports, say
-from raydiff.data.encoder import training_components
+from raydiff.data.components import training_components
 from raydiff.training import fsdp
 from raydiff.training.checkpoint import TrainerState, load_checkpoint
 from raydiff.training.checkpoint_store import has_checkpoint, newest_complete_checkpoint, run_storage

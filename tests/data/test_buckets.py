@@ -11,8 +11,8 @@ from test_preprocess import batches_of  # noqa: E402  (pytest puts tests/data on
 
 from raydiff.data.buckets import assign_bucket, bucket_sizes, media_size, plan_batches
 from raydiff.data.collate import collate
+from raydiff.data.components import training_components
 from raydiff.data.dataset import build_train_data
-from raydiff.data.encoder import training_components
 from raydiff.data.metadata import read_rows
 from raydiff.data.shapes import write_shapes_dataset
 from raydiff.training.module import PipelineTrainingModule

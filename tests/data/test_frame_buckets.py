@@ -165,8 +165,8 @@ def test_the_cache_index_holds_each_clips_frames_and_size(tmp_path):
 
 @pytest.mark.slow
 def test_frame_buckets_give_the_same_batches_and_losses_in_every_mode(ray_session, make_config, clips, tmp_path):
+    from raydiff.data.components import training_components
     from raydiff.data.dataset import build_train_data
-    from raydiff.data.encoder import training_components
     from raydiff.training.module import PipelineTrainingModule
 
     results = {}

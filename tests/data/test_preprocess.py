@@ -17,10 +17,11 @@ from raydiff.data.cache import preprocess
 from raydiff.data.cache_io import CacheLayout, columns_to_table, table_to_columns
 from raydiff.data.collate import collate
 from raydiff.data.columns import columns_to_inputs, to_columns
+from raydiff.data.components import training_components
 from raydiff.data.dataset import build_train_data
 from raydiff.data.decode import DecodeRow
 from raydiff.data.encode import encode_empty_prompt
-from raydiff.data.encoder import Encoder, training_components
+from raydiff.data.encoder import Encoder
 from raydiff.data.eval_set import start_eval_set
 from raydiff.data.metadata import read_rows
 from raydiff.data.plan import CaptionDropout, caption_dropped, flipped

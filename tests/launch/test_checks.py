@@ -350,16 +350,18 @@ def test_the_driver_and_ray_trains_controller_import_no_model_library():
     assert proc.stdout.strip() == "[]"
 
 
-def test_what_ray_trains_controller_unpickles_imports_no_torch():
+def test_the_driver_and_what_ray_trains_controller_unpickles_import_no_torch():
     """Ray Train's controller, its DatasetManager and Ray Data's SplitCoordinator are new processes in every run,
     on the critical path before the workers start; each imports the modules of what it unpickles: the worker
-    function, the process-group config, the loop's arguments and the dataset's stages. torch would cost each
+    function, the process-group config, the loop's arguments and the dataset's stages. The driver (`raydiff
+    train`, a Tune trial's driver) imports the launch modules before it starts Ray. torch would cost each
     1.5 s (docs/performance.md section 1)."""
     import subprocess
     import sys
 
     modules = ("raydiff.launch.entry", "raydiff.launch.process_group", "raydiff.training.loop_args",
-               "raydiff.data.decode", "raydiff.data.encode", "raydiff.data.cache_io")
+               "raydiff.data.decode", "raydiff.data.encode", "raydiff.data.cache_io", "raydiff.launch.cli",
+               "raydiff.launch.trainer", "raydiff.launch.tune")
     code = f"import sys, {', '.join(modules)}; print('torch' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

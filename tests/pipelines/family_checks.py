@@ -11,7 +11,8 @@ from PIL import Image
 from raydiff.config import RaydiffConfig, load_config
 from raydiff.data.cache_io import columns_to_table, table_to_columns
 from raydiff.data.collate import collate
-from raydiff.data.encoder import Encoder, training_components
+from raydiff.data.components import training_components
+from raydiff.data.encoder import Encoder
 from raydiff.launch.sample import family_of_directory, sample
 from raydiff.pipelines.base import run_units
 from raydiff.training.lora import LORA_FILE, save_lora

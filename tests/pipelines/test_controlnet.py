@@ -24,7 +24,8 @@ from PIL import Image
 from raydiff.config import ControlNetConfig, parse_config
 from raydiff.data.cache_io import columns_to_table, table_to_columns
 from raydiff.data.collate import collate
-from raydiff.data.encoder import Encoder, training_components
+from raydiff.data.components import training_components
+from raydiff.data.encoder import Encoder
 from raydiff.pipelines.base import run_units, unpack_latents
 from raydiff.registry import get_pipeline_class
 from raydiff.training.lora import LORA_FILE, save_lora

@@ -8,7 +8,8 @@ import torch
 
 from raydiff.config import parse_config
 from raydiff.data.collate import collate
-from raydiff.data.encoder import Encoder, training_components
+from raydiff.data.components import training_components
+from raydiff.data.encoder import Encoder
 from raydiff.training.module import PipelineTrainingModule
 
 PROMPTS = ["a red fox jumps", "waves at night"]

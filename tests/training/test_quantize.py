@@ -17,7 +17,8 @@ from peft.tuners.lora.torchao import TorchaoLoraLinear
 from torchao.utils import TorchAOBaseTensor
 
 from raydiff.config import ConfigError, parse_config
-from raydiff.data.encoder import Encoder, training_components
+from raydiff.data.components import training_components
+from raydiff.data.encoder import Encoder
 from raydiff.pipelines.base import run_units
 from raydiff.pipelines.flux import FluxImagePipeline
 from raydiff.pipelines.quantize import weight_bytes
