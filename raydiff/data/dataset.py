@@ -49,17 +49,19 @@ class TrainData:
     shards: ShardPlan | None = None  # sharded data: each worker streams its share (raydiff.data.stream)
 
 
-def build_train_data(cfg: RaydiffConfig, rows: list[dict] | None, seed: int,
-                     counter_name: str | None = None) -> TrainData:
+def build_train_data(cfg: RaydiffConfig, rows: list[dict] | None, seed: int, counter_name: str | None = None,
+                     empty_prompt: ray.ObjectRef | None = None) -> TrainData:
     """`rows` from `read_rows` (repeated) -> the dataset for the configured mode. `seed` is `train.seed`:
-    it orders the samples and picks the flips. Sharded data (`rows` None) gets a shard plan instead."""
+    it orders the samples and picks the flips. Sharded data (`rows` None) gets a shard plan instead.
+    `empty_prompt`: stream mode's encoded empty prompt, when a task the caller started already encodes it
+    (raydiff.data.eval_set); else stream mode starts its own."""
     ray.data.DataContext.get_current().enable_progress_bars = False
     if cfg.data.sharded:
         return _sharded_data(cfg, seed)
     if cfg.data.preprocess == "cache":
         data = _cached_data(cfg, rows, seed, counter_name)
     else:
-        data = _decoded_data(cfg, rows, seed, counter_name)
+        data = _decoded_data(cfg, rows, seed, counter_name, empty_prompt)
     # Ray's equal split deals bundles greedily to the emptiest worker, so which rank trains which
     # sample depends on bundle sizes. Blocks of exactly one batch (strict) make it round-robin by
     # batch in every mode and on every run: rank r trains batches r, r + W, r + 2W, ...
@@ -105,7 +107,8 @@ def _encoded(ds: ray.data.Dataset, cfg: RaydiffConfig, batch_size: int, actors: 
                           num_cpus=d.encoder_num_cpus)
 
 
-def _decoded_data(cfg: RaydiffConfig, rows: list[dict], seed: int, counter_name: str | None) -> TrainData:
+def _decoded_data(cfg: RaydiffConfig, rows: list[dict], seed: int, counter_name: str | None,
+                  empty_prompt: ray.ObjectRef | None = None) -> TrainData:
     """inline and stream: metadata rows ordered (and batched into buckets) in the driver, decoded in
     Ray Data tasks, encoded by the actor pool in stream mode."""
     d, t = cfg.data, cfg.train
@@ -123,7 +126,8 @@ def _decoded_data(cfg: RaydiffConfig, rows: list[dict], seed: int, counter_name:
     empty = None
     if d.preprocess == "stream":
         ds = _encoded(ds, cfg, 1 if batches else d.encoder_batch_size, actors=d.encoder_actors)
-        empty = start_empty_prompt(cfg) if d.caption_dropout > 0 else None  # encodes while the run starts
+        if d.caption_dropout > 0:  # encodes while the run starts
+            empty = empty_prompt or start_empty_prompt(cfg)
     if batches is None:
         return TrainData(ds, len(items), empty_prompt=empty)
     return TrainData(ds, len(batches) * t.batch_size, True, len(batches), empty)

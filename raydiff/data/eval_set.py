@@ -10,10 +10,14 @@ from raydiff.console import quiet_libraries
 from raydiff.data.decode import DecodeRow
 
 
-def start_eval_set(cfg: RaydiffConfig, rows: list[dict], counter_name: str | None = None) -> ray.ObjectRef:
+def start_eval_set(cfg: RaydiffConfig, rows: list[dict], counter_name: str | None = None,
+                   empty_prompt: bool = False) -> list[ray.ObjectRef]:
     """The eval set (`eval_samples`) made by one Ray task that starts now, so it overlaps the run's start;
     every rank `ray.get`s the list and scores its share. One task for the run, not a pipeline per rank: in
     stream/cache mode each rank would otherwise start its own encoder and encode the whole set.
+    `empty_prompt` (stream mode with caption dropout): the same task, with the encoder it loads anyway, also
+    encodes the empty prompt, rather than a second task loading the text encoders again.
+    Returns [the eval set's ref] plus, with `empty_prompt`, the empty prompt's.
     Encoders on GPUs finish before this returns, so that the workers' GPUs are not held up."""
     d = cfg.data
     if d.preprocess == "inline":
@@ -21,20 +25,23 @@ def start_eval_set(cfg: RaydiffConfig, rows: list[dict], counter_name: str | Non
     else:
         resources = {"num_cpus": d.encoder_num_cpus, "num_gpus": d.encoder_num_gpus}
     # DEFAULT: outside the caller's placement group (a Tune trial's holds only its driver), as Ray Data's tasks.
-    task = ray.remote(eval_samples).options(**resources, scheduling_strategy="DEFAULT")
-    ref = task.remote(to_remote(cfg), rows, counter_name)
+    task = ray.remote(eval_samples).options(**resources, scheduling_strategy="DEFAULT",
+                                            num_returns=2 if empty_prompt else 1)
+    refs = task.remote(to_remote(cfg), rows, counter_name, empty_prompt)
+    refs = list(refs) if empty_prompt else [refs]
     if d.preprocess != "inline" and d.encoder_num_gpus > 0:
-        ray.wait([ref], fetch_local=False)
-    return ref
+        ray.wait(refs, num_returns=len(refs), fetch_local=False)
+    return refs
 
 
-def eval_samples(config: dict, rows: list[dict], counter_name: str | None = None) -> list[dict]:
+def eval_samples(config: dict, rows: list[dict], counter_name: str | None = None, empty_prompt: bool = False):
     """The eval samples in file order, decoded without flips; in stream/cache mode also encoded (those
-    workers hold no encoders; eval sets are small and never cached), `data.encoder_batch_size` at a time."""
+    workers hold no encoders; eval sets are small and never cached), `data.encoder_batch_size` at a time.
+    With `empty_prompt`: (the samples, the empty prompt's encoded columns)."""
     cfg = from_remote(config)
     d = cfg.data.model_copy(update={"random_flip": False})
     samples = [sample for row in rows for sample in DecodeRow(d, 0, counter_name)(row)]
-    if d.preprocess == "inline" or not samples:
+    if d.preprocess == "inline" or not (samples or empty_prompt):
         return samples
     from raydiff.data.encoder import Encoder  # here: an inline eval task only decodes, and imports no torch
 
@@ -44,4 +51,4 @@ def eval_samples(config: dict, rows: list[dict], counter_name: str | None = None
         chunk = samples[start:start + d.encoder_batch_size]
         columns = encoder.encode({key: [s[key] for s in chunk] for key in chunk[0]})
         encoded += [{key: column[i] for key, column in columns.items()} for i in range(len(chunk))]
-    return encoded
+    return (encoded, encoder.empty_prompt()) if empty_prompt else encoded

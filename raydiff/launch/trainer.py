@@ -107,12 +107,15 @@ def plan_run(cfg: RaydiffConfig, module_factory: Callable | None = None, rows=No
         ray.get([actor.add.remote(b.row, b.reason) for b in bad])
     # inline: workers decode and encode; stream: an encoder actor pool feeds them latents; cache: the
     # parquet cache (built first if missing or stale) does. See raydiff/data/dataset.py.
-    train = build_train_data(cfg, rows, seed=cfg.train.seed, counter_name=counter)
+    d = cfg.data  # stream mode with caption dropout: the eval task encodes the empty prompt too (one encoder load)
+    share = bool(eval_rows) and d.preprocess == "stream" and d.caption_dropout > 0 and not d.sharded
+    evals = start_eval_set(cfg, eval_rows, counter, empty_prompt=share) if eval_rows else [None]
+    train = build_train_data(cfg, rows, seed=cfg.train.seed, counter_name=counter,
+                             empty_prompt=evals[1] if share else None)
     datasets = {} if train.dataset is None else {"train": train.dataset}
-    eval_set = start_eval_set(cfg, eval_rows, counter_name=counter) if eval_rows else None
     epoch_steps = steps_per_epoch(train.num_samples, cfg)
     args = LoopArgs(to_remote(cfg), epoch_steps, total_steps(cfg, epoch_steps), packed=train.packed,
-                    empty_prompt=train.empty_prompt, eval_set=eval_set, skip_counter=counter, run_dir=run_dir(cfg),
+                    empty_prompt=train.empty_prompt, eval_set=evals[0], skip_counter=counter, run_dir=run_dir(cfg),
                     is_tty=sys.stdout.isatty(), module_factory=module_factory, relay=relay, shards=train.shards,
                     dataset=dataset_summary(rows, cfg.data.repeat, train.num_samples),
                     storage=run_directory(cfg.ray.storage_path, cfg.ray.name, cfg.ray.storage_endpoint,

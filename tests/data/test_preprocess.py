@@ -203,10 +203,25 @@ def test_stream_mode_with_caption_dropout_fetches_the_empty_prompt(ray_session, 
 
 
 @pytest.mark.slow
+def test_stream_mode_encodes_the_empty_prompt_in_the_eval_task(ray_session, make_config, tmp_path):
+    """With caption dropout and an eval set, one task loads the text encoders for both (on a real model a load of
+    several GB, and on GPUs a second task waiting for the encoders' GPU)."""
+    from raydiff.launch.trainer import plan_run
+
+    cfg = mode_config(make_config, tmp_path, "stream", caption_dropout=0.5)
+    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"holdout": 2})})
+    args = plan_run(cfg).args
+    assert args.empty_prompt.task_id() == args.eval_set.task_id()  # two returns of one task
+    empty, alone = ray.get(args.empty_prompt), encode_empty_prompt(to_remote(cfg))
+    assert empty.keys() == alone.keys() and all(np.array_equal(empty[k], alone[k]) for k in alone)
+    assert [s["_row"] for s in ray.get(args.eval_set)] == [14, 15] and "latents" in ray.get(args.eval_set)[0]
+
+
+@pytest.mark.slow
 def test_stream_mode_eval_set_arrives_encoded_in_file_order(ray_session, make_config, tmp_path):
     cfg = mode_config(make_config, tmp_path, "stream", random_flip=True)
     rows, _ = read_rows(cfg.data)
-    samples = ray.get(start_eval_set(cfg, rows[:5]))
+    samples = ray.get(start_eval_set(cfg, rows[:5])[0])
     assert [s["_row"] for s in samples] == [0, 1, 2, 3, 4] and "image" not in samples[0]
     # As the loop's EvalSet batches rows: lists per column, media (none here) stacked.
     columns = {k: [s[k] for s in samples[:2]] for k in samples[0]}
