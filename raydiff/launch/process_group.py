@@ -19,10 +19,10 @@ from ray.train.backend import Backend, BackendConfig
 
 @dataclass
 class ProcessGroupConfig(BackendConfig):
-    """TorchConfig's fields, for TorchTrainer's `torch_config` (which fills in `backend`)."""
+    """TorchConfig's fields but `init_method` (always `env://` here), for TorchTrainer's `torch_config`
+    (which fills in `backend`)."""
 
     backend: str | None = None
-    init_method: str = "env"
     timeout_s: int = 1800
 
     @property
@@ -40,7 +40,7 @@ class ProcessGroupConfig(BackendConfig):
         return TrainingFramework.TORCH
 
     def to_dict(self) -> dict:
-        return {"backend": self.backend, "init_method": self.init_method, "timeout_s": self.timeout_s}
+        return {"backend": self.backend, "init_method": "env", "timeout_s": self.timeout_s}
 
 
 class CudaDevice:
