@@ -118,9 +118,8 @@ def test_ti2v_image_to_video_leaves_the_clean_first_frame_out_of_the_loss(tiny_m
 
     ours.model_fn = off_on_the_first_frame
     assert flow_matching_loss(ours, inputs, sigma, noise).item() == pytest.approx(base.item(), rel=1e-6)
-    ours.model_fn = model_fn
-    del inputs["loss_mask"]  # without the mask the first frame would count
-    assert flow_matching_loss(ours, inputs, sigma, noise).item() != pytest.approx(base.item(), rel=1e-3)
+    del inputs["loss_mask"]  # without the mask the first frame's error would count
+    assert flow_matching_loss(ours, inputs, sigma, noise).item() > 100 * base.item()
 
 
 def test_lora_round_trips_through_diffusers(tiny_model, tmp_path, lora_key_warnings):
