@@ -1,4 +1,4 @@
-"""Model families by name: `model.family` -> the class that implements it.
+"""Model families by name: `model.family` -> the class that implements it; and the LoRA file formats' names.
 
 Torch-free on purpose: the config validates `model.family` against these names before anything
 heavy is imported. A family module is imported only when its class is asked for.
@@ -44,6 +44,9 @@ BUILTIN_PIPELINES = {
     "qwen_image_edit_plus": ("QwenImageEditPlusPipeline",),
     "flux_kontext": ("FluxKontextPipeline",),
 }
+# The LoRA file formats raydiff reads and `raydiff export --format` writes (raydiff.training.lora_formats
+# converts them): named here so that the CLI lists them without importing torch.
+LORA_FORMATS = ("diffusers", "comfyui", "kohya", "diffsynth")
 
 
 @dataclass(frozen=True)

@@ -133,8 +133,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from raydiff.registry import family_names
-    from raydiff.training.lora_formats import FORMATS
+    from raydiff.registry import LORA_FORMATS, family_names
 
     parser = OneLineParser(prog="raydiff",
                            description="Fine-tune diffusion transformers (LoRA or full) on Ray.")
@@ -175,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="convert a checkpoint's LoRA for other tools (ComfyUI, kohya, DiffSynth); a "
                                       "ControlNet run's as a diffusers ControlNet folder")
     p.add_argument("checkpoint", help="a checkpoint directory or a .safetensors LoRA file")
-    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--format", required=True, choices=LORA_FORMATS)
     p.add_argument("--out", required=True, help="output .safetensors file (a ControlNet run's checkpoint: a folder)")
     p.add_argument("--family", choices=family_names(),
                    help="model family (default: read from the checkpoint's config.yaml)")

@@ -9,10 +9,12 @@ diffusers does. LoHa, which diffusers cannot load, goes in as peft's own layers.
 from __future__ import annotations
 
 import os
-
-import torch
+from typing import TYPE_CHECKING
 
 from raydiff.console import say
+
+if TYPE_CHECKING:
+    import torch
 
 ADAPTER = "raydiff"
 
@@ -33,6 +35,8 @@ def sample(model: str, lora: str | None, prompt: str, out: str, *, family: str =
     a ControlNet run's checkpoint or a diffusers ControlNet (folder or hub id), sampled with the family's
     ControlNet pipeline.
     """
+    import torch  # here: `raydiff --help` and every command's parser import this module
+
     from raydiff.pipelines.base import DTYPES
     from raydiff.registry import get_pipeline_class
     from raydiff.training.checkpoint import FULL_WEIGHTS_FILE

@@ -44,10 +44,10 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from raydiff.registry import LORA_FORMATS as FORMATS
 from raydiff.registry import family_names, get_pipeline_class
 from raydiff.training import adapters, model_card
 
-FORMATS = ("diffusers", "comfyui", "kohya", "diffsynth")
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name, which load_lora_weights looks for
 PREFIX = "transformer"  # every family's dit_name, the diffusers key prefix
 METADATA_KEY = "lora_adapter_metadata"  # diffusers': the peft config it builds the adapter from

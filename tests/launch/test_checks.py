@@ -362,7 +362,8 @@ def test_the_driver_and_what_ray_trains_controller_unpickles_import_no_torch():
     modules = ("raydiff.launch.entry", "raydiff.launch.process_group", "raydiff.training.loop_args",
                "raydiff.data.decode", "raydiff.data.encode", "raydiff.data.cache_io", "raydiff.launch.cli",
                "raydiff.launch.trainer", "raydiff.launch.tune")
-    code = f"import sys, {', '.join(modules)}; print('torch' in sys.modules)"
+    # build_parser: every command (a config typo's `raydiff: error:` too) builds the whole parser first.
+    code = f"import sys, {', '.join(modules)}; raydiff.launch.cli.build_parser(); print('torch' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "False"
