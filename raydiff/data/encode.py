@@ -49,8 +49,11 @@ def encode_empty_prompt(config: dict) -> dict[str, np.ndarray]:
 def start_empty_prompt(cfg: RaydiffConfig) -> ray.ObjectRef:
     """`encode_empty_prompt` started in a Ray task with an encoder actor's resources (the driver loads no model);
     `ray.get` the answer where it is needed, so the encoding overlaps whatever comes first (a run's start)."""
+    return ray.remote(encode_empty_prompt).options(**encoder_task_options(cfg)).remote(to_remote(cfg))
+
+
+def encoder_task_options(cfg: RaydiffConfig) -> dict:
+    """Ray options of a task the driver starts to encode: an encoder actor's resources, scheduled outside the
+    caller's placement group (DEFAULT; a Tune trial's holds only its driver), as Ray Data's tasks are."""
     d = cfg.data
-    # DEFAULT: outside the caller's placement group (a Tune trial's holds only its driver), as Ray Data's tasks.
-    task = ray.remote(encode_empty_prompt).options(num_cpus=d.encoder_num_cpus, num_gpus=d.encoder_num_gpus,
-                                                   scheduling_strategy="DEFAULT")
-    return task.remote(to_remote(cfg))
+    return {"num_cpus": d.encoder_num_cpus, "num_gpus": d.encoder_num_gpus, "scheduling_strategy": "DEFAULT"}

@@ -3,46 +3,54 @@ every rank `ray.get`s (raydiff.training.evaluation.EvalSet scores its share)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import ray
 
 from raydiff.config import RaydiffConfig, from_remote, to_remote
 from raydiff.console import quiet_libraries
 from raydiff.data.decode import DecodeRow
+from raydiff.data.encode import encoder_task_options
+
+
+@dataclass
+class EvalRefs:
+    """What `start_eval_set` started: the eval samples, and the empty prompt's encoded columns when asked for."""
+
+    samples: ray.ObjectRef
+    empty_prompt: ray.ObjectRef | None = None
 
 
 def start_eval_set(cfg: RaydiffConfig, rows: list[dict], counter_name: str | None = None,
-                   empty_prompt: bool = False) -> list[ray.ObjectRef]:
+                   empty_prompt: bool = False) -> EvalRefs:
     """The eval set (`eval_samples`) made by one Ray task that starts now, so it overlaps the run's start;
     every rank `ray.get`s the list and scores its share. One task for the run, not a pipeline per rank: in
     stream/cache mode each rank would otherwise start its own encoder and encode the whole set.
     `empty_prompt` (stream mode with caption dropout): the same task, with the encoder it loads anyway, also
     encodes the empty prompt, rather than a second task loading the text encoders again.
-    Returns [the eval set's ref] plus, with `empty_prompt`, the empty prompt's.
     Encoders on GPUs finish before this returns, so that the workers' GPUs are not held up."""
     d = cfg.data
     if d.preprocess == "inline":
-        resources = {"num_cpus": d.num_cpus}
+        options = {"num_cpus": d.num_cpus, "scheduling_strategy": "DEFAULT"}  # DEFAULT: see encoder_task_options
     else:
-        resources = {"num_cpus": d.encoder_num_cpus, "num_gpus": d.encoder_num_gpus}
-    # DEFAULT: outside the caller's placement group (a Tune trial's holds only its driver), as Ray Data's tasks.
-    task = ray.remote(eval_samples).options(**resources, scheduling_strategy="DEFAULT",
-                                            num_returns=2 if empty_prompt else 1)
-    refs = task.remote(to_remote(cfg), rows, counter_name, empty_prompt)
-    refs = list(refs) if empty_prompt else [refs]
+        options = encoder_task_options(cfg)
+    samples, empty = ray.remote(eval_samples).options(**options, num_returns=2).remote(
+        to_remote(cfg), rows, counter_name, empty_prompt)
     if d.preprocess != "inline" and d.encoder_num_gpus > 0:
-        ray.wait(refs, num_returns=len(refs), fetch_local=False)
-    return refs
+        ray.wait([samples, empty], num_returns=2, fetch_local=False)
+    return EvalRefs(samples, empty if empty_prompt else None)
 
 
-def eval_samples(config: dict, rows: list[dict], counter_name: str | None = None, empty_prompt: bool = False):
-    """The eval samples in file order, decoded without flips; in stream/cache mode also encoded (those
-    workers hold no encoders; eval sets are small and never cached), `data.encoder_batch_size` at a time.
-    With `empty_prompt`: (the samples, the empty prompt's encoded columns)."""
+def eval_samples(config: dict, rows: list[dict], counter_name: str | None = None,
+                 empty_prompt: bool = False) -> tuple[list[dict], dict | None]:
+    """(the eval samples in file order, decoded without flips; in stream/cache mode also encoded (those
+    workers hold no encoders; eval sets are small and never cached), `data.encoder_batch_size` at a time;
+    with `empty_prompt`, the empty prompt's encoded columns, else None)."""
     cfg = from_remote(config)
     d = cfg.data.model_copy(update={"random_flip": False})
     samples = [sample for row in rows for sample in DecodeRow(d, 0, counter_name)(row)]
     if d.preprocess == "inline" or not (samples or empty_prompt):
-        return samples
+        return samples, None
     from raydiff.data.encoder import Encoder  # here: an inline eval task only decodes, and imports no torch
 
     quiet_libraries()
@@ -51,4 +59,4 @@ def eval_samples(config: dict, rows: list[dict], counter_name: str | None = None
         chunk = samples[start:start + d.encoder_batch_size]
         columns = encoder.encode({key: [s[key] for s in chunk] for key in chunk[0]})
         encoded += [{key: column[i] for key, column in columns.items()} for i in range(len(chunk))]
-    return (encoded, encoder.empty_prompt()) if empty_prompt else encoded
+    return encoded, encoder.empty_prompt() if empty_prompt else None

@@ -109,14 +109,15 @@ def plan_run(cfg: RaydiffConfig, module_factory: Callable | None = None, rows=No
     # parquet cache (built first if missing or stale) does. See raydiff/data/dataset.py.
     d = cfg.data  # stream mode with caption dropout: the eval task encodes the empty prompt too (one encoder load)
     share = bool(eval_rows) and d.preprocess == "stream" and d.caption_dropout > 0 and not d.sharded
-    evals = start_eval_set(cfg, eval_rows, counter, empty_prompt=share) if eval_rows else [None]
+    evals = start_eval_set(cfg, eval_rows, counter, empty_prompt=share) if eval_rows else None
     train = build_train_data(cfg, rows, seed=cfg.train.seed, counter_name=counter,
-                             empty_prompt=evals[1] if share else None)
+                             empty_prompt=evals.empty_prompt if evals else None)
     datasets = {} if train.dataset is None else {"train": train.dataset}
     epoch_steps = steps_per_epoch(train.num_samples, cfg)
     args = LoopArgs(to_remote(cfg), epoch_steps, total_steps(cfg, epoch_steps), packed=train.packed,
-                    empty_prompt=train.empty_prompt, eval_set=evals[0], skip_counter=counter, run_dir=run_dir(cfg),
-                    is_tty=sys.stdout.isatty(), module_factory=module_factory, relay=relay, shards=train.shards,
+                    empty_prompt=train.empty_prompt, eval_set=evals.samples if evals else None,
+                    skip_counter=counter, run_dir=run_dir(cfg), is_tty=sys.stdout.isatty(),
+                    module_factory=module_factory, relay=relay, shards=train.shards,
                     dataset=dataset_summary(rows, cfg.data.repeat, train.num_samples),
                     storage=run_directory(cfg.ray.storage_path, cfg.ray.name, cfg.ray.storage_endpoint,
                                           cfg.ray.storage_region) if cfg.ray.local else None)

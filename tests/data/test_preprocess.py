@@ -221,7 +221,7 @@ def test_stream_mode_encodes_the_empty_prompt_in_the_eval_task(ray_session, make
 def test_stream_mode_eval_set_arrives_encoded_in_file_order(ray_session, make_config, tmp_path):
     cfg = mode_config(make_config, tmp_path, "stream", random_flip=True)
     rows, _ = read_rows(cfg.data)
-    samples = ray.get(start_eval_set(cfg, rows[:5])[0])
+    samples = ray.get(start_eval_set(cfg, rows[:5]).samples)
     assert [s["_row"] for s in samples] == [0, 1, 2, 3, 4] and "image" not in samples[0]
     # As the loop's EvalSet batches rows: lists per column, media (none here) stacked.
     columns = {k: [s[k] for s in samples[:2]] for k in samples[0]}

@@ -173,7 +173,7 @@ def start_in_trial(cfg, rows) -> tuple[dict, list]:
     from raydiff.data.encode import start_empty_prompt
     from raydiff.data.eval_set import start_eval_set
 
-    return ray.get(start_empty_prompt(cfg)), ray.get(start_eval_set(cfg, rows)[0])
+    return ray.get(start_empty_prompt(cfg)), ray.get(start_eval_set(cfg, rows).samples)
 
 
 def test_tasks_a_trial_driver_starts_run_outside_its_placement_group(ray_session, make_config):
