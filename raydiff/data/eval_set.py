@@ -59,4 +59,4 @@ def eval_samples(config: dict, rows: list[dict], counter_name: str | None = None
         chunk = samples[start:start + d.encoder_batch_size]
         columns = encoder.encode({key: [s[key] for s in chunk] for key in chunk[0]})
         encoded += [{key: column[i] for key, column in columns.items()} for i in range(len(chunk))]
-    return encoded, encoder.empty_prompt() if empty_prompt else None
+    return encoded, (encoder.empty_prompt() if empty_prompt else None)
