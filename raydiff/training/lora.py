@@ -129,7 +129,7 @@ def _scale_factor(info: dict, want: dict, path: str) -> float:
 def load_lora_into(model: torch.nn.Module, path: str, prefix: str, *, family: str | None = None,
                    config=None) -> None:
     """Load an adapter file or checkpoint directory into an injected adapter, strictly. Any format of
-    `lora_formats.FORMATS` is accepted; with `config`, the file must hold the same type and rank, and a file
+    `registry.LORA_FORMATS` is accepted; with `config`, the file must hold the same type and rank, and a file
     trained at another alpha is rescaled so it computes the same update under this adapter's alpha / rank."""
     sd, info = import_lora(path, family=family, prefix=prefix)
     sd = {k[len(prefix) + 1:]: v for k, v in sd.items() if k.startswith(prefix + ".")}

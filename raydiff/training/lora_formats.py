@@ -44,8 +44,7 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from raydiff.registry import LORA_FORMATS as FORMATS
-from raydiff.registry import family_names, get_pipeline_class
+from raydiff.registry import LORA_FORMATS, family_names, get_pipeline_class
 from raydiff.training import adapters, model_card
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name, which load_lora_weights looks for
@@ -84,7 +83,7 @@ def detect_format(keys: Iterable[str]) -> str:
         return "diffusers"
     if any(_is_adapter_key(k) for k in keys):
         return "diffsynth"
-    raise ValueError(f"not a LoRA in any of {FORMATS}: keys like {keys[:3]}")
+    raise ValueError(f"not a LoRA in any of {LORA_FORMATS}: keys like {keys[:3]}")
 
 
 @functools.cache
@@ -224,8 +223,8 @@ def to_format(state_dict: dict[str, torch.Tensor], fmt: str, *, family: str | No
               rank: int | None = None) -> dict:
     """raydiff's form (`transformer.<module>.<param>`, scale alpha / rank; `rank` defaults to the modules')
     -> `fmt`'s keys, with the scale folded into the weights and alpha = rank wherever an alpha is written."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown LoRA format {fmt!r}; choose from {FORMATS}")
+    if fmt not in LORA_FORMATS:
+        raise ValueError(f"unknown LoRA format {fmt!r}; choose from {LORA_FORMATS}")
     modules = adapters.by_module({k[len(PREFIX) + 1:]: v for k, v in state_dict.items()})
     kind = adapters.type_of(p for params in modules.values() for p in params)
     adapters.check_format(kind, fmt)
@@ -364,7 +363,7 @@ def family_of(checkpoint: str) -> str | None:
 
 
 def import_lora(path: str, *, family: str | None, prefix: str = PREFIX) -> tuple[dict[str, torch.Tensor], dict]:
-    """A LoRA file (or checkpoint directory) in any of FORMATS -> (raydiff's form: `transformer.<module>.<param>`,
+    """A LoRA file (or checkpoint directory) in any of LORA_FORMATS -> (raydiff's form: `transformer.<module>.<param>`,
     {"type", "r", "lora_alpha"}). `family` maps ComfyUI, kohya and DiffSynth-FLUX names; diffusers files need
     none. Another `prefix` (`controlnet`): that model's adapter, in diffusers format only (as raydiff saves it),
     returned under its own prefix."""
@@ -387,8 +386,8 @@ def export_lora(checkpoint: str, fmt: str, out: str, *, family: str | None = Non
     """Write the adapter of `checkpoint` (a checkpoint directory or a .safetensors file in any format) to the
     file `out` in format `fmt`, scale folded in (module docstring), with a model card (README.md) beside it.
     The family (needed for every format but diffusers) defaults to the checkpoint's config.yaml. Returns `out`."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown LoRA format {fmt!r}; choose from {FORMATS}")
+    if fmt not in LORA_FORMATS:
+        raise ValueError(f"unknown LoRA format {fmt!r}; choose from {LORA_FORMATS}")
     family = family or family_of(checkpoint)  # None is fine where no names need mapping
     state_dict, info = import_lora(checkpoint, family=family)
     exported = to_format(state_dict, fmt, family=family, alpha=info["lora_alpha"], rank=info["r"])

@@ -23,9 +23,9 @@ from raydiff.pipelines.flux import FluxImagePipeline
 from raydiff.pipelines.flux2 import Flux2KleinImagePipeline
 from raydiff.pipelines.qwen_image import QwenImagePipeline
 from raydiff.pipelines.z_image import ZImagePipeline
-from raydiff.registry import get_pipeline_class
+from raydiff.registry import LORA_FORMATS, get_pipeline_class
 from raydiff.training.lora import LORA_FILE, lora_state_dict, save_lora
-from raydiff.training.lora_formats import FORMATS, detect_format, export_lora, from_format, import_lora, to_format
+from raydiff.training.lora_formats import detect_format, export_lora, from_format, import_lora, to_format
 from raydiff.training.module import switch_pipe_to_training_mode
 
 RANK, ALPHA = 4, 6  # scale 1.5: a missing or doubled alpha shows
@@ -63,7 +63,7 @@ EDIT_BASES = {"qwen_image_edit": "qwen_image", "flux_kontext": "flux"}
 EDIT_OPTIONS = {"edit_image_pixels": 32 * 32}
 # FLUX.2 DiffSynth files use diffusers' module names without the `transformer.` prefix, which diffusers' FLUX.2
 # loader does not read (its Qwen-Image and Z-Image loaders do); FLUX's diffsynth export is the kohya layout.
-LOADABLE = [(f, fmt) for f in PIPELINES for fmt in FORMATS if (f, fmt) != ("flux2_klein", "diffsynth")]
+LOADABLE = [(f, fmt) for f in PIPELINES for fmt in LORA_FORMATS if (f, fmt) != ("flux2_klein", "diffsynth")]
 
 
 # Every module of both block types that FLUX's original names cover (complete q/k/v groups, which DiffSynth's
@@ -172,7 +172,7 @@ def test_export_loads_into_diffusers_and_predicts_as_trained(trained, tmp_path, 
 
 
 @pytest.mark.parametrize("family", EDIT_BASES)
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", LORA_FORMATS)
 def test_an_edit_family_exports_as_its_base_family_and_loads_into_its_pipeline(trained, tmp_path, family, fmt):
     """`raydiff export` of an edit family's checkpoint (its config.yaml names the family) writes what the base
     family's export of the same LoRA writes, tensor for tensor; the file loads into the edit family's diffusers
@@ -212,7 +212,7 @@ def test_a_kohya_file_exports_back_to_a_loadable_diffusers_file(trained, tmp_pat
 
 
 @pytest.mark.parametrize("family", PIPELINES)
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", LORA_FORMATS)
 def test_import_round_trips_to_the_trained_state_dict_with_the_scale_folded_in(trained, tmp_path, family, fmt):
     t = trained(family)
     out = export_lora(t.lora_dir, fmt, str(tmp_path / f"{fmt}.safetensors"), family=family)
@@ -231,7 +231,7 @@ def test_a_checkpoint_imports_as_trained(trained):
     assert all(torch.equal(state_dict[k], v) for k, v in t.state_dict.items()) and set(state_dict) == set(t.state_dict)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", LORA_FORMATS)
 def test_detect_format(trained, tmp_path, fmt):
     t = trained("qwen_image")
     out = export_lora(t.lora_dir, fmt, str(tmp_path / "x.safetensors"), family="qwen_image")
@@ -330,7 +330,7 @@ def test_alpha_twice_the_rank_means_the_same_in_diffusers_comfyui_and_diffsynth(
     t = trained(family, alpha=2 * RANK, whole_blocks=True)
     ours = t.deltas()
     files = {fmt: export_lora(t.lora_dir, fmt, str(tmp_path / f"{fmt}.safetensors"), family=family)
-             for fmt in FORMATS}
+             for fmt in LORA_FORMATS}
     fresh = t.pipe.diffusers_class.from_pretrained(t.model_dir)
     fresh.load_lora_weights(files["diffusers"])
     loaded = delta_weights(fresh.transformer)
