@@ -13,7 +13,7 @@ import ray
 import torch
 
 from raydiff.config import to_remote
-from raydiff.data.cache import preprocess
+from raydiff.data.cache import cache_identity, describe_changes, preprocess
 from raydiff.data.cache_io import CacheLayout, columns_to_table, table_to_columns
 from raydiff.data.collate import collate
 from raydiff.data.columns import columns_to_inputs, to_columns
@@ -85,9 +85,11 @@ def test_prompt_embeddings_of_different_lengths_are_padded_in_collate():
 
 @pytest.mark.slow
 def test_inline_stream_and_cache_give_every_worker_the_same_samples_and_losses(ray_session, make_config, tmp_path):
+    """With caption dropout, which each mode applies in collate: inline drops the prompt's text, stream and
+    cache swap in the encoded empty prompt (stream: from a task that the build starts)."""
     results = {}
     for mode in ("inline", "stream", "cache"):
-        cfg = mode_config(make_config, tmp_path, mode, repeat=2, train={"batch_size": 4})
+        cfg = mode_config(make_config, tmp_path, mode, repeat=2, caption_dropout=0.5, train={"batch_size": 4})
         rows, _ = read_rows(cfg.data)
         data = build_train_data(cfg, rows, seed=3)
         per_worker = batches_of(data.dataset, 4, workers=2)
@@ -98,15 +100,25 @@ def test_inline_stream_and_cache_give_every_worker_the_same_samples_and_losses(r
         module = PipelineTrainingModule(cfg, components=training_components(cfg))
         encoders = [module.pipe.pipe.vae, module.pipe.pipe.text_encoder, module.pipe.pipe.text_encoder_2]
         if mode == "inline":
-            assert all(m is not None for m in encoders)
+            assert all(m is not None for m in encoders) and data.empty_prompt is None
         else:  # stream/cache workers never construct the VAE or the text encoders
             assert all(m is None for m in encoders) and "image" not in batches[0]
+        empty = data.empty_prompt
+        if mode == "stream":
+            assert isinstance(empty, ray.ObjectRef)
+            empty = ray.get(empty)
+        if mode != "inline":
+            assert empty["prompt_embeds"].shape == (1, 16, 32)
+        dropout = {"caption_dropout": CaptionDropout(0.5, 3, empty), "epoch": 0}
+        prompts = [p for b in batches for p in collate(b, "cpu", cfg.data.data_file_keys, **dropout)["prompt"]]
         order = [(int(r), int(k)) for b in batches for r, k in zip(b["_row"], b["_rep"])]
-        results[mode] = order, losses(module, batches, cfg.data.data_file_keys)
+        results[mode] = order, prompts, losses(module, batches, cfg.data.data_file_keys, **dropout)
     assert len(set(results["inline"][0])) == 32
     assert results["stream"][0] == results["inline"][0] == results["cache"][0]
-    np.testing.assert_allclose(results["stream"][1], results["inline"][1], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(results["cache"][1], results["inline"][1], rtol=1e-5, atol=1e-6)
+    assert 0 < results["inline"][1].count("") < 32  # the same samples dropped in every mode
+    assert results["stream"][1] == results["inline"][1] == results["cache"][1]
+    np.testing.assert_allclose(results["stream"][2], results["inline"][2], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(results["cache"][2], results["inline"][2], rtol=1e-5, atol=1e-6)
 
 
 def test_the_encoder_loads_everything_but_the_trainable_model(make_config):
@@ -147,16 +159,25 @@ def test_cache_is_written_once_resumes_and_rebuilds_when_inputs_change(ray_sessi
     again = shard_mtimes(cache)
     assert again["shard-000000.parquet"] == first["shard-000000.parquet"] and len(again) == 3
 
-    # A different size invalidates the cache, and the message names the change.
-    preprocess(mode_config(make_config, tmp_path, "cache", height=16, width=32), shard_rows=6)
-    assert "settings.height: 32 -> 16" in capsys.readouterr().out
-    # So does a changed data file (size/mtime).
+    # A different size and a changed data file (size/mtime) invalidate the cache, and the message names each
+    # change. One rebuild checks both: each rebuild starts an encoder actor (about 5 s here).
     os.utime(os.path.join(shapes, "0003.png"), ns=(1, 1))
     try:
         preprocess(mode_config(make_config, tmp_path, "cache", height=16, width=32), shard_rows=6)
-        assert "inputs: the data files or metadata changed" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "is stale (settings.height: 32 -> 16; inputs: the data files or metadata changed)" in out
     finally:
         os.utime(os.path.join(shapes, "0003.png"))
+    # The data file alone changes the cache's identity in its inputs only.
+    cfg = mode_config(make_config, tmp_path, "cache")
+    rows = read_rows(cfg.data)[0]
+    before = cache_identity(cfg, rows, shard_rows=6)
+    os.utime(os.path.join(shapes, "0003.png"), ns=(1, 1))
+    try:
+        after = cache_identity(cfg, rows, shard_rows=6)
+    finally:
+        os.utime(os.path.join(shapes, "0003.png"))
+    assert describe_changes(before, after) == "inputs: the data files or metadata changed"
 
 
 def test_caption_dropout_swaps_in_the_empty_prompt_per_seed_epoch_and_sample(make_config):
@@ -188,18 +209,6 @@ def test_random_flip_is_fixed_per_sample_and_applied_in_the_decode_stage(make_co
     for r in rows[:6]:
         a, b = plain(r)[0]["image"], flip(r)[0]["image"]
         assert np.array_equal(b, a[:, ::-1] if r["_row"] in picked else a)
-
-
-@pytest.mark.slow
-def test_stream_mode_with_caption_dropout_fetches_the_empty_prompt(ray_session, make_config, tmp_path):
-    cfg = mode_config(make_config, tmp_path, "stream", caption_dropout=0.5)
-    rows, _ = read_rows(cfg.data)
-    data = build_train_data(cfg, rows, seed=0)
-    empty = ray.get(data.empty_prompt)  # a task, started by the build, that encodes while the run starts
-    assert empty["prompt_embeds"].shape == (1, 16, 32)
-    batch = batches_of(data.dataset, 16)[0]
-    out = collate(batch, "cpu", cfg.data.data_file_keys, caption_dropout=CaptionDropout(0.5, 0, empty), epoch=0)
-    assert out["prompt_embeds"].shape == (16, 16, 32) and "" in out["prompt"]
 
 
 @pytest.mark.slow

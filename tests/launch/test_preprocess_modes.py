@@ -1,7 +1,8 @@
 """`raydiff train` in data.preprocess inline, stream and cache modes: the same losses, eval loss and
 LoRA; stream/cache workers never load the VAE or the text encoders; `raydiff preprocess` writes the
 cache once. Mixed aspect ratios with buckets, batch_size 4 across 2 workers, caption dropout, flips and
-regularization data on, so every per-sample decision has to agree across the three paths."""
+regularization data on, so every per-sample decision has to agree across the three paths; a whole epoch, so
+every bucket batch is trained in every mode."""
 
 import json
 import os
@@ -42,7 +43,7 @@ def mixed_config(make_config, mixed, tmp_path, mode, regularization=None):
               "max_pixels": 2048, "buckets": True, "caption_dropout": 0.5, "random_flip": True,
               "preprocess": mode, "cache_dir": str(tmp_path / "cache"), "encoder_num_cpus": 0.5,
               "encoder_batch_size": 4, "regularization": regularization},
-        train={"batch_size": 4, "max_steps": 2, "learning_rate": 1e-2},
+        train={"batch_size": 4, "max_steps": 3, "learning_rate": 1e-2},  # 3 steps: the whole epoch
         eval={"holdout": 3, "batch_size": 2},
         ray={"num_workers": 2})
 
@@ -54,11 +55,17 @@ def final_checkpoint(result):
     return state, lora
 
 
-def test_inline_stream_and_cache_train_the_same_lora(ray_session, make_config, mixed, regularization, tmp_path):
+def test_inline_stream_and_cache_train_the_same_lora(ray_session, make_config, mixed, regularization, tmp_path,
+                                                     capsys):
     runs = {}
     for mode in ("inline", "stream", "cache"):
         cfg = mixed_config(make_config, mixed, tmp_path, mode, regularization)
+        if mode == "cache":  # as README.md describes: `raydiff preprocess`, then `raydiff train` reads that cache
+            preprocess_command_writes_the_cache_once(cfg, tmp_path, capsys)
         runs[mode] = final_checkpoint(launch_training_task(cfg))
+        if mode == "cache":
+            out = capsys.readouterr().out  # train found the command's cache current
+            assert "is complete and current (29 samples)" in out and "encoding" not in out
     encoders = {"vae", "text_encoder", "text_encoder_2"}
     for mode, (state, _) in runs.items():
         assert [w["rank"] for w in state["workers"]] == [0, 1]
@@ -72,7 +79,7 @@ def test_inline_stream_and_cache_train_the_same_lora(ray_session, make_config, m
              for mode, (state, _) in runs.items()}
     reg_losses = {mode: [h.get("reg_loss") for h in state["log_history"] if "loss" in h]
                   for mode, (state, _) in runs.items()}
-    assert len(losses["inline"]) == 2 and len(evals["inline"]) == 1
+    assert len(losses["inline"]) == 3 and len(evals["inline"]) == 1
     assert losses["inline"][0] != losses["inline"][1]  # step 2 sees the trained LoRA
     assert any(reg_losses["inline"])  # regularization samples trained, their loss logged apart
     for mode in ("stream", "cache"):
@@ -85,18 +92,19 @@ def test_inline_stream_and_cache_train_the_same_lora(ray_session, make_config, m
             np.testing.assert_allclose(lora[key], reference[key], atol=1e-5, err_msg=f"{mode}: {key}")
 
 
-def test_preprocess_command_writes_the_cache_once(ray_session, make_config, mixed, tmp_path, capsys):
-    cfg = mixed_config(make_config, mixed, tmp_path, "cache")
+def preprocess_command_writes_the_cache_once(cfg, tmp_path, capsys):
+    """`raydiff preprocess` encodes the 24 + 5 regularization samples, then, run again, leaves them."""
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(to_dict(cfg)))
+    capsys.readouterr()
     main(["preprocess", str(path)])
     out = capsys.readouterr().out
-    assert "encoding 24 samples into 1 cache shards" in out and "cache complete: 24 samples" in out
+    assert "encoding 29 samples into 1 cache shards" in out and "cache complete: 29 samples" in out
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
-    assert manifest["complete"] and manifest["num_samples"] == 24 and manifest["model"]["path"] == cfg.model.path
+    assert manifest["complete"] and manifest["num_samples"] == 29 and manifest["model"]["path"] == cfg.model.path
     main(["preprocess", str(path)])
     out = capsys.readouterr().out
-    assert "encoding" not in out and "is complete and current (24 samples)" in out
+    assert "encoding" not in out and "is complete and current (29 samples)" in out
 
 
 def test_preprocess_command_needs_a_cache_dir(make_config, tmp_path, capsys):
