@@ -58,8 +58,8 @@ def mixed(tmp_path_factory):
 @pytest.mark.slow
 def test_buckets_give_every_worker_the_same_number_of_whole_batches_of_one_size(ray_session, make_config, mixed):
     """The batches as the two workers' Ray Data splits deliver them (inline mode). That stream and cache
-    mode train on the same batches is tests/launch/test_preprocess_modes.py: a whole epoch of this dataset's
-    layout on two workers, the same losses and LoRA in all three modes."""
+    mode train on the same batches is tests/launch/test_preprocess_modes.py: the same three sizes, 8 images
+    each, a whole epoch on two workers, the same losses and LoRA in all three modes."""
     cfg = make_config(data={"base_path": mixed, "metadata_path": f"{mixed}/metadata.csv", "height": None,
                             "width": None, "max_pixels": 2048, "buckets": True},
                       train={"batch_size": 4}, ray={"num_workers": 2})
