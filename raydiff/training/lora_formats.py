@@ -219,12 +219,17 @@ def common_rank(modules: dict[str, dict]) -> int | None:
     return ranks.pop() if ranks else None
 
 
+def _check_format_name(fmt: str) -> None:
+    """A ValueError naming the choices for a format name that `LORA_FORMATS` lacks."""
+    if fmt not in LORA_FORMATS:
+        raise ValueError(f"unknown LoRA format {fmt!r}; choose from {LORA_FORMATS}")
+
+
 def to_format(state_dict: dict[str, torch.Tensor], fmt: str, *, family: str | None, alpha: float | None,
               rank: int | None = None) -> dict:
     """raydiff's form (`transformer.<module>.<param>`, scale alpha / rank; `rank` defaults to the modules')
     -> `fmt`'s keys, with the scale folded into the weights and alpha = rank wherever an alpha is written."""
-    if fmt not in LORA_FORMATS:
-        raise ValueError(f"unknown LoRA format {fmt!r}; choose from {LORA_FORMATS}")
+    _check_format_name(fmt)
     modules = adapters.by_module({k[len(PREFIX) + 1:]: v for k, v in state_dict.items()})
     kind = adapters.type_of(p for params in modules.values() for p in params)
     adapters.check_format(kind, fmt)
@@ -386,8 +391,7 @@ def export_lora(checkpoint: str, fmt: str, out: str, *, family: str | None = Non
     """Write the adapter of `checkpoint` (a checkpoint directory or a .safetensors file in any format) to the
     file `out` in format `fmt`, scale folded in (module docstring), with a model card (README.md) beside it.
     The family (needed for every format but diffusers) defaults to the checkpoint's config.yaml. Returns `out`."""
-    if fmt not in LORA_FORMATS:
-        raise ValueError(f"unknown LoRA format {fmt!r}; choose from {LORA_FORMATS}")
+    _check_format_name(fmt)  # before the checkpoint is read
     family = family or family_of(checkpoint)  # None is fine where no names need mapping
     state_dict, info = import_lora(checkpoint, family=family)
     exported = to_format(state_dict, fmt, family=family, alpha=info["lora_alpha"], rank=info["r"])
