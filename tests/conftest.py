@@ -8,6 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a hub
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")  # faster report/finish detection
 
 import signal
+import subprocess
 
 import pytest
 
@@ -119,6 +120,35 @@ def tiny_config(model_path: str, data_dir: str, storage: str, name: str, **secti
     for section, values in sections.items():
         raw[section] = {**raw.get(section, {}), **values} if values is not None else None
     return parse_config(raw)
+
+
+class Started:
+    """A command started now and read later with `result()`. A fresh Python process spends seconds importing on
+    one core; tests that start their independent commands together keep the other core busy."""
+
+    def __init__(self, args: list[str], **kwargs):
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+        self.args, self._done = args, None
+
+    def result(self, timeout: float = 300) -> subprocess.CompletedProcess:
+        if self._done is None:
+            try:
+                out, err = self.proc.communicate(timeout=timeout)
+            finally:
+                if self.proc.poll() is None:
+                    self.proc.kill()
+            self._done = subprocess.CompletedProcess(self.args, self.proc.returncode, out, err)
+        return self._done
+
+    def stop(self) -> None:
+        """Ctrl-C for a command no test read (one test run alone), so that a raydiff command shuts its Ray down."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.communicate()
 
 
 @pytest.fixture

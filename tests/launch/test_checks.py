@@ -336,67 +336,85 @@ def test_a_storage_path_inside_a_ray_jobs_working_directory_is_warned_about(tmp_
     assert Path(tmp_path).exists()
 
 
-def test_the_driver_and_ray_trains_controller_import_no_model_library():
+WORKER_SETTINGS = {  # what a worker's config uses -> the optional libraries it must still import
+    "plain": ({}, []),
+    "adamw8bit": ({"train": {"optimizer": "adamw8bit"}}, ["bitsandbytes"]),
+    "int8": ({"model": {"quantize": "int8"}}, ["torchao"]),
+    "prequantized": ({"prequantized": True}, ["bitsandbytes", "torchao"]),
+}
+# The controller's and the workers' imports, each in a fresh Python process, as Ray starts them.
+DRIVER_MODULES = ("raydiff.launch.entry", "raydiff.launch.process_group", "raydiff.training.loop_args",
+                  "raydiff.data.decode", "raydiff.data.encode", "raydiff.data.cache_io", "raydiff.launch.cli",
+                  "raydiff.launch.trainer", "raydiff.launch.tune")
+
+
+def worker_import_code(settings: dict, directory: Path) -> str:
+    """A worker's start: hide the optional libraries its config leaves unused, then import peft (and with it
+    transformers), which imports bitsandbytes and torchao when they are visible."""
+    (directory / "transformer").mkdir(parents=True)
+    quantized = {"quantization_config": {"quant_method": "bitsandbytes"}} if settings.get("prequantized") else {}
+    (directory / "transformer" / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel",
+                                                                        **quantized}))
+    raw = {"model": {"path": str(directory), **settings.get("model", {})}, "data": {"metadata_path": "d.csv"},
+           "train": settings.get("train", {})}
+    return (f"import json, sys; from raydiff.config import parse_config; "
+            f"from raydiff.config.libraries import hide_unused_libraries; "
+            f"hidden = hide_unused_libraries(parse_config({raw!r})); import peft; "
+            f"print(json.dumps([hidden, [m for m in ('bitsandbytes', 'torchao') if sys.modules.get(m)]]))")
+
+
+@pytest.fixture(scope="module")
+def fresh_imports(tmp_path_factory):
+    """name -> the import check's command, all started together (each spends seconds importing on one core)."""
+    import sys
+
+    from conftest import Started
+
+    codes = {
+        "no model library": "import sys, raydiff.launch.cli, raydiff.launch.trainer; "
+                            "print(sorted(m for m in ('diffusers', 'transformers', 'peft') if m in sys.modules))",
+        # build_parser: every command (a config typo's `raydiff: error:` too) builds the whole parser first.
+        "no torch": f"import sys, {', '.join(DRIVER_MODULES)}; raydiff.launch.cli.build_parser(); "
+                    "print('torch' in sys.modules)",
+        **{name: worker_import_code(settings, tmp_path_factory.mktemp(name))
+           for name, (settings, _) in WORKER_SETTINGS.items()},
+    }
+    started = {name: Started([sys.executable, "-c", code]) for name, code in codes.items()}
+    yield started
+    for command in started.values():
+        command.stop()
+
+
+def fresh_import_output(fresh_imports, name: str) -> str:
+    proc = fresh_imports[name].result(timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip()
+
+
+def test_the_driver_and_ray_trains_controller_import_no_model_library(fresh_imports):
     """`raydiff train`'s driver, and Ray Train's controller (which imports raydiff.launch.trainer to unpickle
     the worker function), never import diffusers, transformers or peft: each would add a second or more before
     the first step of every run (docs/performance.md). The workers import them."""
-    import subprocess
-    import sys
-
-    code = ("import sys, raydiff.launch.cli, raydiff.launch.trainer; "
-            "print(sorted(m for m in ('diffusers', 'transformers', 'peft') if m in sys.modules))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip() == "[]"
+    assert fresh_import_output(fresh_imports, "no model library") == "[]"
 
 
-def test_the_driver_and_what_ray_trains_controller_unpickles_import_no_torch():
+def test_the_driver_and_what_ray_trains_controller_unpickles_import_no_torch(fresh_imports):
     """Ray Train's controller, its DatasetManager and Ray Data's SplitCoordinator are new processes in every run,
     on the critical path before the workers start; each imports the modules of what it unpickles: the worker
-    function, the process-group config, the loop's arguments and the dataset's stages. The driver (`raydiff
-    train`, a Tune trial's driver) imports the launch modules before it starts Ray. torch would cost each
-    1.5 s (docs/performance.md section 1)."""
-    import subprocess
-    import sys
-
-    modules = ("raydiff.launch.entry", "raydiff.launch.process_group", "raydiff.training.loop_args",
-               "raydiff.data.decode", "raydiff.data.encode", "raydiff.data.cache_io", "raydiff.launch.cli",
-               "raydiff.launch.trainer", "raydiff.launch.tune")
-    # build_parser: every command (a config typo's `raydiff: error:` too) builds the whole parser first.
-    code = f"import sys, {', '.join(modules)}; raydiff.launch.cli.build_parser(); print('torch' in sys.modules)"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip() == "False"
+    function, the process-group config, the loop's arguments and the dataset's stages (DRIVER_MODULES). The
+    driver (`raydiff train`, a Tune trial's driver) imports the launch modules before it starts Ray. torch would
+    cost each 1.5 s (docs/performance.md section 1)."""
+    assert fresh_import_output(fresh_imports, "no torch") == "False"
 
 
-
-@pytest.mark.parametrize("settings, kept", [
-    ({}, []),
-    ({"train": {"optimizer": "adamw8bit"}}, ["bitsandbytes"]),
-    ({"model": {"quantize": "int8"}}, ["torchao"]),
-    ({"prequantized": True}, ["bitsandbytes", "torchao"]),
-])
-def test_a_worker_imports_only_the_optional_libraries_its_settings_use(settings, kept, tmp_path):
+@pytest.mark.parametrize("name", WORKER_SETTINGS)
+def test_a_worker_imports_only_the_optional_libraries_its_settings_use(fresh_imports, name):
     """peft and transformers import bitsandbytes and torchao whenever they are installed (~1 s of each worker's
     start); a worker hides those its config does not use, and what it uses still imports. A pipeline with a
     pre-quantized component (a `quantization_config` in its config.json) loads through them, so nothing is
     hidden. In a fresh process, as in a Ray worker: the hiding lasts for the process."""
-    import subprocess
-    import sys
-
-    (tmp_path / "transformer").mkdir()
-    quantized = {"quantization_config": {"quant_method": "bitsandbytes"}} if settings.get("prequantized") else {}
-    (tmp_path / "transformer" / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel",
-                                                                       **quantized}))
-    raw = {"model": {"path": str(tmp_path), **settings.get("model", {})}, "data": {"metadata_path": "d.csv"},
-           "train": settings.get("train", {})}
-    code = (f"import json, sys; from raydiff.config import parse_config; "
-            f"from raydiff.config.libraries import hide_unused_libraries; "
-            f"hidden = hide_unused_libraries(parse_config({raw!r})); import peft; "
-            f"print(json.dumps([hidden, [m for m in ('bitsandbytes', 'torchao') if sys.modules.get(m)]]))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    hidden, imported = json.loads(proc.stdout.strip().splitlines()[-1])
+    kept = WORKER_SETTINGS[name][1]
+    hidden, imported = json.loads(fresh_import_output(fresh_imports, name).splitlines()[-1])
     assert hidden == [m for m in ("bitsandbytes", "torchao") if m not in kept]
     assert imported == kept  # peft (and the transformers it imports) imported what the settings use, only that
 

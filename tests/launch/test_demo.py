@@ -13,19 +13,33 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def run_demo(directory, *args: str) -> list[str]:
-    """`raydiff demo --dir DIRECTORY --steps 4 ARGS` in a fresh process; its stdout lines."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-m", "raydiff.launch.cli", "demo", "--dir", str(directory), "--steps", "4",
-                           *args], env=env, capture_output=True, text=True, timeout=400)
+def demo_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    """The stdout lines of a `raydiff demo --steps 4` that must have trained."""
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[raydiff] step 4/4" in proc.stdout and "loss" in proc.stdout
     return proc.stdout.strip().splitlines()
 
 
-def test_demo_trains_and_prints_the_final_checkpoint(tmp_path, lora_key_warnings):
-    last = run_demo(tmp_path)[-1]
+@pytest.fixture(scope="module")
+def commands(tmp_path_factory):
+    """The module's two commands, each in a fresh process and started together (the demo's own Ray leaves a
+    core idle while it starts): `raydiff demo` and `raydiff tiny-model sd3`. -> {name: (directory, Started)}"""
+    from conftest import Started
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    demo, tiny = tmp_path_factory.mktemp("demo"), tmp_path_factory.mktemp("tiny-model")
+    cli = [sys.executable, "-m", "raydiff.launch.cli"]
+    started = {"demo": (demo, Started([*cli, "demo", "--dir", str(demo), "--steps", "4"], env=env)),
+               "tiny-model": (tiny, Started([*cli, "tiny-model", "sd3", str(tiny / "m")], env=env))}
+    yield started
+    for _, command in started.values():
+        command.stop()
+
+
+def test_demo_trains_and_prints_the_final_checkpoint(commands, lora_key_warnings):
+    directory, demo = commands["demo"]
+    last = demo_lines(demo.result(timeout=400))[-1]
     assert os.path.basename(last) == "checkpoint-000004"
     assert sorted(os.listdir(last)) == [".raydiff-complete", "README.md", "config.yaml", "loss.png",
                                         "pytorch_lora_weights.safetensors", "samples", "trainer_state.json",
@@ -33,7 +47,7 @@ def test_demo_trains_and_prints_the_final_checkpoint(tmp_path, lora_key_warnings
     state = json.loads(Path(last, "trainer_state.json").read_text())
     assert state["global_step"] == 4 and all(np.isfinite(h["loss"]) for h in state["log_history"] if "loss" in h)
     # The LoRA trained on the demo's own Ray loads into diffusers' FluxPipeline without key warnings.
-    pipe = diffusers.FluxPipeline.from_pretrained(str(tmp_path / "models" / "tiny-flux"))
+    pipe = diffusers.FluxPipeline.from_pretrained(str(directory / "models" / "tiny-flux"))
     assert lora_key_warnings(lambda: pipe.load_lora_weights(last)) == []
     assert pipe.transformer.peft_config
 
@@ -57,12 +71,9 @@ def test_edit_demo_trains_kontext_and_shows_the_sources_above_its_samples(ray_se
     assert list(grid.crop((0, 0, 32, 32)).getdata()) == list(source.getdata())  # the top row is the source
 
 
-def test_tiny_model_command_writes_a_loadable_pipeline(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "raydiff.launch.cli", "tiny-model", "sd3", str(tmp_path / "m")],
-                          env=env, capture_output=True, text=True, timeout=200)
+def test_tiny_model_command_writes_a_loadable_pipeline(commands):
+    directory, command = commands["tiny-model"]
+    proc = command.result(timeout=200)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    import diffusers
-
-    pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(str(tmp_path / "m"))
+    pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(str(directory / "m"))
     assert pipe.transformer is not None and pipe.text_encoder_3 is not None
