@@ -9,6 +9,8 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")  # faster repo
 
 import signal
 import subprocess
+import threading
+import time
 
 import pytest
 
@@ -124,31 +126,37 @@ def tiny_config(model_path: str, data_dir: str, storage: str, name: str, **secti
 
 class Started:
     """A command started now and read later with `result()`. A fresh Python process spends seconds importing on
-    one core; tests that start their independent commands together keep the other core busy."""
+    one core; tests that start their independent commands together keep the other core busy. `elapsed`: the
+    seconds from its start to its exit."""
 
     def __init__(self, args: list[str], **kwargs):
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
-        self.args, self._done = args, None
+        self.args, self.elapsed, self._output = args, None, None
+        self._start = time.monotonic()
+        self.proc = subprocess.Popen(args, **{"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True,
+                                              **kwargs})
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        self._output = self.proc.communicate()
+        self.elapsed = time.monotonic() - self._start
 
     def result(self, timeout: float = 300) -> subprocess.CompletedProcess:
-        if self._done is None:
-            try:
-                out, err = self.proc.communicate(timeout=timeout)
-            finally:
-                if self.proc.poll() is None:
-                    self.proc.kill()
-            self._done = subprocess.CompletedProcess(self.args, self.proc.returncode, out, err)
-        return self._done
+        self._reader.join(timeout)
+        if self._reader.is_alive():
+            self.proc.kill()
+            self._reader.join()
+            pytest.fail(f"{' '.join(self.args)} ran past {timeout} s:\n{self._output}")
+        return subprocess.CompletedProcess(self.args, self.proc.returncode, *self._output)
 
     def stop(self) -> None:
         """Ctrl-C for a command no test read (one test run alone), so that a raydiff command shuts its Ray down."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
+            self._reader.join(30)
+            if self._reader.is_alive():
                 self.proc.kill()
-                self.proc.communicate()
+                self._reader.join()
 
 
 @pytest.fixture

@@ -147,11 +147,19 @@ def test_a_sigterm_while_ray_starts_ends_as_ctrl_c_does(tmp_path):
     assert (proc.returncode, proc.stdout) == (143, "Terminated while Ray started\n"), proc.stderr[-2000:]
 
 
-def cli(*args, cwd, **kwargs):
+def cli_env() -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
     env.pop("RAY_ADDRESS", None)
-    return subprocess.Popen([sys.executable, "-m", "raydiff.launch.cli", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+    return env
+
+
+def cli_args(*args) -> list[str]:
+    return [sys.executable, "-m", "raydiff.launch.cli", *args]
+
+
+def cli(*args, cwd, **kwargs):
+    return subprocess.Popen(cli_args(*args), cwd=cwd, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
 def project(tmp_path, tiny_model) -> Path:
@@ -187,7 +195,7 @@ def test_ctrl_c_ends_a_cli_run_in_seconds_and_says_where_a_rerun_continues(tiny_
     assert all(line.startswith("[raydiff] ") for line in lines), [x for x in lines if not x.startswith("[raydiff]")]
 
 
-@pytest.mark.parametrize("override, message", [
+MISTAKES = [
     ("model.path=models/tiny-flxu", "model.path models/tiny-flxu: no such directory (did you mean "
                                     "models/tiny-flux?)"),
     ("model.path=black-forest-labs/FLUX.1-dev", "is neither a local directory nor, with HF_HUB_OFFLINE=1, in the "
@@ -199,16 +207,34 @@ def test_ctrl_c_ends_a_cli_run_in_seconds_and_says_where_a_rerun_continues(tiny_
                                 "`ray start --head`"),
     ("lora.init_from=loras/nope.safetensors", "loras/nope.safetensors: no such file or checkpoint directory"),
     ("lora.init_from=data/shapes/metadata.csv", "data/shapes/metadata.csv is not a safetensors file"),
-])
-def test_everyday_mistakes_end_in_seconds_with_one_line_and_leave_nothing(tiny_model, tmp_path, override, message):
-    cwd = project(tmp_path, tiny_model)
-    start = time.monotonic()
-    proc = cli("train", "tiny.yaml", "--set", override, "--set", "ray.num_cpus=4", cwd=cwd)
-    out, _ = proc.communicate(timeout=60)
+]
+
+
+@pytest.fixture(scope="module")
+def mistakes(tiny_model, tmp_path_factory):
+    """override -> (the user's directory, `raydiff train tiny.yaml --set override` run there): all started
+    together, as each spends its second or so on one core."""
+    from conftest import Started
+
+    started = {}
+    for override, _ in MISTAKES:
+        cwd = project(tmp_path_factory.mktemp("mistake"), tiny_model)
+        started[override] = cwd, Started(cli_args("train", "tiny.yaml", "--set", override, "--set", "ray.num_cpus=4"),
+                                         cwd=cwd, env=cli_env(), stderr=subprocess.STDOUT)
+    yield started
+    for _, command in started.values():
+        command.stop()
+
+
+@pytest.mark.parametrize("override, message", MISTAKES)
+def test_everyday_mistakes_end_in_seconds_with_one_line_and_leave_nothing(mistakes, override, message):
+    cwd, command = mistakes[override]
+    proc = command.result(timeout=60)
+    out = proc.stdout
     assert proc.returncode == 2, out
     assert out.strip().splitlines() == [f"raydiff: error: {out.split('raydiff: error: ', 1)[1].strip()}"]
     assert message in out
-    assert time.monotonic() - start < 10
+    assert command.elapsed < 10
     assert not (cwd / "runs").exists()  # no half-made run directory (Ray's storage marker included)
 
 

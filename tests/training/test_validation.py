@@ -2,7 +2,6 @@
 sampling leaves the training state (LoRA enabled, train flags, requires_grad) as it found it."""
 
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -15,6 +14,8 @@ from raydiff.pipelines.flux import FluxImagePipeline
 from raydiff.training import lora as lora_lib
 from raydiff.training.module import switch_pipe_to_training_mode
 from raydiff.training.validation import ValidationSettings, write_validation
+
+pytestmark = pytest.mark.usefixtures("sample_command")  # started first, read last
 
 SETTINGS = ValidationSettings(prompts=["a red circle", "a blue square"], steps=2, height=32, width=32)
 
@@ -145,14 +146,24 @@ args.func(args)
 """
 
 
-def test_sample_command_line(trained, tiny_model, tmp_path):
-    _, _, checkpoint = trained
-    out = tmp_path / "cli.png"
-    argv = ["sample", "--model", tiny_model("flux"), "--lora", checkpoint, "--prompt", "a red circle",
+@pytest.fixture(scope="module")
+def sample_command(trained, tiny_model, tmp_path_factory):
+    """(output path, `raydiff sample` of `trained`'s LoRA in a fresh process): started at the module's first
+    test, so that its seconds of imports on one core overlap the other tests."""
+    from conftest import Started
+
+    out = tmp_path_factory.mktemp("sample-command") / "cli.png"
+    argv = ["sample", "--model", tiny_model("flux"), "--lora", trained[2], "--prompt", "a red circle",
             "--out", str(out),
             "--lora-scale", "0.5", "--steps", "2", "--height", "32", "--width", "32"]
-    run = subprocess.run([sys.executable, "-c", CLI, *argv], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    command = Started([sys.executable, "-c", CLI, *argv], env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    yield out, command
+    command.stop()
+
+
+def test_sample_command_line(sample_command):
+    out, command = sample_command
+    run = command.result(timeout=120)
     assert run.returncode == 0, run.stderr
     assert f"wrote {out}" in run.stdout
     assert Image.open(out).size == (32, 32)
