@@ -150,13 +150,28 @@ class Started:
         return subprocess.CompletedProcess(self.args, self.proc.returncode, *self._output)
 
     def stop(self) -> None:
-        """Ctrl-C for a command no test read (one test run alone), so that a raydiff command shuts its Ray down."""
+        """Ctrl-C for a command still running, so that a raydiff command shuts its Ray down."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
             self._reader.join(30)
             if self._reader.is_alive():
                 self.proc.kill()
                 self._reader.join()
+
+
+@pytest.fixture(scope="module")
+def start_command():
+    """start_command(args, **popen_kwargs) -> Started. What no test of the module read (one test run alone, or a
+    test that failed first) is stopped when the module ends."""
+    started: list[Started] = []
+
+    def start(args: list[str], **kwargs) -> Started:
+        started.append(Started(args, **kwargs))
+        return started[-1]
+
+    yield start
+    for command in started:
+        command.stop()
 
 
 @pytest.fixture

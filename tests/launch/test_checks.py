@@ -364,11 +364,9 @@ def worker_import_code(settings: dict, directory: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def fresh_imports(tmp_path_factory):
+def fresh_imports(start_command, tmp_path_factory):
     """name -> the import check's command, all started together (each spends seconds importing on one core)."""
     import sys
-
-    from conftest import Started
 
     codes = {
         "no model library": "import sys, raydiff.launch.cli, raydiff.launch.trainer; "
@@ -379,10 +377,7 @@ def fresh_imports(tmp_path_factory):
         **{name: worker_import_code(settings, tmp_path_factory.mktemp(name))
            for name, (settings, _) in WORKER_SETTINGS.items()},
     }
-    started = {name: Started([sys.executable, "-c", code]) for name, code in codes.items()}
-    yield started
-    for command in started.values():
-        command.stop()
+    return {name: start_command([sys.executable, "-c", code]) for name, code in codes.items()}
 
 
 def fresh_import_output(fresh_imports, name: str) -> str:

@@ -21,20 +21,15 @@ def demo_lines(proc: subprocess.CompletedProcess) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def commands(tmp_path_factory):
+def commands(start_command, tmp_path_factory):
     """The module's two commands, each in a fresh process and started together (the demo's own Ray leaves a
     core idle while it starts): `raydiff demo` and `raydiff tiny-model sd3`. -> {name: (directory, Started)}"""
-    from conftest import Started
-
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("RAY_ADDRESS", None)
     demo, tiny = tmp_path_factory.mktemp("demo"), tmp_path_factory.mktemp("tiny-model")
     cli = [sys.executable, "-m", "raydiff.launch.cli"]
-    started = {"demo": (demo, Started([*cli, "demo", "--dir", str(demo), "--steps", "4"], env=env)),
-               "tiny-model": (tiny, Started([*cli, "tiny-model", "sd3", str(tiny / "m")], env=env))}
-    yield started
-    for _, command in started.values():
-        command.stop()
+    return {"demo": (demo, start_command([*cli, "demo", "--dir", str(demo), "--steps", "4"], env=env)),
+            "tiny-model": (tiny, start_command([*cli, "tiny-model", "sd3", str(tiny / "m")], env=env))}
 
 
 def test_demo_trains_and_prints_the_final_checkpoint(commands, lora_key_warnings):

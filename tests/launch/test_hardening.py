@@ -211,19 +211,15 @@ MISTAKES = [
 
 
 @pytest.fixture(scope="module")
-def mistakes(tiny_model, tmp_path_factory):
+def mistakes(start_command, tiny_model, tmp_path_factory):
     """override -> (the user's directory, `raydiff train tiny.yaml --set override` run there): all started
     together, as each spends its second or so on one core."""
-    from conftest import Started
-
     started = {}
     for override, _ in MISTAKES:
         cwd = project(tmp_path_factory.mktemp("mistake"), tiny_model)
-        started[override] = cwd, Started(cli_args("train", "tiny.yaml", "--set", override, "--set", "ray.num_cpus=4"),
-                                         cwd=cwd, env=cli_env(), stderr=subprocess.STDOUT)
-    yield started
-    for _, command in started.values():
-        command.stop()
+        args = cli_args("train", "tiny.yaml", "--set", override, "--set", "ray.num_cpus=4")
+        started[override] = cwd, start_command(args, cwd=cwd, env=cli_env(), stderr=subprocess.STDOUT)
+    return started
 
 
 @pytest.mark.parametrize("override, message", MISTAKES)

@@ -147,18 +147,14 @@ args.func(args)
 
 
 @pytest.fixture(scope="module")
-def sample_command(trained, tiny_model, tmp_path_factory):
+def sample_command(start_command, trained, tiny_model, tmp_path_factory):
     """(output path, `raydiff sample` of `trained`'s LoRA in a fresh process): started at the module's first
     test, so that its seconds of imports on one core overlap the other tests."""
-    from conftest import Started
-
     out = tmp_path_factory.mktemp("sample-command") / "cli.png"
     argv = ["sample", "--model", tiny_model("flux"), "--lora", trained[2], "--prompt", "a red circle",
             "--out", str(out),
             "--lora-scale", "0.5", "--steps", "2", "--height", "32", "--width", "32"]
-    command = Started([sys.executable, "-c", CLI, *argv], env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    yield out, command
-    command.stop()
+    return out, start_command([sys.executable, "-c", CLI, *argv], env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 def test_sample_command_line(sample_command):
