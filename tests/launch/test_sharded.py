@@ -4,6 +4,7 @@ same number of batches, and a run resumed from the middle of a shard equals the 
 import csv
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -24,7 +25,8 @@ def final(result) -> tuple[dict, dict]:
             load_file(os.path.join(path, "pytorch_lora_weights.safetensors")))
 
 
-def test_two_workers_stream_unequal_shards_and_resume_mid_shard_bitwise(ray_session, make_config, shapes, tmp_path):
+def test_two_workers_stream_unequal_shards_and_resume_mid_shard_bitwise(ray_session, make_config, shapes, tmp_path,
+                                                                        capsys):
     rows = list(csv.DictReader(open(os.path.join(shapes, "metadata.csv"))))
     embedded = [{"image": {"bytes": Path(shapes, r["image"]).read_bytes(), "path": r["image"]},
                  "prompt": r["prompt"]} for r in rows]  # Hugging Face datasets' image layout
@@ -38,8 +40,12 @@ def test_two_workers_stream_unequal_shards_and_resume_mid_shard_bitwise(ray_sess
                            ray={"num_workers": 2})
 
     whole_state, whole = final(launch_training_task(cfg("whole", 6)))
-    launch_training_task(cfg("split", 3))  # stops after step 3, inside a shard of each rank's stream
+    # A run that stopped after step 3, inside a shard of each rank's stream: the whole run's checkpoint-000003
+    # in its own run directory (one Ray run fewer than stopping a run there; test_recipes.py does the same).
+    storage = Path(make_config().ray.storage_path)
+    shutil.copytree(storage / "whole" / "checkpoint-000003", storage / "split" / "checkpoint-000003")
     split_state, split = final(launch_training_task(cfg("split", 6)))
+    assert "continuing from checkpoint-000003 (step 3)" in capsys.readouterr().out
     assert [h["step"] for h in split_state["log_history"]] == list(range(1, 7))
     assert [h["loss"] for h in split_state["log_history"]] == [h["loss"] for h in whole_state["log_history"]]
     assert split_state["positions"] == whole_state["positions"] and len(whole_state["positions"]) == 2
