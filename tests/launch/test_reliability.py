@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -40,8 +41,8 @@ def assert_same_weights(a: dict, b: dict):
 def resume_case(ray_session, tiny_model, shapes, tmp_path_factory):
     """(config maker, the uninterrupted run's final state and LoRA) for the stop/resume and killed-worker tests,
     which must both reproduce it: 2 workers, batch 1, 16 samples + 4 regularization samples (10 steps per epoch),
-    11 steps (into the second epoch), checkpoints every 2 steps, 64x64 images so that steps are slow enough to
-    kill a worker between checkpoints. Trained once, uninterrupted."""
+    11 steps (into the second epoch), checkpoints every 2 steps (all kept), 64x64 images so that steps are slow
+    enough to kill a worker between checkpoints. Trained once, uninterrupted."""
     root = tmp_path_factory.mktemp("reliability")
     write_shapes_dataset(str(root / "reg"), n=4, seed=3)
     reg = {"metadata_path": str(root / "reg" / "metadata.csv"), "base_path": str(root / "reg"), "ratio": 0.2}
@@ -50,18 +51,23 @@ def resume_case(ray_session, tiny_model, shapes, tmp_path_factory):
         return tiny_config(tiny_model("flux"), shapes, str(root / "runs"), name,
                            data={"height": 64, "width": 64, "regularization": reg},
                            train={"max_steps": steps, "save_steps": 2, "num_epochs": 3},
-                           ray={"num_workers": 2, "max_failures": 1})
+                           ray={"num_workers": 2, "max_failures": 1, "num_to_keep": None})
 
     return cfg, final(launch_training_task(cfg("whole")))
 
 
-def test_stop_and_resume_gives_bitwise_the_same_lora(resume_case):
+def test_stop_and_resume_gives_bitwise_the_same_lora(resume_case, capsys):
     """A run stopped after a checkpoint mid-epoch and resumed equals the uninterrupted run, bitwise
     (CPU, deterministic kernels): data position (regularization samples mixed in), optimizer state and
     per-step noise all continue."""
     cfg, (whole_state, whole) = resume_case
-    launch_training_task(cfg("split", 3))  # stops after step 3: mid-epoch, checkpoint at 3
+    # A run that stopped after step 4, mid-epoch: the whole run's checkpoint-000004 in its own run directory
+    # (one Ray run fewer than stopping a run there; test_recipes.py does the same).
+    storage = Path(cfg("whole").ray.storage_path)
+    shutil.copytree(storage / "whole" / "checkpoint-000004", storage / "split" / "checkpoint-000004")
+    capsys.readouterr()
     split_state, split = final(launch_training_task(cfg("split")))
+    assert "continuing from checkpoint-000004 (step 4)" in capsys.readouterr().out
     assert [h["step"] for h in split_state["log_history"]] == list(range(1, 12))
     for key in ("loss", "reg_loss"):
         assert [h.get(key) for h in split_state["log_history"]] == [h.get(key) for h in whole_state["log_history"]]
@@ -133,14 +139,16 @@ class CrashOnSecondSave(PipelineTrainingModule):
     saves = 0
 
     def trainable_state_dict(self):
-        CrashOnSecondSave.saves += 1
-        if CrashOnSecondSave.saves == 2:
+        self.saves += 1
+        if self.saves == 2:
             raise OSError("disk full (simulated) while writing the checkpoint")
         return super().trainable_state_dict()
 
 
 def test_a_crash_while_checkpointing_leaves_the_previous_checkpoint_as_resume_point(ray_session, make_config):
-    cfg = make_config("torn", train={"max_steps": 6, "save_steps": 2})
+    """Local mode: the checkpoint is written and stored by the same code as on workers (StepHooks), and the
+    failure path of a run on workers is the killed-worker test's."""
+    cfg = make_config("torn", train={"max_steps": 6, "save_steps": 2}, ray={"num_workers": 0})
     with pytest.raises(Exception, match="disk full"):
         launch_training_task(cfg, module_factory=lambda d: CrashOnSecondSave(cfg, d))
     run = Path(cfg.ray.storage_path, "torn")
