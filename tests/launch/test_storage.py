@@ -120,48 +120,50 @@ def test_latest_checkpoint_skips_incomplete_ones(s3_endpoint, aws_env, tmp_path)
 
 
 @pytest.mark.slow
-def test_ray_training_checkpoints_to_s3_and_resumes_from_it(ray_session, make_config, s3_endpoint, aws_env):
+def test_local_and_worker_runs_checkpoint_to_s3_and_resume_each_other(ray_session, make_config, s3_endpoint, aws_env):
     from raydiff.launch.trainer import build_trainer
 
-    # Ray's processes started before aws_env set the variables: the filesystem object carries the
-    # endpoint and credentials itself when Ray pickles it to the workers.
     storage = f"s3://{BUCKET}/runs"
     check_storage(storage, s3_endpoint)
-    fs, path = storage_filesystem(storage, s3_endpoint)
-    cfg = make_config("s3run", train={"max_steps": 2, "save_steps": 1})
-    cfg.ray.storage_path = path
-    result = build_trainer(cfg, storage_filesystem=fs).fit()
-    assert result.error is None
-    assert result.checkpoint.path == f"{BUCKET}/runs/s3run/checkpoint-000002"
-    stored = set(keys(s3_endpoint, "runs/s3run/"))
-    for step in (1, 2):
-        for name in ("pytorch_lora_weights.safetensors", "trainer_state.json", "training_state.pt"):
-            assert f"runs/s3run/checkpoint-{step:06d}/{name}" in stored, sorted(stored)
-
-    first = read_state(s3_endpoint, "runs/s3run/checkpoint-000002")
-
-    cfg.train.max_steps = 4
-    resumed = build_trainer(cfg, storage_filesystem=fs).fit()
-    assert resumed.error is None
-    latest = latest_checkpoint(storage, "s3run", s3_endpoint)
-    assert latest == f"{storage}/s3run/checkpoint-000004"
-    state = read_state(s3_endpoint, "runs/s3run/checkpoint-000004")
-    assert state["global_step"] == 4
-    assert [h["step"] for h in state["log_history"]] == [1, 2, 3, 4]  # no repeat, no gap
-    # Steps 1-2 came from the S3 checkpoint, not from retraining: a fresh run would log other timings.
-    assert state["log_history"][:2] == first["log_history"]
-
-    # Local mode resumes from the workers' S3 checkpoint and stores its own there as Ray does, the newest
-    # ray.num_to_keep (3) kept, each marked complete.
-    local = make_config("s3run", train={"max_steps": 6, "save_steps": 1},
+    # Local mode stores its checkpoints on S3 as Ray does, the newest ray.num_to_keep (3) kept, each marked
+    # complete.
+    local = make_config("s3run", train={"max_steps": 4, "save_steps": 1},
                         ray={"num_workers": 0, "storage_path": storage, "storage_endpoint": s3_endpoint})
     launch_training_task(local)
-    last = read_state(s3_endpoint, "runs/s3run/checkpoint-000006")
-    assert [h["step"] for h in last["log_history"]] == list(range(1, 7))
-    assert last["log_history"][:4] == state["log_history"]
+    first = read_state(s3_endpoint, "runs/s3run/checkpoint-000004")
+    assert [h["step"] for h in first["log_history"]] == [1, 2, 3, 4]
     stored = set(keys(s3_endpoint, "runs/s3run/"))
-    assert {k.split("/")[2] for k in stored if "/checkpoint-" in k} == {f"checkpoint-00000{s}" for s in (4, 5, 6)}
-    assert {f"runs/s3run/checkpoint-00000{s}/.raydiff-complete" for s in (5, 6)} <= stored
+    assert {k.split("/")[2] for k in stored if "/checkpoint-" in k} == {f"checkpoint-00000{s}" for s in (2, 3, 4)}
+    assert {f"runs/s3run/checkpoint-00000{s}/.raydiff-complete" for s in (2, 3, 4)} <= stored
+
+    # Ray Train's workers resume from that S3 checkpoint and store theirs there through Ray. Ray's processes
+    # started before aws_env set the variables: the filesystem object carries the endpoint and credentials
+    # itself when Ray pickles it to the workers.
+    fs, path = storage_filesystem(storage, s3_endpoint)
+    cfg = make_config("s3run", train={"max_steps": 6, "save_steps": 1})
+    cfg.ray.storage_path = path
+    resumed = build_trainer(cfg, storage_filesystem=fs).fit()
+    assert resumed.error is None
+    assert resumed.checkpoint.path == f"{BUCKET}/runs/s3run/checkpoint-000006"
+    stored = set(keys(s3_endpoint, "runs/s3run/"))
+    for step in (5, 6):
+        for name in ("pytorch_lora_weights.safetensors", "trainer_state.json", "training_state.pt",
+                     ".raydiff-complete"):
+            assert f"runs/s3run/checkpoint-{step:06d}/{name}" in stored, sorted(stored)
+    assert latest_checkpoint(storage, "s3run", s3_endpoint) == f"{storage}/s3run/checkpoint-000006"
+    state = read_state(s3_endpoint, "runs/s3run/checkpoint-000006")
+    assert [h["step"] for h in state["log_history"]] == list(range(1, 7))  # no repeat, no gap
+    # Steps 1-4 came from the S3 checkpoint, not from retraining: a fresh run would log other timings.
+    assert state["log_history"][:4] == first["log_history"]
+
+    # And local mode continues the workers' run, pruning to the newest 3 again.
+    local.train.max_steps = 8
+    launch_training_task(local)
+    last = read_state(s3_endpoint, "runs/s3run/checkpoint-000008")
+    assert [h["step"] for h in last["log_history"]] == list(range(1, 9))
+    assert last["log_history"][:6] == state["log_history"]
+    stored = set(keys(s3_endpoint, "runs/s3run/"))
+    assert {k.split("/")[2] for k in stored if "/checkpoint-" in k} == {f"checkpoint-00000{s}" for s in (6, 7, 8)}
 
 
 def read_state(endpoint: str, checkpoint_key: str) -> dict:
