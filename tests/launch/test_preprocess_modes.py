@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 import pytest
+import ray
 import yaml
 from safetensors.numpy import load_file
 
@@ -62,7 +63,10 @@ def test_inline_stream_and_cache_train_the_same_lora(ray_session, make_config, m
         cfg = mixed_config(make_config, mixed, tmp_path, mode, regularization)
         if mode == "cache":  # as README.md describes: `raydiff preprocess`, then `raydiff train` reads that cache
             preprocess_command_writes_the_cache_once(cfg, tmp_path, capsys)
-        runs[mode] = final_checkpoint(launch_training_task(cfg))
+        result = launch_training_task(cfg)
+        runs[mode] = final_checkpoint(result)
+        if mode == "inline":
+            inline = cfg, result.checkpoint.path
         if mode == "cache":
             out = capsys.readouterr().out  # train found the command's cache current
             assert "is complete and current (29 samples)" in out and "encoding" not in out
@@ -90,6 +94,23 @@ def test_inline_stream_and_cache_train_the_same_lora(ray_session, make_config, m
         assert lora.keys() == reference.keys()
         for key in reference:
             np.testing.assert_allclose(lora[key], reference[key], atol=1e-5, err_msg=f"{mode}: {key}")
+    # The eval loss does not depend on the world size: the 2 workers' (3 held-out samples of 3 sizes, scored
+    # 2 + 1 by the ranks) is what one rank in this process scores for the run's final LoRA.
+    assert evals["inline"][-1] == pytest.approx(eval_loss_on_one_rank(*inline), rel=1e-5)
+
+
+def eval_loss_on_one_rank(cfg, checkpoint: str) -> float:
+    """The eval loss of `checkpoint`'s LoRA over `cfg`'s held-out rows, scored by one rank in this process."""
+    from raydiff.data.eval_set import start_eval_set
+    from raydiff.data.metadata import family_max_paths, train_and_eval_rows
+    from raydiff.training.evaluation import EvalSet
+    from raydiff.training.module import PipelineTrainingModule
+
+    held = train_and_eval_rows(cfg.data, cfg.eval, family_max_paths(cfg))[1]
+    assert len(held) == 3
+    module = PipelineTrainingModule(cfg.model_copy(update={"lora": cfg.lora.model_copy(
+        update={"init_from": checkpoint})}))
+    return EvalSet(ray.get(start_eval_set(cfg, held).samples), cfg, "cpu", 0, 1).loss(module)
 
 
 def preprocess_command_writes_the_cache_once(cfg, tmp_path, capsys):
