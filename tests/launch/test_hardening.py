@@ -24,9 +24,9 @@ def steps_of(checkpoint: str) -> list[int]:
     return [h["step"] for h in json.loads(Path(checkpoint, "trainer_state.json").read_text())["log_history"]]
 
 
-def test_resume_takes_the_newest_complete_checkpoint_whatever_rays_own_list_says(ray_session, make_config, capsys):
-    cfg = make_config("newest", train={"max_steps": 4, "save_steps": 2, "num_epochs": 2})
-    first = launch_training_task(cfg)
+def test_resume_takes_the_newest_complete_checkpoint_whatever_rays_own_list_says(one_worker_run, capsys):
+    cfg, first, _, _ = one_worker_run  # 4 steps on one Ray Train worker, checkpoints at 2 and 4
+    cfg = cfg.model_copy(deep=True)
     run = Path(cfg.ray.storage_path, "newest")
     assert (run / "checkpoint-000004" / ".raydiff-complete").is_file()
     # As when Ctrl-C lands between Ray's upload and its bookkeeping: Ray's list ends at step 2, and a
