@@ -162,11 +162,12 @@ class StepHooks:
                                 optimizer_state, ema_weights)
                 self._write_samples(tmp, state, final)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            upload = upload_and_mark_complete
             if self.args.storage is not None:  # local mode: Ray Train stores nothing, raydiff does its part
                 stored = store_checkpoint(tmp, self.args.storage, state.global_step, self.cfg.ray.num_to_keep)
-                checkpoint = ray.train.Checkpoint(stored, filesystem=self.args.storage[0])
+                checkpoint, upload = ray.train.Checkpoint(stored, filesystem=self.args.storage[0]), None
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name(state.global_step),
-                             checkpoint_upload_fn=upload_and_mark_complete)
+                             checkpoint_upload_fn=upload)
         self.last_saved = state.global_step
 
     def _ema_weights(self) -> dict | None:
