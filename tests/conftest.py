@@ -113,21 +113,26 @@ def make_config(tiny_model, shapes, tmp_path):
 @pytest.fixture(scope="session")
 def one_worker_run(ray_session, tiny_model, shapes, tmp_path_factory):
     """(config, result, final trainer state, final LoRA) of a 4-step run named "newest" on one Ray Train worker,
-    checkpoints at steps 2 and 4, trained once per session (a run on workers costs ~10 s here). Local mode must
+    checkpoints at steps 2 and 4, trained once per session (a run on workers costs ~9 s here). Local mode must
     train the same (test_local_mode.py); test_hardening.py moves its resume point and trains on in its directory,
     so the state and the LoRA are read here, first."""
-    import json
-    from pathlib import Path
-
-    from safetensors.numpy import load_file
-
     from raydiff.launch.trainer import launch_training_task
 
     cfg = tiny_config(tiny_model("flux"), shapes, str(tmp_path_factory.mktemp("one-worker")), "newest",
                       train={"max_steps": 4, "save_steps": 2, "num_epochs": 2})
     result = launch_training_task(cfg)
+    return (cfg, result, *final(result))
+
+
+def final(result) -> tuple[dict, dict]:
+    """(trainer state, LoRA tensors) of a run's final checkpoint, from `launch_training_task`'s result."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
     checkpoint = Path(result.checkpoint.path)
-    return (cfg, result, json.loads((checkpoint / "trainer_state.json").read_text()),
+    return (json.loads((checkpoint / "trainer_state.json").read_text()),
             load_file(str(checkpoint / "pytorch_lora_weights.safetensors")))
 
 

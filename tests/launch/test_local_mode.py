@@ -2,23 +2,16 @@
 streams to it, and raydiff stores the checkpoints itself. It must train what one Ray worker trains, keep
 `ray.num_to_keep` complete checkpoints and resume from the newest as a run on workers does."""
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
+from conftest import final  # noqa: E402  (pytest puts tests/ on sys.path)
 
 from raydiff.config import ConfigError
 from raydiff.launch.trainer import launch_training_task
 from raydiff.launch.tune import tune
 from raydiff.training.checkpoint_store import store_checkpoint
-
-
-def trained(result) -> tuple[dict, dict]:
-    ckpt = Path(result.checkpoint.path)
-    state = json.loads((ckpt / "trainer_state.json").read_text())
-    return state, load_file(str(ckpt / "pytorch_lora_weights.safetensors"))
 
 
 def test_local_mode_trains_what_one_worker_trains_and_resumes_like_it(one_worker_run, make_config, capsys):
@@ -27,7 +20,7 @@ def test_local_mode_trains_what_one_worker_trains_and_resumes_like_it(one_worker
     capsys.readouterr()
     result = launch_training_task(make_config("local", train=train, ray={"num_workers": 0, "num_to_keep": 2}))
     assert "in this process (local mode)" in capsys.readouterr().out
-    local = trained(result)
+    local = final(result)
     assert [h["loss"] for h in local[0]["log_history"]] == [h["loss"] for h in on_worker[0]["log_history"]]
     assert local[1].keys() == on_worker[1].keys()
     for key in local[1]:
@@ -42,9 +35,9 @@ def test_local_mode_trains_what_one_worker_trains_and_resumes_like_it(one_worker
 
     # A re-run with more steps continues from step 4 and ends where an uninterrupted 6-step run ends.
     longer = {"max_steps": 6, "save_steps": 1}
-    resumed = trained(launch_training_task(make_config("local", train=longer, ray={"num_workers": 0})))
+    resumed = final(launch_training_task(make_config("local", train=longer, ray={"num_workers": 0})))
     assert "continuing from checkpoint-000004 (step 4)" in capsys.readouterr().out
-    whole = trained(launch_training_task(make_config("local-whole", train=longer, ray={"num_workers": 0})))
+    whole = final(launch_training_task(make_config("local-whole", train=longer, ray={"num_workers": 0})))
     assert [h["step"] for h in resumed[0]["log_history"]] == list(range(1, 7))
     assert [h["loss"] for h in resumed[0]["log_history"]] == [h["loss"] for h in whole[0]["log_history"]]
     for key in whole[1]:

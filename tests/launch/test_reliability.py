@@ -1,7 +1,5 @@
 """Reliability through real Ray runs: exact resume, a killed worker, non-finite steps."""
 
-import json
-import os
 import shutil
 import signal
 import sys
@@ -13,8 +11,7 @@ import psutil
 import pytest
 import ray
 import torch
-from conftest import tiny_config  # noqa: E402  (pytest puts tests/ on sys.path)
-from safetensors.torch import load_file
+from conftest import final, tiny_config  # noqa: E402  (pytest puts tests/ on sys.path)
 
 from raydiff.data.shapes import write_shapes_dataset
 from raydiff.launch.trainer import launch_training_task
@@ -24,11 +21,6 @@ pytestmark = pytest.mark.slow
 # Ray workers cannot import test modules: ship this module's classes by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-
-def final(result) -> tuple[dict, dict]:
-    path = result.checkpoint.path
-    return (json.loads(Path(path, "trainer_state.json").read_text()),
-            load_file(os.path.join(path, "pytorch_lora_weights.safetensors")))
 
 
 def assert_same_weights(a: dict, b: dict):

@@ -2,7 +2,6 @@
 same number of batches, and a run resumed from the middle of a shard equals the uninterrupted one."""
 
 import csv
-import json
 import os
 import shutil
 from pathlib import Path
@@ -11,18 +10,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from safetensors.torch import load_file
+from conftest import final  # noqa: E402  (pytest puts tests/ on sys.path)
 
 from raydiff.data.shapes import write_webdataset
 from raydiff.launch.trainer import launch_training_task
 
 pytestmark = pytest.mark.slow
 
-
-def final(result) -> tuple[dict, dict]:
-    path = result.checkpoint.path
-    return (json.loads(Path(path, "trainer_state.json").read_text()),
-            load_file(os.path.join(path, "pytorch_lora_weights.safetensors")))
 
 
 def test_two_workers_stream_unequal_shards_and_resume_mid_shard_bitwise(ray_session, make_config, shapes, tmp_path,
