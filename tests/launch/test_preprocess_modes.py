@@ -1,17 +1,16 @@
 """`raydiff train` in data.preprocess inline, stream and cache modes: the same losses, eval loss and
 LoRA; stream/cache workers never load the VAE or the text encoders; `raydiff preprocess` writes the
-cache once. Mixed aspect ratios with buckets, batch_size 4 across 2 workers, caption dropout, flips and
-regularization data on, so every per-sample decision has to agree across the three paths; a whole epoch, so
-every bucket batch is trained in every mode."""
+cache once. Mixed aspect ratios with buckets, batch_size 4 across 2 workers, each row twice (data.repeat),
+caption dropout, flips and regularization data on, so every per-sample decision has to agree across the three
+paths; a whole epoch, so every bucket batch is trained in every mode."""
 
 import json
-import os
 
 import numpy as np
 import pytest
 import ray
 import yaml
-from safetensors.numpy import load_file
+from conftest import final  # noqa: E402  (pytest puts tests/ on sys.path)
 
 from raydiff.config import to_dict
 from raydiff.data.shapes import write_shapes_dataset
@@ -43,17 +42,10 @@ def mixed_config(make_config, mixed, tmp_path, mode, regularization=None):
         data={"base_path": mixed, "metadata_path": f"{mixed}/metadata.csv", "height": None, "width": None,
               "max_pixels": 2048, "buckets": True, "caption_dropout": 0.5, "random_flip": True,
               "preprocess": mode, "cache_dir": str(tmp_path / "cache"), "encoder_num_cpus": 0.5,
-              "encoder_batch_size": 4, "regularization": regularization},
-        train={"batch_size": 4, "max_steps": 3, "learning_rate": 1e-2},  # 3 steps: the whole epoch
+              "encoder_batch_size": 4, "regularization": regularization, "repeat": 2},
+        train={"batch_size": 4, "max_steps": None, "num_epochs": 1, "learning_rate": 1e-3},
         eval={"holdout": 3, "batch_size": 2},
         ray={"num_workers": 2})
-
-
-def final_checkpoint(result):
-    with open(os.path.join(result.checkpoint.path, "trainer_state.json")) as f:
-        state = json.load(f)
-    lora = load_file(os.path.join(result.checkpoint.path, "pytorch_lora_weights.safetensors"))
-    return state, lora
 
 
 def test_inline_stream_and_cache_train_the_same_lora(ray_session, make_config, mixed, regularization, tmp_path,
@@ -64,7 +56,7 @@ def test_inline_stream_and_cache_train_the_same_lora(ray_session, make_config, m
         if mode == "cache":  # as README.md describes: `raydiff preprocess`, then `raydiff train` reads that cache
             preprocess_command_writes_the_cache_once(cfg, tmp_path, capsys)
         result = launch_training_task(cfg)
-        runs[mode] = final_checkpoint(result)
+        runs[mode] = final(result)
         if mode == "inline":
             inline = cfg, result.checkpoint.path
         if mode == "cache":
@@ -83,7 +75,8 @@ def test_inline_stream_and_cache_train_the_same_lora(ray_session, make_config, m
              for mode, (state, _) in runs.items()}
     reg_losses = {mode: [h.get("reg_loss") for h in state["log_history"] if "loss" in h]
                   for mode, (state, _) in runs.items()}
-    assert len(losses["inline"]) == 3 and len(evals["inline"]) == 1
+    # 24 rows x 2 + 16 regularization copies, whole batches of 4 per bucket per worker: 7 steps.
+    assert len(losses["inline"]) == 7 and len(evals["inline"]) == 1
     assert losses["inline"][0] != losses["inline"][1]  # step 2 sees the trained LoRA
     assert any(reg_losses["inline"])  # regularization samples trained, their loss logged apart
     for mode in ("stream", "cache"):
