@@ -71,25 +71,44 @@ def test_fit_stops_at_once_on_ctrl_c_or_sigterm_even_while_the_trainer_waits(sig
     assert signal.getsignal(signal.SIGTERM) is before  # the process's own SIGTERM handling is back
 
 
-def test_ctrl_c_in_local_mode_unwinds_the_loop_before_ray_shuts_down():
+def interrupt_after(checkpoint: Path, sent: list) -> None:
+    """Ctrl-C to this process once `checkpoint` is complete; `sent` gets the time."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (checkpoint / ".raydiff-complete").exists():
+        time.sleep(0.02)
+    sent.append(time.monotonic())
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+def fit_threads() -> set:
+    return {t for t in threading.enumerate() if t.name == "raydiff-fit" and t.is_alive()}
+
+
+def test_ctrl_c_in_local_mode_stops_the_loop_before_ray_and_says_where_a_rerun_continues(ray_session, make_config,
+                                                                                         monkeypatch, capsys):
     """Local mode trains in fit()'s thread: Ray shut down under a loop still reading from Ray Data makes Ray end
-    the process (exit 1, no closing lines), so the loop is told to stop and unwinds first."""
-    from raydiff.training.feed import _STOP_LOCAL
+    the process (exit 1, no closing lines), so the loop is told to stop and unwinds first. The real loop, in this
+    process on the session's Ray, whose shutdown is recorded instead (the Ctrl-C test below runs the command
+    with its own Ray, on workers)."""
+    from raydiff.launch import trainer
 
-    events = []
-
-    class LocalLoop:  # the loop as the feed runs it: until the driver says stop, then its finally blocks
-        def fit(self):
-            _STOP_LOCAL.clear()
-            while not _STOP_LOCAL.wait(0.05):
-                pass
-            time.sleep(0.3)
-            events.append("loop unwound")
-
-    threading.Timer(0.5, os.kill, args=(os.getpid(), signal.SIGINT)).start()
+    stops, sent, before = [], [], fit_threads()  # an earlier test's stuck trainer may still wait
+    monkeypatch.setattr(trainer, "fit_interruptibly", lambda t, local: fit_interruptibly(
+        t, stop=lambda: stops.append(bool(fit_threads() - before)), local=local))
+    cfg = make_config("local-stop", train={"max_steps": None, "num_epochs": 50, "save_steps": 3},
+                      ray={"num_workers": 0})
+    run = Path(cfg.ray.storage_path, "local-stop")
+    threading.Thread(target=interrupt_after, args=(run / "checkpoint-000003", sent), daemon=True).start()
     with pytest.raises(KeyboardInterrupt):
-        fit_interruptibly(LocalLoop(), stop=lambda: events.append("ray stopped"), local=True)
-    assert events == ["loop unwound", "ray stopped"]
+        launch_training_task(cfg)
+    assert time.monotonic() - sent[0] < 10
+    assert stops == [False]  # Ray stopped once, after the loop had unwound
+    lines = capsys.readouterr().out.strip().splitlines()
+    complete = sorted(p.parent.name for p in run.glob("checkpoint-*/.raydiff-complete"))
+    assert complete[0] == "checkpoint-000003" and complete[-1] < "checkpoint-000100"  # long before 800 steps
+    assert lines[-1] == f"[raydiff] a re-run of local-stop continues from {run}/{complete[-1]}"
+    assert "[raydiff] interrupted: stopping the run" in lines
+    assert all(line.startswith("[raydiff] ") for line in lines), [x for x in lines if not x.startswith("[raydiff]")]
 
 
 def test_the_cli_exits_130_on_ctrl_c_and_143_on_sigterm(monkeypatch):
@@ -173,11 +192,11 @@ def project(tmp_path, tiny_model) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize("workers", [2, 0])  # 0: local mode, the loop in the command's own process
-def test_ctrl_c_ends_a_cli_run_in_seconds_and_says_where_a_rerun_continues(tiny_model, tmp_path, workers):
+def test_ctrl_c_ends_a_cli_run_in_seconds_and_says_where_a_rerun_continues(tiny_model, tmp_path):
+    """`raydiff train` on its own local Ray with 2 workers (local mode's loop: the test above)."""
     cwd = project(tmp_path, tiny_model)
     proc = cli("train", "tiny.yaml", "--set", "train.max_steps=null", "--set", "train.num_epochs=50",
-               "--set", "train.save_steps=3", "--set", "ray.num_cpus=4", "--set", f"ray.num_workers={workers}",
+               "--set", "train.save_steps=3", "--set", "ray.num_cpus=4", "--set", "ray.num_workers=2",
                cwd=cwd)
     lines, sent = [], None
     for line in proc.stdout:
