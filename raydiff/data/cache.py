@@ -49,6 +49,20 @@ def cache_identity(cfg: RaydiffConfig, rows: list[dict], shard_rows: int = SHARD
             "inputs": {"metadata_path": cfg.data.metadata_path, "hash": _inputs_hash(cfg, rows)}}
 
 
+def eval_identity(cfg: RaydiffConfig, rows: list[dict]) -> dict:
+    """What an encoded eval set depends on: the model, the preprocessing settings (eval samples are never
+    flipped) and the eval rows themselves (their prompts, files and each file's size and mtime)."""
+    settings = {"format": FORMAT, **cache_settings(cfg), "random_flip": False}
+    settings.pop("flip_seed", None)
+    h = hashlib.sha256()
+    for r in rows:
+        fields = {k: v for k, v in r.items() if not k.startswith("_")}  # the prompt and the file paths
+        h.update(json.dumps(fields, sort_keys=True, default=str).encode())
+        for key in cfg.data.data_file_keys:
+            h.update(f"{r['_row']}|{_file_stamp(r[key])}\n".encode())
+    return {"model": model_identity(cfg), "settings": settings, "rows": h.hexdigest()}
+
+
 def cache_settings(cfg: RaydiffConfig) -> dict:
     """The preprocessing settings encoded samples depend on."""
     d = cfg.data

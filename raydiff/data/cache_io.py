@@ -21,11 +21,13 @@ from raydiff.data.metadata import is_url
 from raydiff.data.plan import order_key
 
 SKIPPED_KEY = b"raydiff.skipped"  # parquet metadata: the rows a shard's writer skipped
+EVAL_IDENTITY_KEY = b"raydiff.eval_identity"  # parquet metadata: what the cached eval set was encoded from
 READ_ROWS = 64  # samples per block read back from a shard
 
 
 class CacheLayout:
-    """`manifest.json`, `empty_prompt.parquet` and `shards/shard-NNNNNN.parquet` under one root."""
+    """`manifest.json`, `empty_prompt.parquet`, `eval_set.parquet` and `shards/shard-NNNNNN.parquet` under one
+    root."""
 
     def __init__(self, uri: str):
         self.fs, self.root = pafs.FileSystem.from_uri(uri if is_url(uri) else os.path.abspath(uri))
@@ -38,6 +40,9 @@ class CacheLayout:
 
     def empty_prompt(self) -> str:
         return "empty_prompt.parquet"
+
+    def eval_set(self) -> str:
+        return "eval_set.parquet"
 
     def exists(self, name: str) -> bool:
         return self.fs.get_file_info(self.uri(name)).type == pafs.FileType.File
@@ -68,7 +73,7 @@ class CacheLayout:
         for info in self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True, recursive=True)):
             name = info.path[len(self.root) + 1:]
             ours = (name.startswith("shards/shard-") or name.startswith("empty_prompt.parquet")
-                    or name.startswith("manifest.json"))
+                    or name.startswith("eval_set.parquet") or name.startswith("manifest.json"))
             if info.type == pafs.FileType.File and ours:
                 self.fs.delete_file(info.path)
 
@@ -173,6 +178,24 @@ def write_empty_prompt(layout: CacheLayout, cols: dict) -> None:
 
 def read_empty_prompt(layout: CacheLayout) -> dict[str, np.ndarray]:
     return table_to_columns(pq.read_table(layout.uri(layout.empty_prompt()), filesystem=layout.fs))
+
+
+def write_eval_set(layout: CacheLayout, samples: list[dict], identity: dict) -> None:
+    """The encoded eval samples (raydiff.data.eval_set), stamped with what they were encoded from."""
+    columns = {key: [s[key] for s in samples] for key in samples[0]}
+    table = columns_to_table(columns).replace_schema_metadata({EVAL_IDENTITY_KEY: json.dumps(identity)})
+    layout.write_table(layout.eval_set(), table)
+
+
+def read_eval_set(layout: CacheLayout, identity: dict) -> list[dict] | None:
+    """The cached eval samples if they were encoded from `identity`, else None."""
+    if not layout.exists(layout.eval_set()):
+        return None
+    table = pq.read_table(layout.uri(layout.eval_set()), filesystem=layout.fs)
+    if json.loads((table.schema.metadata or {}).get(EVAL_IDENTITY_KEY, b"null")) != identity:
+        return None
+    columns = table_to_columns(table)
+    return [{key: column[i] for key, column in columns.items()} for i in range(table.num_rows)]
 
 
 @dataclass

@@ -18,13 +18,15 @@ import numpy as np
 import ray
 
 from raydiff.config import DataConfig, RaydiffConfig, UserError, to_remote
+from raydiff.console import say
 from raydiff.data.buckets import bucket_batches, row_buckets
 from raydiff.data.cache import preprocess
 from raydiff.data.cache_io import CacheLayout, ReadShards, RepeatCached, read_empty_prompt
 from raydiff.data.cache_shards import preprocess_sharded
 from raydiff.data.decode import DecodeRow, count_skipped_rows
 from raydiff.data.encode import EncodeBatch, start_empty_prompt
-from raydiff.data.metadata import BadSample, is_regularization
+from raydiff.data.eval_set import start_eval_set
+from raydiff.data.metadata import BadSample, family_max_paths, is_regularization, train_and_eval_rows
 from raydiff.data.packing import pack_group
 from raydiff.data.plan import order_rows
 from raydiff.data.shards import ShardPlan, plan_shards
@@ -71,11 +73,17 @@ def build_train_data(cfg: RaydiffConfig, rows: list[dict] | None, seed: int, cou
 
 
 def build_cache(cfg: RaydiffConfig) -> None:
-    """`raydiff preprocess`: encode the dataset into `data.cache_dir` (sharded data shard by shard)."""
+    """`raydiff preprocess`: encode the dataset into `data.cache_dir` (sharded data shard by shard), and the
+    eval set too, so that no training run loads the encoders for it."""
     if cfg.data.sharded:
         preprocess_sharded(cfg)
     else:
         preprocess(cfg)
+    eval_rows = train_and_eval_rows(cfg.data, cfg.eval, family_max_paths(cfg))[1]
+    if eval_rows:
+        samples = ray.get(start_eval_set(cfg.model_copy(update={"data": cfg.data.model_copy(
+            update={"preprocess": "cache"})}), eval_rows).samples)
+        say(f"[raydiff] eval set: {len(samples)} samples in the cache")
 
 
 def _sharded_data(cfg: RaydiffConfig, seed: int) -> TrainData:

@@ -14,14 +14,14 @@ import ray
 import torch
 
 from raydiff.config import to_remote
-from raydiff.data.cache import cache_identity, describe_changes, preprocess
-from raydiff.data.cache_io import CacheLayout, columns_to_table, table_to_columns
+from raydiff.data.cache import cache_identity, describe_changes, eval_identity, preprocess
+from raydiff.data.cache_io import CacheLayout, columns_to_table, read_eval_set, table_to_columns
 from raydiff.data.collate import collate
 from raydiff.data.columns import columns_to_inputs, to_columns
 from raydiff.data.decode import DecodeRow
 from raydiff.data.encode import encode_empty_prompt
 from raydiff.data.encoder import Encoder
-from raydiff.data.eval_set import start_eval_set
+from raydiff.data.eval_set import eval_samples, start_eval_set
 from raydiff.data.metadata import read_rows
 from raydiff.data.plan import CaptionDropout, caption_dropped, flipped
 from raydiff.pipelines.flux import FluxImagePipeline
@@ -178,6 +178,42 @@ def test_stream_mode_encodes_the_empty_prompt_in_the_eval_task(ray_session, make
     empty, alone = ray.get(args.empty_prompt), encode_empty_prompt(to_remote(cfg))
     assert empty.keys() == alone.keys() and all(np.array_equal(empty[k], alone[k]) for k in alone)
     assert [s["_row"] for s in ray.get(args.eval_set)] == [14, 15] and "latents" in ray.get(args.eval_set)[0]
+
+
+@pytest.mark.slow
+def test_cache_mode_keeps_the_encoded_eval_set_in_the_cache(ray_session, make_config, tmp_path):
+    """Encoded once, stamped with what it was encoded from: a later run's eval set comes from the cache (no
+    encoder task), until the model, the settings or an eval row changes; a skipped bad row is never cached,
+    since each run counts it."""
+    cfg = mode_config(make_config, tmp_path, "cache")
+    rows = read_rows(cfg.data)[0][12:]
+    layout = CacheLayout(cfg.data.cache_dir)
+    identity = eval_identity(cfg, rows)
+    encoded, _ = eval_samples(to_remote(cfg), rows, cache_identity=identity)  # what the eval task runs
+    cached = read_eval_set(layout, identity)
+    assert [s["_row"] for s in cached] == [12, 13, 14, 15] and cached[0].keys() == encoded[0].keys()
+    for got, want in zip(cached, encoded):  # (the codec stores a scalar as shape (1,), as in the shards)
+        assert all(np.array_equal(np.ravel(got[k]), np.ravel(want[k])) for k in want)
+    written = os.stat(layout.uri(layout.eval_set())).st_mtime_ns
+    again = ray.get(start_eval_set(cfg, rows).samples)  # from the cache, not encoded (and written) again
+    assert [s["_row"] for s in again] == [12, 13, 14, 15]
+    assert os.stat(layout.uri(layout.eval_set())).st_mtime_ns == written
+    assert all(np.array_equal(a["latents"], b["latents"]) for a, b in zip(again, encoded))
+
+    assert read_eval_set(layout, eval_identity(mode_config(make_config, tmp_path, "cache", height=16), rows)) is None
+    assert read_eval_set(layout, eval_identity(cfg, [{**rows[0], "prompt": "another"}, *rows[1:]])) is None
+    os.utime(rows[0]["image"], ns=(1, 1))
+    try:
+        assert read_eval_set(layout, eval_identity(cfg, rows)) is None  # the file changed
+    finally:
+        os.utime(rows[0]["image"])
+
+    layout.clear()  # a stale cache goes with its eval set
+    assert not layout.exists(layout.eval_set())
+    bad = mode_config(make_config, tmp_path, "cache", skip_bad_samples=True)
+    missing = [*rows[:3], {**rows[3], "image": str(tmp_path / "missing.png")}]
+    samples, _ = eval_samples(to_remote(bad), missing, cache_identity=eval_identity(bad, missing))
+    assert len(samples) == 3 and not layout.exists(layout.eval_set())
 
 
 @pytest.mark.slow

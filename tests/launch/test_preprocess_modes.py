@@ -55,8 +55,11 @@ def test_inline_stream_and_cache_train_the_same_lora(ray_session, make_config, m
         cfg = mixed_config(make_config, mixed, tmp_path, mode, regularization)
         if mode == "cache":  # as README.md describes: `raydiff preprocess`, then `raydiff train` reads that cache
             preprocess_command_writes_the_cache_once(cfg, tmp_path, capsys)
+            eval_set_written = (tmp_path / "cache" / "eval_set.parquet").stat().st_mtime_ns
         result = launch_training_task(cfg)
         runs[mode] = final(result)
+        if mode == "cache":  # the run scored the eval set `raydiff preprocess` encoded, without encoding it again
+            assert (tmp_path / "cache" / "eval_set.parquet").stat().st_mtime_ns == eval_set_written
         if mode == "inline":
             inline = cfg, result.checkpoint.path
         if mode == "cache":
@@ -107,18 +110,22 @@ def eval_loss_on_one_rank(cfg, checkpoint: str) -> float:
 
 
 def preprocess_command_writes_the_cache_once(cfg, tmp_path, capsys):
-    """`raydiff preprocess` encodes the 24 + 5 regularization samples, then, run again, leaves them."""
+    """`raydiff preprocess` encodes the 24 + 5 regularization samples and the 3 held-out ones, then, run again,
+    leaves them."""
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(to_dict(cfg)))
     capsys.readouterr()
     main(["preprocess", str(path)])
     out = capsys.readouterr().out
     assert "encoding 29 samples into 1 cache shards" in out and "cache complete: 29 samples" in out
+    assert "eval set: 3 samples in the cache" in out
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     assert manifest["complete"] and manifest["num_samples"] == 29 and manifest["model"]["path"] == cfg.model.path
+    written = (tmp_path / "cache" / "eval_set.parquet").stat().st_mtime_ns
     main(["preprocess", str(path)])
     out = capsys.readouterr().out
     assert "encoding" not in out and "is complete and current (29 samples)" in out
+    assert (tmp_path / "cache" / "eval_set.parquet").stat().st_mtime_ns == written
 
 
 def test_preprocess_command_needs_a_cache_dir(make_config, tmp_path, capsys):
