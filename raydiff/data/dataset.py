@@ -83,7 +83,11 @@ def build_cache(cfg: RaydiffConfig) -> None:
     if eval_rows:
         samples = ray.get(start_eval_set(cfg.model_copy(update={"data": cfg.data.model_copy(
             update={"preprocess": "cache"})}), eval_rows).samples)
-        say(f"[raydiff] eval set: {len(samples)} samples in the cache")
+        if len(samples) == len(eval_rows):
+            say(f"[raydiff] eval set: {len(samples)} samples in the cache")
+        else:  # raydiff.data.eval_set keeps a set with skipped rows out of the cache
+            say(f"[raydiff] eval set not cached: {len(eval_rows) - len(samples)} of its {len(eval_rows)} rows are bad "
+                "samples, which each run skips and counts")
 
 
 def _sharded_data(cfg: RaydiffConfig, seed: int) -> TrainData:
