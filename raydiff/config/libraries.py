@@ -64,6 +64,10 @@ def hide_unused_libraries(cfg) -> list[str]:
     are imported; a module already imported stays. Returns the names hidden."""
     if prequantized(cfg.model.path, cfg.model.revision) is not False:
         return []
+    # diffusers, transformers and peft note at import whether the libraries are installed, and import them later
+    # on that note: in a Ray worker process reused after a task that imported one of them, hiding now breaks it.
+    if any(name in sys.modules for name in ("diffusers", "transformers", "peft")):
+        return []
     used = {module for _, _, module, _ in libraries_used(cfg)}
     hidden = [name for name in EAGER_OPTIONAL if name not in used and name not in sys.modules]
     for name in hidden:

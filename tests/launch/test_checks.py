@@ -376,6 +376,9 @@ def fresh_imports(start_command, tmp_path_factory):
                     "print('torch' in sys.modules)",
         **{name: worker_import_code(settings, tmp_path_factory.mktemp(name))
            for name, (settings, _) in WORKER_SETTINGS.items()},
+        # A Ray worker process reused for an encoder actor after a task that imported diffusers.
+        "reused worker": "import diffusers; " + worker_import_code({}, tmp_path_factory.mktemp("reused")).replace(
+            "import peft;", "import peft; from diffusers import FluxPipeline;"),
     }
     return {name: start_command([sys.executable, "-c", code]) for name, code in codes.items()}
 
@@ -412,6 +415,13 @@ def test_a_worker_imports_only_the_optional_libraries_its_settings_use(fresh_imp
     hidden, imported = json.loads(fresh_import_output(fresh_imports, name).splitlines()[-1])
     assert hidden == [m for m in ("bitsandbytes", "torchao") if m not in kept]
     assert imported == kept  # peft (and the transformers it imports) imported what the settings use, only that
+
+
+def test_a_process_that_imported_diffusers_already_hides_nothing(fresh_imports):
+    """diffusers notes at import that bitsandbytes is installed, and imports it when its models load: hiding it
+    afterwards broke them (`raydiff preprocess` of sharded data failed so, in a reused Ray worker)."""
+    hidden, imported = json.loads(fresh_import_output(fresh_imports, "reused worker").splitlines()[-1])
+    assert hidden == [] and imported == ["bitsandbytes", "torchao"]
 
 
 def test_a_pipeline_not_on_this_machine_hides_nothing(monkeypatch):
