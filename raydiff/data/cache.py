@@ -18,14 +18,14 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from raydiff.config import RaydiffConfig, from_remote, to_remote
+from raydiff.config import RaydiffConfig, from_remote
 from raydiff.config.libraries import hide_unused_libraries
 from raydiff.console import quiet_libraries, say
 from raydiff.data.buckets import row_buckets
 from raydiff.data.cache_io import SKIPPED_KEY, CacheLayout, columns_to_table, write_empty_prompt
 from raydiff.data.components import trainable_names, worker_models
 from raydiff.data.decode import VIDEO_KEYS, DecodeRow
-from raydiff.data.encode import start_empty_prompt
+from raydiff.data.encode import run_encoder_actors, start_empty_prompt
 from raydiff.data.metadata import SampleError, family_max_paths, is_url, train_and_eval_rows
 
 FORMAT = 1
@@ -182,17 +182,13 @@ def preprocess(cfg: RaydiffConfig, rows: list[dict] | None = None, *, shard_rows
     shards = [rows[i:i + shard_rows] for i in range(0, len(rows), shard_rows)] if rows else []
     missing = [k for k in range(len(shards)) if not layout.exists(layout.shard(k))]
     if missing:
-        ray.data.DataContext.get_current().enable_progress_bars = False
         # The first shard's writer also encodes the empty prompt: no second process loads the encoders.
         empty = not layout.exists(layout.empty_prompt())
         items = [{"shard": k, "rows": json.dumps([{**r, "_size": list(sizes[r["_row"]]) if sizes else None}
                                                   for r in shards[k]]), "empty_prompt": empty and k == missing[0]}
                  for k in missing]
         say(f"[raydiff] encoding {sum(len(shards[k]) for k in missing)} samples into {len(missing)} cache shards")
-        ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            ShardWriter, fn_constructor_args=(to_remote(cfg),), batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=min(d.encoder_actors, len(missing))),
-            num_gpus=d.encoder_num_gpus, num_cpus=d.encoder_num_cpus).materialize()
+        run_encoder_actors(ShardWriter, cfg, items)
     if not layout.exists(layout.empty_prompt()):
         write_empty_prompt(layout, ray.get(start_empty_prompt(cfg)))
     counts, skipped = layout.shard_stats(len(shards))
@@ -204,9 +200,10 @@ def preprocess(cfg: RaydiffConfig, rows: list[dict] | None = None, *, shard_rows
 
 
 class ShardWriter:
-    """Ray Data `map_batches` class for `preprocess`: each input row is one shard (its metadata rows
-    as JSON); the actor decodes them (threads), encodes them in batches of `data.encoder_batch_size`
-    and writes the shard (and the empty prompt, when its row says so). Returns one small status row per shard."""
+    """The actor class of `preprocess` (raydiff.data.encode.run_encoder_actors): each input row is one shard
+    (its metadata rows as JSON); the actor decodes them (threads), encodes them in batches of
+    `data.encoder_batch_size` and writes the shard (and the empty prompt, when its row says so). Returns one
+    small status row per shard."""
 
     def __init__(self, config: dict):
         cfg = from_remote(config)

@@ -19,13 +19,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from raydiff.config import RaydiffConfig, from_remote, to_remote
+from raydiff.config import RaydiffConfig, from_remote
 from raydiff.config.libraries import hide_unused_libraries
 from raydiff.console import quiet_libraries, say
 from raydiff.data.cache import cache_settings, describe_changes, model_identity
 from raydiff.data.cache_io import SKIPPED_KEY, CacheLayout, columns_to_table, write_empty_prompt
 from raydiff.data.decode import DecodeRow
-from raydiff.data.encode import start_empty_prompt
+from raydiff.data.encode import run_encoder_actors, start_empty_prompt
 from raydiff.data.metadata import BadSample, SampleError
 from raydiff.data.records import filesystem, iter_records
 from raydiff.data.shards import ShardPlan, plan_shards, shard_id
@@ -61,11 +61,7 @@ def preprocess_sharded(cfg: RaydiffConfig) -> ShardPlan:
     todo = [s for s in sources if known.get(s, {}).get("stamp") != stamps[s] or not layout.exists(cache_file(s))]
     if todo:
         say(f"[raydiff] encoding {len(todo)} of {len(sources)} shards into the cache {d.cache_dir}")
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        ray.data.from_items([{"source": s} for s in todo], override_num_blocks=len(todo)).map_batches(
-            SourceWriter, fn_constructor_args=(to_remote(cfg),), batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=min(d.encoder_actors, len(todo))),
-            num_gpus=d.encoder_num_gpus, num_cpus=d.encoder_num_cpus).materialize()
+        run_encoder_actors(SourceWriter, cfg, [{"source": s} for s in todo])
     if not layout.exists(layout.empty_prompt()):
         write_empty_prompt(layout, ray.get(start_empty_prompt(cfg)))
     entries = {s: {"file": cache_file(s), "stamp": stamps[s], "samples": _rows(layout, cache_file(s))}
@@ -82,7 +78,8 @@ def _rows(layout: CacheLayout, name: str) -> int:
 
 
 class SourceWriter:
-    """Ray Data `map_batches` class: each input row names one source shard, which this actor decodes and
+    """The actor class of `preprocess_sharded` (raydiff.data.encode.run_encoder_actors): each input row names one
+    source shard, which this actor decodes and
     encodes, in file order, into its cache file (skipped records listed in the file's metadata)."""
 
     def __init__(self, config: dict):

@@ -201,8 +201,9 @@ def user_error(err: BaseException) -> str | None:
         if err is None or id(err) in seen:
             continue
         seen.add(id(err))
-        if isinstance(err, fixable):
-            return str(err)
+        if isinstance(err, fixable):  # a Ray task's error is re-raised as both RayTaskError and its own type
+            cause = getattr(err, "cause", None)
+            return str(cause if isinstance(cause, fixable) else err)
         text = str(err)
         for cls in (SampleError, MetadataError, UserError):  # Ray may re-raise a worker's error as its own type
             marker = f"{cls.__name__}: "

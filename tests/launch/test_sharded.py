@@ -1,5 +1,6 @@
 """Sharded data through real Ray workers: each rank streams its share of unequal shards, ranks train the
-same number of batches, and a run resumed from the middle of a shard equals the uninterrupted one."""
+same number of batches, and a run resumed from the middle of a shard equals the uninterrupted one; sharded
+data encoded into a cache by `raydiff preprocess`, and a cache build's bad sample reported in one line."""
 
 import csv
 import os
@@ -53,3 +54,52 @@ def test_webdataset_shards_are_counted_in_ray_tasks_and_train(ray_session, make_
                                               train={"max_steps": 2}, ray={"num_workers": 0}))  # local mode
     state, _ = final(result)
     assert state["global_step"] == 2 and state["positions"] == [[0, 0, 0, 2]]  # pass 0, chunk at (0, 0), 2 taken
+
+
+def test_webdataset_shards_preprocess_into_a_cache_then_train(ray_session, make_config, tmp_path, capfd):
+    """`raydiff preprocess` of sharded data, then a cache-mode run that loads only the DiT. The shard writers are
+    plain Ray actors: no Ray error line about actor arguments in the object store (ray-project/ray#53727)
+    reaches the terminal."""
+    import json
+
+    import yaml
+
+    from raydiff.config import to_dict
+    from raydiff.launch.cli import main
+
+    write_webdataset(str(tmp_path / "wds"), [3, 5, 4])
+    cfg = make_config("wds-cache", data={"metadata_path": str(tmp_path / "wds"), "format": "webdataset",
+                                         "preprocess": "cache", "cache_dir": str(tmp_path / "cache"),
+                                         "encoder_num_cpus": 0.5},
+                      train={"max_steps": 2}, ray={"num_workers": 0})
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    capfd.readouterr()
+    main(["preprocess", str(tmp_path / "run.yaml")])
+    out, err = capfd.readouterr()
+    assert "encoding 3 of 3 shards into the cache" in out and "object store" not in err
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["num_samples"] == 12 and sorted(s["samples"] for s in manifest["sources"].values()) == [3, 4, 5]
+    state, _ = final(launch_training_task(cfg))
+    assert state["global_step"] == 2 and state["workers"][0]["models"] == ["transformer"]
+
+
+def test_a_corrupt_image_stops_raydiff_preprocess_with_one_line(ray_session, make_config, shapes, tmp_path, capsys):
+    """A shard writer's error comes back from its Ray actor as both RayTaskError and SampleError."""
+    import yaml
+
+    from raydiff.config import to_dict
+    from raydiff.launch.cli import main
+
+    shutil.copytree(shapes, tmp_path / "data")
+    (tmp_path / "data" / "0003.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    cfg = make_config("corrupt", data={"base_path": str(tmp_path / "data"),
+                                       "metadata_path": str(tmp_path / "data" / "metadata.csv"),
+                                       "preprocess": "cache", "cache_dir": str(tmp_path / "cache"),
+                                       "encoder_num_cpus": 0.5})
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["preprocess", str(tmp_path / "run.yaml")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1, err[:5]
+    assert err[0].startswith("raydiff: error: row 3, file '") and "0003.png': not an image" in err[0]
