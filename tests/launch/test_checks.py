@@ -417,6 +417,20 @@ def test_a_worker_imports_only_the_optional_libraries_its_settings_use(fresh_imp
     assert imported == kept  # peft (and the transformers it imports) imported what the settings use, only that
 
 
+def test_a_ray_actors_sample_error_is_one_line():
+    """A Ray actor's or task's error comes back as both RayTaskError and its own type, whose str() is the whole
+    remote traceback (the cache's shard writers are plain actors): the CLI reports the cause's one line."""
+    from ray.exceptions import RayTaskError
+
+    from raydiff.data.metadata import BadSample, SampleError
+    from raydiff.launch.cli import user_error
+
+    cause = SampleError(BadSample(3, "data/0003.png", "not an image (cannot identify image file)"))
+    err = RayTaskError("ShardWriter.__call__", "Traceback (most recent call last):\n  ...", cause).as_instanceof_cause()
+    assert isinstance(err, SampleError) and "\n" in str(err)
+    assert user_error(err) == str(cause) and "\n" not in user_error(err)
+
+
 def test_a_process_that_imported_diffusers_already_hides_nothing(fresh_imports):
     """diffusers notes at import that bitsandbytes is installed, and imports it when its models load: hiding it
     afterwards broke them (`raydiff preprocess` of sharded data failed so, in a reused Ray worker)."""

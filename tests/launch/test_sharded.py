@@ -1,6 +1,6 @@
 """Sharded data through real Ray workers: each rank streams its share of unequal shards, ranks train the
 same number of batches, and a run resumed from the middle of a shard equals the uninterrupted one; sharded
-data encoded into a cache by `raydiff preprocess`, and a cache build's bad sample reported in one line."""
+data encoded into a cache by `raydiff preprocess`."""
 
 import csv
 import os
@@ -81,25 +81,3 @@ def test_webdataset_shards_preprocess_into_a_cache_then_train(ray_session, make_
     assert manifest["num_samples"] == 12 and sorted(s["samples"] for s in manifest["sources"].values()) == [3, 4, 5]
     state, _ = final(launch_training_task(cfg))
     assert state["global_step"] == 2 and state["workers"][0]["models"] == ["transformer"]
-
-
-def test_a_corrupt_image_stops_raydiff_preprocess_with_one_line(ray_session, make_config, shapes, tmp_path, capsys):
-    """A shard writer's error comes back from its Ray actor as both RayTaskError and SampleError."""
-    import yaml
-
-    from raydiff.config import to_dict
-    from raydiff.launch.cli import main
-
-    shutil.copytree(shapes, tmp_path / "data")
-    (tmp_path / "data" / "0003.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
-    cfg = make_config("corrupt", data={"base_path": str(tmp_path / "data"),
-                                       "metadata_path": str(tmp_path / "data" / "metadata.csv"),
-                                       "preprocess": "cache", "cache_dir": str(tmp_path / "cache"),
-                                       "encoder_num_cpus": 0.5})
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_:
-        main(["preprocess", str(tmp_path / "run.yaml")])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert exit_.value.code == 2 and len(err) == 1, err[:5]
-    assert err[0].startswith("raydiff: error: row 3, file '") and "0003.png': not an image" in err[0]
