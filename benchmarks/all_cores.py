@@ -1,6 +1,6 @@
 """raydiff against a bare PyTorch loop when the training worker owns every core (issue #19).
 
-    python benchmarks/all_cores.py [--steps 15] [--warmup 3] [--modes inline cache]
+    python benchmarks/all_cores.py [--steps 15] [--warmup 3] [--modes inline cache] [--workers 1]
 
 The benchmark DiT (FLUX architecture, 1024 image tokens, LoRA r16 on attention, checkpointing, fp32,
 batch 1) with `torch.set_num_threads(cores)` on both sides, run one after the other:
@@ -10,6 +10,9 @@ batch 1) with `torch.set_num_threads(cores)` on both sides, run one after the ot
 - cache: the bare loop trains the DiT alone on batches encoded once; raydiff trains with
   `data.preprocess: cache` (the run writes its cache before training starts) and `ray.cpus_per_worker:
   cores`.
+
+`--workers 0` runs raydiff in local mode (`ray.num_workers: 0`): the loop in the benchmark's own process,
+which then is the one that owns every core, with Ray Data and the rest of the local Ray around it.
 
 For each mode: steady-state steps/s of both sides and their ratio (goal >= 0.97), the CPU seconds per
 step of both, and where the machine's CPU went during raydiff's timed steps, per process of the local
@@ -116,6 +119,19 @@ def versus(runs: list[dict], ours: dict, goal: float) -> dict:
             "ratio_median": round(theirs["median_step_s"] / ours["median_step_s"], 4), "goal_ratio": goal}
 
 
+def in_own_thread(fn, *args):
+    """fn(*args) on a thread that ends with it. In local mode raydiff's loop runs on a thread of this process;
+    had the main thread run torch's parallel work first, a second OpenMP thread team would slow that loop
+    (section 7 of docs/performance.md), which no user's `raydiff train` does."""
+    import threading
+
+    out = {}
+    thread = threading.Thread(target=lambda: out.update(result=fn(*args)))
+    thread.start()
+    thread.join()
+    return out["result"]
+
+
 def summary(wall: list[float]) -> dict:
     return {"steps_per_s": round(measure.steady_steps_per_second(wall, 0), 4),
             "median_step_s": round(statistics.median(wall), 4)}
@@ -126,6 +142,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--modes", nargs="+", default=["inline", "cache"], choices=["inline", "cache"])
+    parser.add_argument("--workers", type=int, default=1, choices=[0, 1], help="0: local mode")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--diffusers-script", default=None,
                         help="diffusers' train_dreambooth_lora_flux.py (examples/dreambooth/), compared in cache mode")
@@ -135,20 +152,21 @@ def main() -> None:
 
     total = args.steps + args.warmup
     work, model, data, runs = fixtures.workspace("all_cores", args.workdir, images=16)
-    result = {"benchmark": "all_cores", "cores": CORES, "torch_threads": CORES, "warmup_steps": args.warmup,
+    result = {"benchmark": "all_cores", "cores": CORES, "torch_threads": CORES, "workers": args.workers,
+              "warmup_steps": args.warmup,
               "loadavg_before": measure.loadavg()}
     for mode in args.modes:
         shutil.rmtree(runs, ignore_errors=True)
         shutil.rmtree(os.path.join(work, "cache"), ignore_errors=True)
         raw = fixtures.bench_config(model, data, runs, f"all-cores-{mode}", tokens=1024, steps=total, repeat=4)
         raw["data"].update({"preprocess": mode, "cache_dir": os.path.join(work, "cache")})
-        raw["ray"]["cpus_per_worker"] = CORES
+        raw["ray"].update({"cpus_per_worker": CORES, "num_workers": args.workers})
         cfg = parse_config(raw)
         with_script = mode == "cache" and args.diffusers_script is not None
         scripts = [diffusers_script(args.diffusers_script, cfg, work, args.steps, args.warmup)] if with_script else []
-        first = bare(cfg, mode, args.steps, args.warmup)
+        first = in_own_thread(bare, cfg, mode, args.steps, args.warmup)
         wall, cpu_per_step, profile = measure.timed_raydiff_run(cfg, args.warmup, CORES, interval=0.5)
-        second = bare(cfg, mode, args.steps, args.warmup)
+        second = in_own_thread(bare, cfg, mode, args.steps, args.warmup)
         r = summary(wall)
         vs_bare = versus([first, second], r, goal=0.97)
         result[mode] = {

@@ -28,10 +28,11 @@ def step_seconds_from_history(log_history: list[dict], batch_size: int, world: i
     return [batch_size * world / h["samples_per_second"] for h in log_history if "samples_per_second" in h]
 
 
-def worker_cpu_per_step(profile: dict, steps: int, workers: int = 1) -> float:
+def worker_cpu_per_step(profile: dict, steps: int, workers: int = 1, process: str = "ray::RayTrainWorker") -> float:
     """CPU seconds one training worker process spent per step, from a `ProcessSampler.cpu_between` window
-    over `steps` steps (every thread of the worker: the step, the feed and Ray's own)."""
-    return round(profile["by_process"].get("ray::RayTrainWorker", 0.0) / steps / workers, 4)
+    over `steps` steps (every thread of the worker: the step, the feed and Ray's own). In local mode the
+    worker is the driver (`process="driver"`)."""
+    return round(profile["by_process"].get(process, 0.0) / steps / workers, 4)
 
 
 def latest_trainer_state(storage: str, name: str) -> dict:
@@ -142,14 +143,16 @@ def _process_name(cmd: str) -> str:
 
 
 def timed_raydiff_run(cfg, warmup: int, threads: int, interval: float = 1.0) -> tuple[list[float], float, dict]:
-    """Run `cfg` (1 worker) through `launch_training_task`: the wall seconds of each timed step, the worker's
-    CPU seconds per step, and where the machine's CPU went during those steps (per process of the local
-    Ray, per thread of the worker). Checks every step was logged and the worker ran `threads` torch threads."""
+    """Run `cfg` (1 worker, or local mode) through `launch_training_task`: the wall seconds of each timed
+    step, the worker's CPU seconds per step, and where the machine's CPU went during those steps (per
+    process of the local Ray, per thread of the worker). Checks every step was logged and the worker ran
+    `threads` torch threads."""
     import ray
 
     from raydiff.launch.trainer import launch_training_task
 
-    with ProcessSampler(interval=interval) as sampler:
+    worker = "driver" if cfg.ray.local else "ray::RayTrainWorker"
+    with ProcessSampler(interval=interval, thread_detail=None if cfg.ray.local else "RayTrainWorker") as sampler:
         launch_training_task(cfg)
     ray.shutdown()
     state = latest_trainer_state(cfg.ray.storage_path, cfg.ray.name)
@@ -161,16 +164,16 @@ def timed_raydiff_run(cfg, warmup: int, threads: int, interval: float = 1.0) -> 
     # Log line k is written at the end of step k, so (history[warmup], history[total - 1]) spans the
     # timed steps but the first.
     profile = sampler.cpu_between(history[warmup]["time"], history[total - 1]["time"])
-    return wall[warmup:], worker_cpu_per_step(profile, total - 1 - warmup), profile
+    return wall[warmup:], worker_cpu_per_step(profile, total - 1 - warmup, process=worker), profile
 
 
 class ProcessSampler:
     """Samples, in a background thread, the CPU seconds of this process and every descendant (the local
     Ray: GCS, raylet, dashboard, train workers, Ray Data tasks) and of each thread of the processes whose
-    command line contains `thread_detail`. `cpu_between(t0, t1)` then says where the CPU went between
-    two wall-clock times (`time.time()`, as the training log's `time` field records them)."""
+    command line contains `thread_detail` (None: of this process). `cpu_between(t0, t1)` then says where the
+    CPU went between two wall-clock times (`time.time()`, as the training log's `time` field records them)."""
 
-    def __init__(self, interval: float = 1.0, thread_detail: str = "RayTrainWorker"):
+    def __init__(self, interval: float = 1.0, thread_detail: str | None = "RayTrainWorker"):
         self.interval, self.thread_detail = interval, thread_detail
         self.samples: list[tuple[float, dict, dict]] = []
         self._stop = threading.Event()
@@ -196,7 +199,7 @@ class ProcessSampler:
                         cmd = " ".join(p.cmdline()) or p.name()
                         t = p.cpu_times()
                         procs[p.pid] = ("driver" if p.pid == me.pid else _process_name(cmd), t.user + t.system)
-                        if self.thread_detail in cmd:
+                        if (p.pid == me.pid) if self.thread_detail is None else (self.thread_detail in cmd):
                             for th in p.threads():
                                 try:
                                     with open(f"/proc/{p.pid}/task/{th.id}/comm") as f:

@@ -6,7 +6,8 @@
    1024 image tokens, LoRA rank 16 on attention, AdamW, clipping) over pre-decoded, pre-collated
    batches in this process, with the thread count a 1-CPU Ray Train worker gets (1).
 2. `raydiff train` (1 worker, 2 steps) as a user runs it: seconds from the command's start to its
-   first optimizer step's log line.
+   first optimizer step's log line; then the same in local mode (`--set ray.num_workers=0`), where the
+   loop runs in the command's own process.
 3. raydiff (1 worker) on the same images through `launch_training_task`, logged every step; the log's
    wall-clock `time` of each step bounds the window in which a sampler measures the worker's CPU.
 4. The bare loop again, so both sides see the box in a similar state.
@@ -82,6 +83,11 @@ def main() -> None:
         run = measure.run_command([*measure.raydiff_cli(), "train", config_path], STARTUP_MARKS, timeout=600)
     assert run["returncode"] == 0, "\n".join(run["tail"])
     startup_cpu = sampler.cpu_between(run["started_at"], run["started_at"] + run["marks"]["first_step"])
+    with measure.ProcessSampler(interval=0.25) as sampler:
+        local = measure.run_command([*measure.raydiff_cli(), "train", config_path, "--set", "ray.num_workers=0",
+                                     "--set", "ray.name=overhead-startup-local"], STARTUP_MARKS, timeout=600)
+    assert local["returncode"] == 0, "\n".join(local["tail"])
+    local_cpu = sampler.cpu_between(local["started_at"], local["started_at"] + local["marks"]["first_step"])
 
     ray_wall, ray_cpu, profile = measure.timed_raydiff_run(cfg, args.warmup, THREADS)
     bare_second = bare(cfg, args.steps, args.warmup)
@@ -103,6 +109,8 @@ def main() -> None:
         "first_step_s": run["marks"].get("first_step"), "goal_first_step_s": 15,
         "steady_state_cpu_s": profile,
         "startup_marks_s": run["marks"], "startup_cpu_s": startup_cpu, "two_step_train_wall_s": run["wall_s"],
+        "local_mode": {"first_step_s": local["marks"].get("first_step"), "startup_marks_s": local["marks"],
+                       "startup_cpu_s": local_cpu, "two_step_train_wall_s": local["wall_s"]},
     }
     if not args.skip_demo:
         demo_dir = os.path.join(work, f"demo-{time.strftime('%H%M%S')}")

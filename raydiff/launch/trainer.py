@@ -250,9 +250,10 @@ def start_ray_checking_lora(cfg: RaydiffConfig) -> bool:
 
 def _train(cfg: RaydiffConfig, module_factory: Callable | None, rows, started: bool) -> ray.train.Result:
     check_resources(cfg, autoscaling=not started and is_autoscaling())
-    console = DriverConsole(cfg.logging.progress_bar, sys.stdout.isatty())
+    # Local mode's loop runs in this process and prints here itself: no relay actor to start and poll.
+    console = None if cfg.ray.local else DriverConsole(cfg.logging.progress_bar, sys.stdout.isatty())
     try:
-        plan = plan_run(cfg, module_factory, rows, relay=console.relay)
+        plan = plan_run(cfg, module_factory, rows, relay=console and console.relay)
         resumed = resume_point(cfg.ray.storage_path, cfg.ray.name, cfg.ray.storage_endpoint, cfg.ray.storage_region)
         say(describe_plan(cfg, plan.args, resumed))
         if resumed is not None and resumed.step >= plan.args.total_steps:
@@ -261,7 +262,8 @@ def _train(cfg: RaydiffConfig, module_factory: Callable | None, rows, started: b
         if cfg.ray.local and result.checkpoint is not None:
             result = stored_result(cfg, os.path.basename(result.checkpoint.path), result.metrics)
     finally:
-        console.close()
+        if console is not None:
+            console.close()
     if result.checkpoint is not None:
         say(f"[raydiff] final checkpoint: {result.checkpoint.path}")
     return result

@@ -9,17 +9,26 @@ import pytest
 from conftest import final  # noqa: E402  (pytest puts tests/ on sys.path)
 
 from raydiff.config import ConfigError
+from raydiff.launch import trainer
 from raydiff.launch.trainer import launch_training_task
 from raydiff.launch.tune import tune
 from raydiff.training.checkpoint_store import store_checkpoint
 
 
-def test_local_mode_trains_what_one_worker_trains_and_resumes_like_it(one_worker_run, make_config, capsys):
+def test_local_mode_trains_what_one_worker_trains_and_resumes_like_it(one_worker_run, make_config, capsys,
+                                                                     monkeypatch):
     train = {"max_steps": 4, "save_steps": 1}
     on_worker = one_worker_run[2:]  # the same 4 steps on one Ray Train worker (its checkpoints at 2 and 4)
     capsys.readouterr()
+
+    def no_relay(*args, **kwargs):
+        raise AssertionError("local mode prints in its own process; it needs no console relay actor")
+
+    monkeypatch.setattr(trainer, "DriverConsole", no_relay)
     result = launch_training_task(make_config("local", train=train, ray={"num_workers": 0, "num_to_keep": 2}))
-    assert "in this process (local mode)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "in this process (local mode)" in out
+    assert "[raydiff] step 4/4" in out  # the loop's own lines, printed here
     local = final(result)
     assert [h["loss"] for h in local[0]["log_history"]] == [h["loss"] for h in on_worker[0]["log_history"]]
     assert local[1].keys() == on_worker[1].keys()
