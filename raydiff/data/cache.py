@@ -153,8 +153,9 @@ def describe_changes(old: dict, new: dict) -> str:
 def preprocess(cfg: RaydiffConfig, rows: list[dict] | None = None, *, shard_rows: int = SHARD_ROWS) -> str:
     """Encode every sample once into `data.cache_dir` (parquet shards + manifest.json); returns the
     cache dir. A complete cache with the same identity is left alone; a partial one resumes; a stale
-    one (other model, settings or inputs) is rebuilt after saying what changed. Needs a running Ray
-    (ray.data starts a local one otherwise)."""
+    one (other model, settings or inputs) is rebuilt after saying what changed. `rows`: from
+    `train_and_eval_rows`, read here when not given. The encoders run in Ray actors (a local Ray starts if
+    none runs)."""
     d = cfg.data
     if not d.cache_dir:
         raise ValueError("preprocess needs data.cache_dir")
@@ -200,10 +201,9 @@ def preprocess(cfg: RaydiffConfig, rows: list[dict] | None = None, *, shard_rows
 
 
 class ShardWriter:
-    """The actor class of `preprocess` (raydiff.data.encode.run_encoder_actors): each input row is one shard
+    """The actor class of `preprocess` (raydiff.data.encode.run_encoder_actors): each item is one shard
     (its metadata rows as JSON); the actor decodes them (threads), encodes them in batches of
-    `data.encoder_batch_size` and writes the shard (and the empty prompt, when its row says so). Returns one
-    small status row per shard."""
+    `data.encoder_batch_size` and writes the shard (and the empty prompt, when the item says so)."""
 
     def __init__(self, config: dict):
         cfg = from_remote(config)
@@ -225,29 +225,27 @@ class ShardWriter:
                 raise
             return err.bad
 
-    def __call__(self, batch: dict) -> dict:
+    def write(self, item: dict) -> None:
+        """item: {"shard": index, "rows": JSON list of metadata rows, "empty_prompt": bool}."""
         media = self.cfg.data.data_file_keys[0]
         # The bucket each sample was decoded to, for the cache index: (h, w), or (frames, h, w) of a clip
         # with data.frame_buckets.
         dims = 3 if self.cfg.data.frame_buckets else 2
-        if batch["empty_prompt"].any():
+        if item["empty_prompt"]:
             write_empty_prompt(self.layout, self.encoder.empty_prompt())
-        for k, rows in zip(batch["shard"], batch["rows"]):
-            samples, skipped = [], []
-            for result in self.threads.map(self._decode, json.loads(rows)):
-                if isinstance(result, list):
-                    samples += result
-                else:
-                    skipped.append({"row": result.row, "file": result.file, "reason": result.reason})
-            parts = []
-            step = self.cfg.data.encoder_batch_size
-            for start in range(0, len(samples), step):
-                chunk = samples[start:start + step]
-                cols = {key: [s[key] for s in chunk] for key in chunk[0]}
-                cols["_size"] = [list(np.shape(s[media])[-1 - dims:-1]) for s in chunk]
-                cols = self.encoder.encode(cols)
-                parts.append(columns_to_table(cols))
-            table = pa.concat_tables(parts) if parts else columns_to_table({})
-            self.layout.write_table(self.layout.shard(int(k)), table.replace_schema_metadata(
-                {SKIPPED_KEY: json.dumps(skipped)}))
-        return {"shard": np.asarray(batch["shard"])}
+        samples, skipped = [], []
+        for result in self.threads.map(self._decode, json.loads(item["rows"])):
+            if isinstance(result, list):
+                samples += result
+            else:
+                skipped.append({"row": result.row, "file": result.file, "reason": result.reason})
+        parts = []
+        step = self.cfg.data.encoder_batch_size
+        for start in range(0, len(samples), step):
+            chunk = samples[start:start + step]
+            cols = {key: [s[key] for s in chunk] for key in chunk[0]}
+            cols["_size"] = [list(np.shape(s[media])[-1 - dims:-1]) for s in chunk]
+            parts.append(columns_to_table(self.encoder.encode(cols)))
+        table = pa.concat_tables(parts) if parts else columns_to_table({})
+        self.layout.write_table(self.layout.shard(item["shard"]), table.replace_schema_metadata(
+            {SKIPPED_KEY: json.dumps(skipped)}))

@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
@@ -78,9 +77,9 @@ def _rows(layout: CacheLayout, name: str) -> int:
 
 
 class SourceWriter:
-    """The actor class of `preprocess_sharded` (raydiff.data.encode.run_encoder_actors): each input row names one
-    source shard, which this actor decodes and
-    encodes, in file order, into its cache file (skipped records listed in the file's metadata)."""
+    """The actor class of `preprocess_sharded` (raydiff.data.encode.run_encoder_actors): each item names one
+    source shard, which this actor decodes and encodes, in file order, into its cache file (skipped records
+    listed in the file's metadata)."""
 
     def __init__(self, config: dict):
         quiet_libraries()
@@ -91,18 +90,18 @@ class SourceWriter:
         self.cfg, self.encoder, self.layout = cfg, Encoder(cfg), CacheLayout(cfg.data.cache_dir)
         self.decode = DecodeRow(cfg.data.model_copy(update={"skip_bad_samples": False}), cfg.train.seed)
 
-    def __call__(self, batch: dict) -> dict:
-        for source in batch["source"]:
-            samples, skipped = self._decoded(str(source))
-            step, parts = self.cfg.data.encoder_batch_size, []
-            for start in range(0, len(samples), step):
-                chunk = samples[start:start + step]
-                cols = {key: [s[key] for s in chunk] for key in chunk[0]}
-                parts.append(columns_to_table(self.encoder.encode(cols)))
-            table = pa.concat_tables(parts) if parts else columns_to_table({})
-            self.layout.write_table(cache_file(str(source)), table.replace_schema_metadata(
-                {SKIPPED_KEY: json.dumps(skipped)}))
-        return {"source": np.asarray(batch["source"])}
+    def write(self, item: dict) -> None:
+        """item: {"source": the source shard's path or URI}."""
+        source = item["source"]
+        samples, skipped = self._decoded(source)
+        step, parts = self.cfg.data.encoder_batch_size, []
+        for start in range(0, len(samples), step):
+            chunk = samples[start:start + step]
+            cols = {key: [s[key] for s in chunk] for key in chunk[0]}
+            parts.append(columns_to_table(self.encoder.encode(cols)))
+        table = pa.concat_tables(parts) if parts else columns_to_table({})
+        self.layout.write_table(cache_file(source), table.replace_schema_metadata(
+            {SKIPPED_KEY: json.dumps(skipped)}))
 
     def _decoded(self, source: str) -> tuple[list[dict], list[dict]]:
         d, kind = self.cfg.data, ("webdataset" if self.cfg.data.format == "webdataset"

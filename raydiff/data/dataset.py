@@ -75,11 +75,11 @@ def build_train_data(cfg: RaydiffConfig, rows: list[dict] | None, seed: int, cou
 def build_cache(cfg: RaydiffConfig) -> None:
     """`raydiff preprocess`: encode the dataset into `data.cache_dir` (sharded data shard by shard), and the
     eval set too, so that no training run loads the encoders for it."""
+    rows, eval_rows, _ = train_and_eval_rows(cfg.data, cfg.eval, family_max_paths(cfg))  # read once, for both
     if cfg.data.sharded:
         preprocess_sharded(cfg)
     else:
-        preprocess(cfg)
-    eval_rows = train_and_eval_rows(cfg.data, cfg.eval, family_max_paths(cfg))[1]
+        preprocess(cfg, rows)
     if eval_rows:
         samples = ray.get(start_eval_set(cfg.model_copy(update={"data": cfg.data.model_copy(
             update={"preprocess": "cache"})}), eval_rows).samples)

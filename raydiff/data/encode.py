@@ -60,8 +60,8 @@ def encoder_task_options(cfg: RaydiffConfig) -> dict:
 
 
 def run_encoder_actors(cls: type, cfg: RaydiffConfig, items: list[dict]) -> None:
-    """`cls(config)(batch)` for each item, as a one-row batch of numpy columns, on `data.encoder_actors` Ray
-    actors of `cls` (the cache's shard writers). Plain actors, not a Ray Data actor pool: Ray Data creates its
+    """`cls(config).write(item)` for each item, on `data.encoder_actors` Ray actors of `cls` (the cache's
+    shard writers). Plain actors, not a Ray Data actor pool: Ray Data creates its
     actors restartable with their arguments in the object store, which Ray reports on the driver's terminal as
     an error line (ray-project/ray#53727). These take the small config inline; like Ray Data's, they restart
     and their calls are retried when a node is lost."""
@@ -70,6 +70,5 @@ def run_encoder_actors(cls: type, cfg: RaydiffConfig, items: list[dict]) -> None
     actor = ray.remote(cls).options(**encoder_task_options(cfg), max_restarts=3, max_task_retries=3)
     config = to_remote(cfg)
     pool = ActorPool([actor.remote(config) for _ in range(min(cfg.data.encoder_actors, len(items)))])
-    batches = [{key: np.asarray([value]) for key, value in item.items()} for item in items]
-    for _ in pool.map_unordered(lambda a, batch: a.__call__.remote(batch), batches):
+    for _ in pool.map_unordered(lambda a, item: a.write.remote(item), items):
         pass

@@ -426,7 +426,7 @@ def test_a_ray_actors_sample_error_is_one_line():
     from raydiff.launch.cli import user_error
 
     cause = SampleError(BadSample(3, "data/0003.png", "not an image (cannot identify image file)"))
-    err = RayTaskError("ShardWriter.__call__", "Traceback (most recent call last):\n  ...", cause).as_instanceof_cause()
+    err = RayTaskError("ShardWriter.write", "Traceback (most recent call last):\n  ...", cause).as_instanceof_cause()
     assert isinstance(err, SampleError) and "\n" in str(err)
     assert user_error(err) == str(cause) and "\n" not in user_error(err)
 
