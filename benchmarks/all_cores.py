@@ -153,8 +153,7 @@ def main() -> None:
     total = args.steps + args.warmup
     work, model, data, runs = fixtures.workspace("all_cores", args.workdir, images=16)
     result = {"benchmark": "all_cores", "cores": CORES, "torch_threads": CORES, "workers": args.workers,
-              "warmup_steps": args.warmup,
-              "loadavg_before": measure.loadavg()}
+              "warmup_steps": args.warmup, "loadavg_before": measure.loadavg()}
     for mode in args.modes:
         shutil.rmtree(runs, ignore_errors=True)
         shutil.rmtree(os.path.join(work, "cache"), ignore_errors=True)

@@ -61,10 +61,10 @@ def encoder_task_options(cfg: RaydiffConfig) -> dict:
 
 def run_encoder_actors(cls: type, cfg: RaydiffConfig, items: list[dict]) -> None:
     """`cls(config).write(item)` for each item, on `data.encoder_actors` Ray actors of `cls` (the cache's
-    shard writers). Plain actors, not a Ray Data actor pool: Ray Data creates its
-    actors restartable with their arguments in the object store, which Ray reports on the driver's terminal as
-    an error line (ray-project/ray#53727). These take the small config inline; like Ray Data's, they restart
-    and their calls are retried when a node is lost."""
+    shard writers). Plain actors, not a Ray Data actor pool: Ray Data creates its actors restartable with
+    their arguments in the object store, which Ray reports on the driver's terminal as an error line
+    (ray-project/ray#53727). These take the small config inline; like Ray Data's, they restart and their
+    calls are retried when a node is lost."""
     from ray.util import ActorPool
 
     actor = ray.remote(cls).options(**encoder_task_options(cfg), max_restarts=3, max_task_retries=3)
