@@ -15,14 +15,13 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import pyarrow as pa
 import ray
 
 from raydiff.config import RaydiffConfig, from_remote
 from raydiff.config.libraries import hide_unused_libraries
 from raydiff.console import quiet_libraries, say
 from raydiff.data.buckets import row_buckets
-from raydiff.data.cache_io import SKIPPED_KEY, CacheLayout, columns_to_table, write_empty_prompt
+from raydiff.data.cache_io import CacheLayout, write_empty_prompt, write_encoded
 from raydiff.data.components import trainable_names, worker_models
 from raydiff.data.decode import VIDEO_KEYS, DecodeRow
 from raydiff.data.encode import run_encoder_actors, start_empty_prompt
@@ -239,13 +238,6 @@ class ShardWriter:
                 samples += result
             else:
                 skipped.append({"row": result.row, "file": result.file, "reason": result.reason})
-        parts = []
-        step = self.cfg.data.encoder_batch_size
-        for start in range(0, len(samples), step):
-            chunk = samples[start:start + step]
-            cols = {key: [s[key] for s in chunk] for key in chunk[0]}
-            cols["_size"] = [list(np.shape(s[media])[-1 - dims:-1]) for s in chunk]
-            parts.append(columns_to_table(self.encoder.encode(cols)))
-        table = pa.concat_tables(parts) if parts else columns_to_table({})
-        self.layout.write_table(self.layout.shard(item["shard"]), table.replace_schema_metadata(
-            {SKIPPED_KEY: json.dumps(skipped)}))
+        write_encoded(self.layout, self.layout.shard(item["shard"]), self.encoder, samples, skipped,
+                      self.cfg.data.encoder_batch_size,
+                      extra=lambda chunk: {"_size": [list(np.shape(s[media])[-1 - dims:-1]) for s in chunk]})

@@ -97,6 +97,20 @@ class CacheLayout:
         return out
 
 
+def write_encoded(layout: CacheLayout, name: str, encoder, samples: list[dict], skipped: list[dict],
+                  batch_size: int, extra=None) -> None:
+    """Encode decoded `samples` `batch_size` at a time with `encoder` (raydiff.data.encoder.Encoder) and write
+    them as the cache file `name`, listing the `skipped` records in its metadata. `extra(chunk)`: columns to
+    add to each chunk before encoding (the shard writer's `_size`)."""
+    parts = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        cols = {key: [s[key] for s in chunk] for key in chunk[0]}
+        parts.append(columns_to_table(encoder.encode({**cols, **(extra(chunk) if extra else {})})))
+    table = pa.concat_tables(parts) if parts else columns_to_table({})
+    layout.write_table(name, table.replace_schema_metadata({SKIPPED_KEY: json.dumps(skipped)}))
+
+
 # --- codec ------------------------------------------------------------------------------------
 
 def columns_to_table(cols: dict, skipped: list[dict] | None = None) -> pa.Table:

@@ -11,10 +11,8 @@ preprocessing setting rebuilds the cache. Training then streams the cache files 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
@@ -22,7 +20,7 @@ from raydiff.config import RaydiffConfig, from_remote
 from raydiff.config.libraries import hide_unused_libraries
 from raydiff.console import quiet_libraries, say
 from raydiff.data.cache import cache_settings, describe_changes, model_identity
-from raydiff.data.cache_io import SKIPPED_KEY, CacheLayout, columns_to_table, write_empty_prompt
+from raydiff.data.cache_io import CacheLayout, write_empty_prompt, write_encoded
 from raydiff.data.decode import DecodeRow
 from raydiff.data.encode import run_encoder_actors, start_empty_prompt
 from raydiff.data.metadata import BadSample, SampleError
@@ -94,14 +92,7 @@ class SourceWriter:
         """item: {"source": the source shard's path or URI}."""
         source = item["source"]
         samples, skipped = self._decoded(source)
-        step, parts = self.cfg.data.encoder_batch_size, []
-        for start in range(0, len(samples), step):
-            chunk = samples[start:start + step]
-            cols = {key: [s[key] for s in chunk] for key in chunk[0]}
-            parts.append(columns_to_table(self.encoder.encode(cols)))
-        table = pa.concat_tables(parts) if parts else columns_to_table({})
-        self.layout.write_table(cache_file(source), table.replace_schema_metadata(
-            {SKIPPED_KEY: json.dumps(skipped)}))
+        write_encoded(self.layout, cache_file(source), self.encoder, samples, skipped, self.cfg.data.encoder_batch_size)
 
     def _decoded(self, source: str) -> tuple[list[dict], list[dict]]:
         d, kind = self.cfg.data, ("webdataset" if self.cfg.data.format == "webdataset"
