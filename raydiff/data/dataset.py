@@ -72,10 +72,11 @@ def build_train_data(cfg: RaydiffConfig, rows: list[dict] | None, seed: int, cou
     return data
 
 
-def build_cache(cfg: RaydiffConfig) -> None:
+def build_cache(cfg: RaydiffConfig, rows=None) -> None:
     """`raydiff preprocess`: encode the dataset into `data.cache_dir` (sharded data shard by shard), and the
-    eval set too, so that no training run loads the encoders for it."""
-    rows, eval_rows, _ = train_and_eval_rows(cfg.data, cfg.eval, family_max_paths(cfg))  # read once, for both
+    eval set too, so that no training run loads the encoders for it. `rows`: `train_and_eval_rows`' result,
+    read here when not given."""
+    rows, eval_rows, _ = rows or train_and_eval_rows(cfg.data, cfg.eval, family_max_paths(cfg))
     if cfg.data.sharded:
         preprocess_sharded(cfg)
     else:

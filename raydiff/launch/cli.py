@@ -34,14 +34,20 @@ def cmd_train(args) -> None:
 def cmd_preprocess(args) -> None:
     from raydiff.config import ConfigError
     from raydiff.data.dataset import build_cache
+    from raydiff.data.metadata import family_max_paths, train_and_eval_rows
+    from raydiff.launch.checks import check_devices, check_model
     from raydiff.launch.cluster import init_ray
 
-    cfg = config_of(args)
+    cfg = config_of(args).resolved_paths()
     if not cfg.data.cache_dir:
         raise ConfigError("raydiff preprocess writes to data.cache_dir; set it (and data.preprocess: cache to train "
                           "from it)")
+    # Before Ray starts, and before a cache that no longer matches the config is cleared for re-encoding.
+    check_model(cfg)
+    check_devices(cfg)
+    rows = train_and_eval_rows(cfg.data, cfg.eval, family_max_paths(cfg))
     init_ray(cfg)
-    build_cache(cfg)
+    build_cache(cfg, rows)
 
 
 def cmd_tune(args) -> None:

@@ -462,3 +462,27 @@ def test_command_line_mistakes_are_one_line(args, message, capsys):
     assert exit_.value.code == 2
     assert err.splitlines() == [f"raydiff: error: {err.split('raydiff: error: ', 1)[1].strip()}"], err
     assert message in err
+
+
+def test_preprocess_command_refuses_a_wrong_model_before_touching_the_cache(make_config, tmp_path, monkeypatch,
+                                                                            capsys):
+    """A mistyped model.path ends in one line, exit 2, before Ray starts; the existing cache, which the new
+    config would have called stale and cleared, is kept. Paths are relative to where the command runs."""
+    monkeypatch.chdir(tmp_path)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "manifest.json").write_text('{"complete": true}')
+    import yaml
+
+    from raydiff.config import to_dict
+    from raydiff.launch.cli import main
+
+    typo = to_dict(make_config(data={"preprocess": "cache", "cache_dir": "cache"}))
+    typo["model"]["path"] = "models/tiny-flx"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(typo))
+    with pytest.raises(SystemExit) as exit_:
+        main(["preprocess", "config.yaml"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith("raydiff: error: model.path models/tiny-flx ")
+    assert (cache / "manifest.json").read_text() == '{"complete": true}'
